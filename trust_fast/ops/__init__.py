@@ -1,0 +1,166 @@
+"""The op layer: ``torch.ops.trust_fast.*`` and the Python functions the engine calls.
+
+Ops (one schema each, fake kernels for torch.compile, kernels per backend):
+
+- :func:`row_saliency`   per-row mean |g| or |g*w| of many tensors, one flat float32 vector
+- :func:`select_rows`    per-tensor z-score threshold (optional cap) -> row indices
+- :func:`masked_adamw_`  in-place AdamW on selected rows of many params, compact slot state
+- :func:`hutchinson_diag_`  running-mean Hutchinson estimate z*Hz of a Hessian diagonal
+
+Backends: reference (pure torch), cpp (CPU), cuda, triton; see :mod:`.registry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import library as _library  # noqa: F401  (registers kernels and backends)
+from . import reference
+from .registry import BACKEND_NAMES, available_backends, backend_for, use_backend
+
+__all__ = [
+    "BACKEND_NAMES",
+    "available_backends",
+    "backend_for",
+    "use_backend",
+    "row_saliency",
+    "select_rows",
+    "masked_adamw_",
+    "hutchinson_diag_",
+    "rademacher_like",
+    "reference",
+]
+
+
+def row_saliency(
+    tensors: Sequence[Tensor], weights: Sequence[Tensor] | None = None, mode: str = "g"
+) -> Tensor:
+    """Per output row saliency of many weight-shaped tensors in one pass.
+
+    Args:
+        tensors: gradients, each (rows, ...) - 2-D Linear, 4-D Conv2d or 1-D;
+            float32/float16/bfloat16, all on one device.
+        weights: same shapes and dtypes as ``tensors``; needed for mode "gw".
+        mode: "g" -> mean |g| over the rest of each row; "gw" -> mean |g * w|.
+
+    Returns:
+        float32 vector of length sum(rows), rows of tensor 0 first, on the
+        tensors' device.  Accumulation is float32 whatever the input dtype.
+    """
+    tensors = [t.detach() for t in tensors]
+    weights = None if weights is None else [w.detach() for w in weights]
+    if not tensors:
+        reference.check_row_saliency(tensors, weights, mode)
+        return torch.zeros(0, dtype=torch.float32)
+    return torch.ops.trust_fast.row_saliency(tensors, weights, mode)
+
+
+def select_rows(
+    scores: Tensor, rows_per_tensor: Sequence[int], xi: float, max_fraction: float | None = None
+) -> list[Tensor]:
+    """Rows whose z-score within their tensor exceeds ``xi``.
+
+    Args:
+        scores: float32 (sum(rows_per_tensor),), e.g. from :func:`row_saliency`.
+        rows_per_tensor: rows of each tensor, in the order of ``scores``.
+        xi: z-score threshold; z = (s - mean) / std with the population std in float64.
+        max_fraction: keep at most floor(max_fraction * rows) highest-scoring rows per tensor.
+
+    Returns:
+        one int64 tensor of row indices per tensor, ascending, on the scores'
+        device.  A tensor whose scores are all equal selects nothing.
+    """
+    return list(
+        torch.ops.trust_fast.select_rows(
+            scores.detach(), [int(n) for n in rows_per_tensor], float(xi),
+            None if max_fraction is None else float(max_fraction),
+        )
+    )
+
+
+def masked_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    rows: Sequence[Tensor],
+    slots: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    hess: Sequence[Tensor] | None = None,
+    ref_params: Sequence[Tensor] | None = None,
+    lam: float = 0.0,
+) -> None:
+    """In-place AdamW on rows ``rows[i]`` of ``params[i]``, all tensors in one launch.
+
+    For each param i, with R rows of C = numel / R elements (a 1-D bias has C = 1):
+
+    - params[i]: (R, ...) float32/float16/bfloat16, contiguous; updated in place
+      on the given rows only (other rows untouched bit for bit); math in float32.
+    - grads[i]: same shape and dtype as params[i].
+    - exp_avgs[i], exp_avg_sqs[i]: float32 (S, C) compact state; row rows[i][k]
+      uses slot slots[i][k].  Updated in place.
+    - steps[i]: float32 (S,) per-slot step counts, incremented for the used slots;
+      bias correction of a row uses its own slot's count.
+    - rows[i], slots[i]: int32/int64 (n,), in range, no duplicates.
+    - hess[i]: optional float32 Hessian diagonal, param shape (per element) or (R,) (per row);
+      with ref_params[i] (param shape and dtype) it adds lam * hess * (p - ref) to the gradient.
+
+    Formulas are torch.optim.AdamW's (decoupled weight decay, bias correction).
+    """
+    if not params:
+        return
+    with torch.no_grad():
+        torch.ops.trust_fast.masked_adamw_(
+            list(params), [g.detach() for g in grads], list(exp_avgs), list(exp_avg_sqs), list(steps),
+            list(rows), list(slots), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            None if hess is None else list(hess), None if ref_params is None else [p.detach() for p in ref_params],
+            float(lam),
+        )
+
+
+def hutchinson_diag_(
+    diags: Sequence[Tensor],
+    hz: Sequence[Tensor],
+    z: Sequence[Tensor],
+    rows: Sequence[Tensor] | None = None,
+    count: int = 0,
+) -> None:
+    """Fold one Hutchinson sample into running-mean Hessian-diagonal estimates, in place.
+
+    ``diag <- diag + (z * Hz - diag) / (count + 1)``, where ``count`` is the number
+    of samples already in the estimate (0 for the first, which overwrites).
+
+    Args:
+        diags: float32, per element (param shape) or per row ((R,): the row mean of z*Hz).
+        hz: Hessian-vector products H z, param shape, float32/float16/bfloat16.
+        z: the probe vectors (Rademacher, see :func:`rademacher_like`), same shape and dtype as hz.
+        rows: optional int32/int64 row indices per tensor; only those rows are updated.
+        count: samples already averaged into ``diags``.
+    """
+    if not diags:
+        return
+    with torch.no_grad():
+        torch.ops.trust_fast.hutchinson_diag_(
+            list(diags), [h.detach() for h in hz], [t.detach() for t in z],
+            None if rows is None else list(rows), int(count),
+        )
+
+
+def rademacher_like(
+    tensors: Sequence[Tensor], generator: torch.Generator | None = None
+) -> list[Tensor]:
+    """Random +-1 tensors shaped like ``tensors`` (same dtype and device): Hutchinson probes."""
+    out = []
+    for t in tensors:
+        bits = torch.randint(0, 2, t.shape, device=t.device, generator=generator, dtype=torch.int8)
+        out.append((bits * 2 - 1).to(t.dtype))
+    return out

@@ -1,0 +1,404 @@
+"""Pure-PyTorch reference backend and the argument checks shared by every backend.
+
+The reference is the test oracle: plain indexing and float32 math, written
+to be read, not to be fast.  ``check_*`` functions run before any backend's
+kernel, so every backend rejects the same bad inputs with the same message
+naming the argument.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+SALIENCY_MODES = ("g", "gw")
+
+
+def rows_of(t: Tensor) -> int:
+    """Number of output rows of a weight-shaped tensor (dim 0; a 0-d tensor has 1)."""
+    return t.shape[0] if t.dim() > 0 else 1
+
+
+def row_width(t: Tensor) -> int:
+    """Elements per output row: numel / rows (0 when the tensor has no rows)."""
+    r = rows_of(t)
+    return t.numel() // r if r > 0 else 0
+
+
+# ----------------------------------------------------------------------------
+# argument checks
+
+
+def _fail(cls: type[Exception], msg: str) -> None:
+    raise cls(msg)
+
+
+def _check_list(name: str, xs: object) -> None:
+    if not isinstance(xs, (list, tuple)):
+        _fail(TypeError, f"{name} must be a list of tensors, got {type(xs).__name__}")
+    for i, x in enumerate(xs):
+        if not isinstance(x, Tensor):
+            _fail(TypeError, f"{name}[{i}] must be a Tensor, got {type(x).__name__}")
+
+
+def _check_same_len(ref_name: str, ref: Sequence, name: str, xs: Sequence | None) -> None:
+    if xs is not None and len(xs) != len(ref):
+        _fail(ValueError, f"{name} has {len(xs)} tensors but {ref_name} has {len(ref)}")
+
+
+def _check_device(name: str, i: int, t: Tensor, device: torch.device) -> None:
+    if t.device != device:
+        _fail(RuntimeError, f"{name}[{i}] is on {t.device} but expected {device}")
+
+
+def _check_float_dtype(name: str, i: int, t: Tensor) -> None:
+    if t.dtype not in PARAM_DTYPES:
+        _fail(TypeError, f"{name}[{i}] has dtype {t.dtype}; supported: float32, float16, bfloat16")
+
+
+def _check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        _fail(ValueError, f"{name} must be finite, got {value}")
+
+
+def check_indices(
+    name: str, idx: Sequence[Tensor], limits: Sequence[int], device: torch.device
+) -> None:
+    """Check per-tensor index vectors: 1-D, int32/int64, on ``device``, in [0, limit), no duplicates.
+
+    All tensors are checked together with a constant number of torch ops and a
+    single host sync, so the cost does not grow with the number of tensors.
+    """
+    for i, r in enumerate(idx):
+        if r.dim() != 1:
+            _fail(ValueError, f"{name}[{i}] must be 1-D, got shape {tuple(r.shape)}")
+        if r.dtype not in INDEX_DTYPES:
+            _fail(TypeError, f"{name}[{i}] has dtype {r.dtype}; expected int32 or int64")
+        _check_device(name, i, r, device)
+    counts = [r.numel() for r in idx]
+    if sum(counts) == 0:
+        return
+    flat = torch.cat([r.to(torch.int64) for r in idx])
+    seg = torch.repeat_interleave(
+        torch.arange(len(idx), device=device), torch.tensor(counts, device=device)
+    )
+    lim = torch.tensor(list(limits), dtype=torch.int64, device=device)[seg]
+    bad_range = (flat < 0) | (flat >= lim)
+    offsets = torch.tensor([0, *cumsum(limits)][:-1], dtype=torch.int64, device=device)
+    glob = torch.sort(flat + offsets[seg]).values
+    dup = glob[1:] == glob[:-1]
+    flags = torch.stack([bad_range.any(), dup.any()]).tolist()
+    if flags[0]:
+        j = int(bad_range.nonzero()[0, 0])
+        t = int(seg[j])
+        _fail(
+            IndexError,
+            f"{name}[{t}] holds index {int(flat[j])} out of range [0, {limits[t]})",
+        )
+    if flags[1]:
+        g = int(glob[1:][dup][0])
+        t = int(torch.searchsorted(offsets, torch.tensor(g, device=device), right=True)) - 1
+        _fail(ValueError, f"{name}[{t}] holds index {g - int(offsets[t])} more than once")
+
+
+def cumsum(xs: Sequence[int]) -> list[int]:
+    """Inclusive prefix sums of a list of ints."""
+    out, acc = [], 0
+    for x in xs:
+        acc += int(x)
+        out.append(acc)
+    return out
+
+
+def check_row_saliency(tensors: Sequence[Tensor], weights: Sequence[Tensor] | None, mode: str) -> None:
+    _check_list("tensors", tensors)
+    if weights is not None:
+        _check_list("weights", weights)
+        _check_same_len("tensors", tensors, "weights", weights)
+    if mode not in SALIENCY_MODES:
+        _fail(ValueError, f"mode must be one of {SALIENCY_MODES}, got {mode!r}")
+    if mode == "gw" and weights is None:
+        _fail(ValueError, "mode='gw' needs weights (got weights=None)")
+    if not tensors:
+        return
+    device = tensors[0].device
+    for i, t in enumerate(tensors):
+        _check_float_dtype("tensors", i, t)
+        _check_device("tensors", i, t, device)
+        if t.dim() == 0:
+            _fail(ValueError, f"tensors[{i}] must have at least one dimension")
+        if weights is not None:
+            w = weights[i]
+            _check_device("weights", i, w, device)
+            if w.shape != t.shape:
+                _fail(ValueError, f"weights[{i}] has shape {tuple(w.shape)} but tensors[{i}] has {tuple(t.shape)}")
+            if w.dtype != t.dtype:
+                _fail(TypeError, f"weights[{i}] has dtype {w.dtype} but tensors[{i}] has {t.dtype}")
+
+
+def check_select_rows(
+    scores: Tensor, rows_per_tensor: Sequence[int], xi: float, max_fraction: float | None
+) -> None:
+    if not isinstance(scores, Tensor):
+        _fail(TypeError, f"scores must be a Tensor, got {type(scores).__name__}")
+    if scores.dim() != 1 or scores.dtype != torch.float32:
+        _fail(ValueError, f"scores must be a 1-D float32 tensor, got {scores.dtype} shape {tuple(scores.shape)}")
+    for i, n in enumerate(rows_per_tensor):
+        if int(n) < 0:
+            _fail(ValueError, f"rows_per_tensor[{i}] is negative ({n})")
+    if sum(int(n) for n in rows_per_tensor) != scores.numel():
+        _fail(
+            ValueError,
+            f"rows_per_tensor sums to {sum(int(n) for n in rows_per_tensor)} but scores has {scores.numel()} entries",
+        )
+    _check_finite("xi", xi)
+    if max_fraction is not None and not (0.0 <= max_fraction <= 1.0):
+        _fail(ValueError, f"max_fraction must be in [0, 1], got {max_fraction}")
+
+
+def check_masked_adamw(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    rows: Sequence[Tensor],
+    slots: Sequence[Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    hess: Sequence[Tensor] | None,
+    ref_params: Sequence[Tensor] | None,
+    lam: float,
+) -> None:
+    names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "rows", "slots")
+    lists = (params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots)
+    for n, xs in zip(names, lists):
+        _check_list(n, xs)
+        _check_same_len("params", params, n, xs)
+    if (hess is None) != (ref_params is None):
+        _fail(ValueError, "hess and ref_params must be given together (the penalty is lam*hess*(param - ref_param))")
+    if hess is not None:
+        _check_list("hess", hess)
+        _check_list("ref_params", ref_params)
+        _check_same_len("params", params, "hess", hess)
+        _check_same_len("params", params, "ref_params", ref_params)
+    for n, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("lam", lam)):
+        _check_finite(n, v)
+    for n, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            _fail(ValueError, f"{n} must be in [0, 1), got {b}")
+    if eps < 0:
+        _fail(ValueError, f"eps must be >= 0, got {eps}")
+    if not params:
+        return
+    device = params[0].device
+    for i, p in enumerate(params):
+        _check_float_dtype("params", i, p)
+        _check_device("params", i, p, device)
+        if p.dim() == 0:
+            _fail(ValueError, f"params[{i}] must have at least one dimension")
+        if not p.is_contiguous():
+            _fail(ValueError, f"params[{i}] must be contiguous (it is updated in place)")
+        g = grads[i]
+        _check_device("grads", i, g, device)
+        if g.shape != p.shape or g.dtype != p.dtype:
+            _fail(ValueError, f"grads[{i}] is {g.dtype} {tuple(g.shape)} but params[{i}] is {p.dtype} {tuple(p.shape)}")
+        width = row_width(p)
+        for n, st in (("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])):
+            _check_device(n, i, st, device)
+            if st.dtype != torch.float32 or st.dim() != 2 or st.shape[1] != width or not st.is_contiguous():
+                _fail(
+                    ValueError,
+                    f"{n}[{i}] must be a contiguous float32 (slots, {width}) tensor, got {st.dtype} {tuple(st.shape)}",
+                )
+        if exp_avg_sqs[i].shape != exp_avgs[i].shape:
+            _fail(ValueError, f"exp_avg_sqs[{i}] has shape {tuple(exp_avg_sqs[i].shape)} but exp_avgs[{i}] has {tuple(exp_avgs[i].shape)}")
+        s = steps[i]
+        _check_device("steps", i, s, device)
+        if s.dtype != torch.float32 or s.shape != (exp_avgs[i].shape[0],) or not s.is_contiguous():
+            _fail(ValueError, f"steps[{i}] must be a float32 ({exp_avgs[i].shape[0]},) tensor, got {s.dtype} {tuple(s.shape)}")
+        if rows[i].shape != slots[i].shape:
+            _fail(ValueError, f"slots[{i}] has shape {tuple(slots[i].shape)} but rows[{i}] has {tuple(rows[i].shape)}")
+        if hess is not None:
+            h, p0 = hess[i], ref_params[i]
+            _check_device("hess", i, h, device)
+            _check_device("ref_params", i, p0, device)
+            if h.dtype != torch.float32 or h.shape not in (p.shape, (rows_of(p),)):
+                _fail(
+                    ValueError,
+                    f"hess[{i}] must be float32 with the param's shape {tuple(p.shape)} or ({rows_of(p)},), "
+                    f"got {h.dtype} {tuple(h.shape)}",
+                )
+            if p0.shape != p.shape or p0.dtype != p.dtype:
+                _fail(ValueError, f"ref_params[{i}] is {p0.dtype} {tuple(p0.shape)} but params[{i}] is {p.dtype} {tuple(p.shape)}")
+    check_indices("rows", rows, [rows_of(p) for p in params], device)
+    check_indices("slots", slots, [st.shape[0] for st in exp_avgs], device)
+
+
+def check_hutchinson_diag(
+    diags: Sequence[Tensor], hz: Sequence[Tensor], z: Sequence[Tensor], rows: Sequence[Tensor] | None, count: int
+) -> None:
+    for n, xs in (("diags", diags), ("hz", hz), ("z", z)):
+        _check_list(n, xs)
+        _check_same_len("diags", diags, n, xs)
+    if rows is not None:
+        _check_list("rows", rows)
+        _check_same_len("diags", diags, "rows", rows)
+    if count < 0:
+        _fail(ValueError, f"count must be >= 0, got {count}")
+    if not diags:
+        return
+    device = diags[0].device
+    for i, (d, h, zz) in enumerate(zip(diags, hz, z)):
+        _check_float_dtype("hz", i, h)
+        _check_device("hz", i, h, device)
+        _check_device("diags", i, d, device)
+        _check_device("z", i, zz, device)
+        if h.dim() == 0:
+            _fail(ValueError, f"hz[{i}] must have at least one dimension")
+        if zz.shape != h.shape or zz.dtype != h.dtype:
+            _fail(ValueError, f"z[{i}] is {zz.dtype} {tuple(zz.shape)} but hz[{i}] is {h.dtype} {tuple(h.shape)}")
+        if d.dtype != torch.float32 or d.shape not in (h.shape, (rows_of(h),)) or not d.is_contiguous():
+            _fail(
+                ValueError,
+                f"diags[{i}] must be a contiguous float32 tensor of shape {tuple(h.shape)} (per element) or "
+                f"({rows_of(h)},) (per row), got {d.dtype} {tuple(d.shape)}",
+            )
+    if rows is not None:
+        check_indices("rows", rows, [rows_of(h) for h in hz], device)
+
+
+# ----------------------------------------------------------------------------
+# reference kernels
+
+
+def row_saliency(tensors: Sequence[Tensor], weights: Sequence[Tensor] | None, mode: str) -> Tensor:
+    """Per output row mean |g| (mode "g") or mean |g*w| ("gw"); float32, rows of tensor 0 first."""
+    out = []
+    for i, g in enumerate(tensors):
+        x = g.float()
+        if mode == "gw":
+            x = x * weights[i].float()
+        out.append(x.abs().reshape(rows_of(g), -1).mean(1) if g.numel() else x.new_zeros(rows_of(g)))
+    if not out:
+        return torch.zeros(0, dtype=torch.float32)
+    return torch.cat(out).float()
+
+
+def select_rows(
+    scores: Tensor, rows_per_tensor: Sequence[int], xi: float, max_fraction: float | None
+) -> list[Tensor]:
+    """Rows whose per-tensor z-score exceeds ``xi``; vectorised over tensors (no per-tensor loop).
+
+    z uses the population standard deviation in float64.  A tensor whose scores
+    are all equal (std 0) selects nothing.  With ``max_fraction`` only the
+    ``floor(max_fraction * rows)`` highest-scoring selected rows of each tensor
+    are kept (ties: lower row index first).  Returns int64 row indices per
+    tensor, ascending, on the scores' device.
+    """
+    device = scores.device
+    counts = [int(n) for n in rows_per_tensor]
+    n_t = len(counts)
+    if n_t == 0:
+        return []
+    cnt = torch.tensor(counts, device=device)
+    seg = torch.repeat_interleave(torch.arange(n_t, device=device), cnt)
+    s = scores.double()
+    denom = cnt.clamp(min=1).double()
+    mean = torch.zeros(n_t, dtype=torch.float64, device=device).index_add_(0, seg, s) / denom
+    dev = s - mean[seg]
+    std = (torch.zeros(n_t, dtype=torch.float64, device=device).index_add_(0, seg, dev * dev) / denom).sqrt()
+    hi = torch.full((n_t,), -math.inf, dtype=torch.float64, device=device).scatter_reduce(0, seg, s, "amax")
+    lo = torch.full((n_t,), math.inf, dtype=torch.float64, device=device).scatter_reduce(0, seg, s, "amin")
+    varies = (hi > lo)[seg]
+    keep = varies & (dev > xi * std[seg])
+    starts = torch.tensor([0, *cumsum(counts)][:-1], dtype=torch.int64, device=device)
+    if max_fraction is not None:
+        cap = torch.tensor([math.floor(max_fraction * n) for n in counts], dtype=torch.int64, device=device)
+        cand = keep.nonzero().squeeze(1)
+        by_score = cand[torch.sort(s[cand], descending=True, stable=True).indices]
+        order = by_score[torch.sort(seg[by_score], stable=True).indices]
+        oseg = seg[order]
+        first = torch.searchsorted(oseg, torch.arange(n_t, device=device))
+        rank = torch.arange(order.numel(), device=device) - first[oseg]
+        keep = torch.zeros_like(keep)
+        keep[order[rank < cap[oseg]]] = True
+    idx = keep.nonzero().squeeze(1)
+    per = torch.bincount(seg[idx], minlength=n_t).tolist()
+    local = idx - starts[seg[idx]]
+    return list(torch.split(local, per))
+
+
+def masked_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    rows: Sequence[Tensor],
+    slots: Sequence[Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    hess: Sequence[Tensor] | None,
+    ref_params: Sequence[Tensor] | None,
+    lam: float,
+) -> None:
+    """AdamW (torch.optim.AdamW's formulas) on ``params[i][rows[i]]`` with state in slots ``slots[i]``."""
+    for i, p in enumerate(params):
+        r = rows[i].long()
+        if r.numel() == 0:
+            continue
+        sl = slots[i].long()
+        p2 = p.view(rows_of(p), -1)
+        g = grads[i].reshape(rows_of(p), -1)[r].float()
+        x = p2[r].float()
+        if hess is not None:
+            h = hess[i].reshape(rows_of(p), -1)[r]
+            g = g + lam * h * (x - ref_params[i].reshape(rows_of(p), -1)[r].float())
+        step = steps[i][sl] + 1
+        steps[i][sl] = step
+        m = exp_avgs[i][sl].lerp(g, 1 - beta1)
+        v = exp_avg_sqs[i][sl] * beta2 + (1 - beta2) * g * g
+        exp_avgs[i][sl] = m
+        exp_avg_sqs[i][sl] = v
+        t = step.double()
+        bc1 = (1 - beta1**t).unsqueeze(1)
+        bc2_sqrt = (1 - beta2**t).sqrt().unsqueeze(1)
+        step_size = (lr / bc1).float()
+        denom = v.sqrt() / bc2_sqrt.float() + eps
+        x = x * (1 - lr * weight_decay)
+        x = x - step_size * m / denom
+        p2[r] = x.to(p.dtype)
+
+
+def hutchinson_diag_(
+    diags: Sequence[Tensor], hz: Sequence[Tensor], z: Sequence[Tensor], rows: Sequence[Tensor] | None, count: int
+) -> None:
+    """Running mean ``diag += (z*Hz - diag) / (count + 1)`` on the given rows (all rows when None).
+
+    A per-row diag (shape (rows,)) takes the row mean of z*Hz.
+    """
+    for i, d in enumerate(diags):
+        h = hz[i]
+        n = rows_of(h)
+        est = (z[i].float() * h.float()).reshape(n, -1)
+        per_row = d.shape != h.shape
+        if per_row:
+            est = est.mean(1)
+        d2 = d.view(n, -1) if not per_row else d
+        sel = rows[i].long() if rows is not None else torch.arange(n, device=d.device)
+        if sel.numel() == 0:
+            continue
+        cur = d2[sel]
+        d2[sel] = cur + (est[sel] - cur) / (count + 1)

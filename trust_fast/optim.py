@@ -1,0 +1,204 @@
+"""MaskedAdamW: AdamW on selected rows only, with state for selected rows only.
+
+Each parameter keeps a slot table: ``slot_of_row[r]`` is the state slot of row
+``r`` (-1 until the row is first selected).  ``exp_avg``/``exp_avg_sq``
+(float32, (capacity, C)) and ``step`` (float32, (capacity,)) hold one entry per
+slot, so optimizer memory follows the rows ever selected, not the model.
+Every slot keeps its own step count, so a row's bias correction counts the
+steps in which that row was updated: after any sequence of steps each row
+equals what a separate torch.optim.AdamW over that row alone, stepped only
+when the row was selected, would give (within float32 rounding).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .ops.reference import check_indices, rows_of, row_width
+
+_GROWTH = 1.25
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """Row-sparse AdamW with compact, slot-indexed state.
+
+    Usage::
+
+        opt = MaskedAdamW(params, lr=1e-5)
+        opt.set_rows({w: rows, b: rows})     # rows of the next step; absent params are not updated
+        opt.set_penalty({w: (h, w0)}, lam)  # optional: grad += lam * h * (w - w0) on the updated rows
+        loss.backward(); opt.step()
+
+    A 1-D bias is given the same row indices as its weight.  Parameters may be
+    float32, float16 or bfloat16; state and math are float32.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self._rows: dict[Tensor, Tensor] = {}
+        self._penalty: dict[Tensor, tuple[Tensor, Tensor]] = {}
+        self._lam = 0.0
+
+    # ------------------------------------------------------------------ inputs
+
+    def _owned(self) -> set[int]:
+        return {id(p) for g in self.param_groups for p in g["params"]}
+
+    def set_rows(self, rows: Mapping[Tensor, Tensor]) -> None:
+        """Set the rows the next :meth:`step` updates: {param: int LongTensor (n,) of row indices}.
+
+        Rows must be in range and unique.  A param absent from ``rows`` is not
+        updated.  Rows selected for the first time get fresh zero state.
+        """
+        owned = self._owned()
+        new: dict[Tensor, Tensor] = {}
+        for i, (p, r) in enumerate(rows.items()):
+            if id(p) not in owned:
+                raise ValueError(f"rows: parameter #{i} of shape {tuple(p.shape)} is not in this optimizer")
+            if not isinstance(r, Tensor):
+                raise TypeError(f"rows: value #{i} must be a tensor of row indices, got {type(r).__name__}")
+            r = r.to(p.device)
+            check_indices(f"rows[param #{i}]", [r], [rows_of(p)], p.device)
+            new[p] = r.to(torch.int64)
+        for p, r in new.items():
+            self._ensure_slots(p, r)
+        self._rows = new
+
+    def set_penalty(self, penalty: Mapping[Tensor, tuple[Tensor, Tensor]], lam: float) -> None:
+        """Fuse the Hessian-diagonal penalty ``lam * h * (p - p0)`` into the gradient of updated rows.
+
+        ``penalty`` maps a param to ``(h, p0)``: ``h`` per element (param shape)
+        or per row ((rows,)), ``p0`` the reference weights (param shape).
+        ``set_penalty({}, 0.0)`` clears it.
+        """
+        owned = self._owned()
+        new = {}
+        for i, (p, (h, p0)) in enumerate(penalty.items()):
+            if id(p) not in owned:
+                raise ValueError(f"penalty: parameter #{i} of shape {tuple(p.shape)} is not in this optimizer")
+            if h.shape not in (p.shape, (rows_of(p),)):
+                raise ValueError(
+                    f"penalty: h of parameter #{i} has shape {tuple(h.shape)}; expected {tuple(p.shape)} or ({rows_of(p)},)"
+                )
+            if p0.shape != p.shape:
+                raise ValueError(f"penalty: p0 of parameter #{i} has shape {tuple(p0.shape)}; expected {tuple(p.shape)}")
+            new[p] = (
+                h.detach().to(device=p.device, dtype=torch.float32).contiguous(),
+                p0.detach().to(device=p.device, dtype=p.dtype).contiguous(),
+            )
+        self._penalty = new
+        self._lam = float(lam)
+
+    # ------------------------------------------------------------------- state
+
+    def _ensure_slots(self, p: Tensor, rows: Tensor) -> None:
+        st = self.state[p]
+        if not st:
+            st["slot_of_row"] = torch.full((rows_of(p),), -1, dtype=torch.int32, device=p.device)
+            st["row_of_slot"] = torch.zeros(0, dtype=torch.int64, device=p.device)
+            st["exp_avg"] = torch.zeros(0, row_width(p), dtype=torch.float32, device=p.device)
+            st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+            st["step"] = torch.zeros(0, dtype=torch.float32, device=p.device)
+            st["num_slots"] = 0
+        fresh = rows[st["slot_of_row"][rows] < 0]
+        n_new = fresh.numel()
+        if n_new == 0:
+            return
+        used = st["num_slots"]
+        need = used + n_new
+        cap = st["step"].numel()
+        if need > cap:
+            new_cap = max(need, int(cap * _GROWTH))
+            for key in ("exp_avg", "exp_avg_sq", "step", "row_of_slot"):
+                old = st[key]
+                grown = old.new_zeros((new_cap, *old.shape[1:]))
+                grown[:used] = old[:used]
+                st[key] = grown
+        st["slot_of_row"][fresh] = torch.arange(used, need, dtype=torch.int32, device=p.device)
+        st["row_of_slot"][used:need] = fresh
+        st["num_slots"] = need
+
+    def state_bytes(self) -> int:
+        """Bytes held by optimizer state tensors (moments, step counts, slot tables)."""
+        return sum(
+            v.numel() * v.element_size() for st in self.state.values() for v in st.values() if isinstance(v, Tensor)
+        )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore moments, per-slot step counts and slot tables (dtypes kept: state stays float32)."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups but the optimizer has {len(self.param_groups)}"
+            )
+        id_map = {}
+        for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(
+                    f"param group {gi} has {len(g['params'])} params but the state_dict's has {len(sg['params'])}"
+                )
+            id_map.update(zip(sg["params"], g["params"]))
+        state: defaultdict = defaultdict(dict)
+        for key, st in state_dict["state"].items():
+            p = id_map[key]
+            state[p] = {k: (v.to(p.device).clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
+        self.state = state
+        for sg, g in zip(saved_groups, self.param_groups):
+            g.update({k: v for k, v in sg.items() if k != "params"})
+        self._rows = {}
+
+    # -------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update the rows given to :meth:`set_rows` (they stay set until the next call)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            plain: list[tuple] = []
+            penal: list[tuple] = []
+            for p in group["params"]:
+                rows = self._rows.get(p)
+                if rows is None or rows.numel() == 0 or p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
+                st = self.state[p]
+                n = st["num_slots"]
+                item = (p, p.grad, st["exp_avg"][:n], st["exp_avg_sq"][:n], st["step"][:n], rows, st["slot_of_row"][rows])
+                (penal if (p in self._penalty and self._lam != 0.0) else plain).append(item)
+            beta1, beta2 = group["betas"]
+            hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            if plain:
+                ops.masked_adamw_(*map(list, zip(*plain)), **hyper)
+            if penal:
+                ops.masked_adamw_(
+                    *map(list, zip(*penal)),
+                    **hyper,
+                    hess=[self._penalty[it[0]][0] for it in penal],
+                    ref_params=[self._penalty[it[0]][1] for it in penal],
+                    lam=self._lam,
+                )
+        return loss
