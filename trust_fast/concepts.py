@@ -1,0 +1,151 @@
+"""Concept specs and the prompt sets built from them.
+
+Grammar: "A" (single concept), "A+B" (combination: erase A and B appearing together, keep each
+alone), "A|B" (conditional: erase A whenever B is present, keep B). For the built-in shapes
+world, A and B are words of its vocabulary (synonyms are accepted and mapped to their canonical
+value); prompt sets are built from the world's templates. For any other model, prompts come
+from the user (files or lists) and A, B are free text.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+
+from .world import vocab
+
+KINDS = {"": "single", "+": "combination", "|": "conditional"}
+_TERM = r"[A-Za-z][A-Za-z0-9 _'-]*"
+_SPEC = re.compile(rf"^\s*({_TERM}?)\s*(?:([+|])\s*({_TERM}?))?\s*$")
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    """A parsed spec. `a`/`b` are terms as written (lower-cased, trimmed); `b` is None for singles."""
+
+    kind: str
+    a: str
+    b: str | None = None
+
+    def __str__(self) -> str:
+        op = {"single": "", "combination": "+", "conditional": "|"}[self.kind]
+        return self.a + (op + self.b if self.b else "")
+
+    def terms(self) -> list[str]:
+        return [self.a] + ([self.b] if self.b else [])
+
+
+def parse_concept(spec: str, world: bool = True) -> ConceptSpec:
+    """Parse "A", "A+B" or "A|B". With `world`, both terms must be words of the shapes world naming
+    different attributes. Raises ValueError naming the problem."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("concept spec is empty: expected 'A', 'A+B' or 'A|B'")
+    m = _SPEC.match(spec)
+    if not m or not m.group(1) or (m.group(2) and not m.group(3)):
+        raise ValueError(f"malformed concept spec {spec!r}: expected 'A', 'A+B' (combination) or 'A|B' (conditional)")
+    a, op, b = m.group(1).strip().lower(), m.group(2) or "", (m.group(3) or "").strip().lower() or None
+    out = ConceptSpec(KINDS[op], a, b)
+    if world:
+        meanings = [vocab.meaning(t) for t in out.terms()]
+        if b is not None and meanings[0].attribute == meanings[1].attribute:
+            raise ValueError(f"concept spec {spec!r}: {a!r} and {b!r} are both {meanings[0].attribute}s, "
+                             "and one image shows only one; combine words of different attributes")
+        out = ConceptSpec(out.kind, meanings[0].value, meanings[1].value if b else None)
+    return out
+
+
+@dataclass
+class PromptSet:
+    """Prompts for one unlearning job. `anchors[i]` is the anchor of `forget[i]`.
+    For the world, `forget_attrs`/`retain_attrs` hold each prompt's ground-truth attributes."""
+
+    forget: list[str]
+    anchors: list[str]
+    retain: list[str]
+    forget_attrs: list[dict[str, str]] = field(default_factory=list)
+    retain_attrs: list[dict[str, str]] = field(default_factory=list)
+
+
+def _descriptions() -> list[dict[str, str]]:
+    names = list(vocab.ATTRIBUTES)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(vocab.values(a) for a in names))]
+
+
+def shows(spec: ConceptSpec, attrs: dict[str, str]) -> bool:
+    """Whether attributes (of a prompt, or predicted for an image) show the concept to be erased:
+    A for a single concept, A and B together for a combination or a conditional concept."""
+    return all(attrs.get(vocab.meaning(t).attribute) == t for t in spec.terms())
+
+
+def world_prompts(spec: ConceptSpec, templates: range | list[int] | None = None,
+                  synonyms: bool = False, every_template: bool = False) -> PromptSet:
+    """Forget/anchor/retain prompts of the shapes world for a parsed spec.
+
+    Each fully described image kind (texture, color, shape) is one prompt; templates rotate over
+    the prompts (default: the unlearning templates). The anchor replaces the erased word by another
+    value of the same attribute, rotating through the alternatives (a combination alternates which
+    of its two words it replaces; a conditional concept always replaces A and keeps B).
+    With `synonyms`, each prompt's concept words are written as their first synonym (paraphrases).
+    With `every_template`, each description appears once per template instead (training sets).
+    """
+    if every_template:
+        sets = [world_prompts(spec, [t], synonyms) for t in (templates if templates is not None
+                                                               else range(vocab.N_UNLEARN_TEMPLATES))]
+        return PromptSet(*(sum((getattr(s, f) for s in sets), []) for f in
+                           ("forget", "anchors", "retain", "forget_attrs", "retain_attrs")))
+    templates = list(templates if templates is not None else range(vocab.N_UNLEARN_TEMPLATES))
+    forget, anchors, retain, f_attrs, r_attrs = [], [], [], [], []
+    for d in _descriptions():
+        if shows(spec, d):
+            k = len(forget)
+            replaced = spec.terms()[k % 2] if spec.kind == "combination" else spec.a
+            attr = vocab.meaning(replaced).attribute
+            others = [v for v in vocab.values(attr) if v != replaced]
+            anchor = dict(d, **{attr: others[(k // (2 if spec.kind == "combination" else 1)) % len(others)]})
+            tpl = templates[k % len(templates)]
+            syn = {vocab.meaning(t).attribute: vocab.ATTRIBUTES[vocab.meaning(t).attribute][t][0]
+                   for t in spec.terms()} if synonyms else None
+            forget.append(vocab.caption(d, tpl, syn))
+            anchors.append(vocab.caption(anchor, tpl))
+            f_attrs.append(d)
+        else:
+            retain.append(vocab.caption(d, templates[len(retain) % len(templates)]))
+            r_attrs.append(d)
+    return PromptSet(forget, anchors, retain, f_attrs, r_attrs)
+
+
+def user_prompts(spec: ConceptSpec, forget: list[str], retain: list[str] | None = None,
+                 anchor: str | list[str] | None = None) -> PromptSet:
+    """Prompt sets for a model outside the shapes world, from the user's prompts.
+
+    Each forget prompt must mention every term of the spec (case-insensitive). Without an
+    explicit anchor, a prompt's anchor is the prompt with the erased term (A) removed."""
+    forget = [p.strip() for p in forget if p.strip()]
+    if not forget:
+        raise ValueError("forget prompts are empty: give at least one prompt that contains the concept")
+    missing = [p for p in forget if not all(t in p.lower() for t in spec.terms())]
+    if missing:
+        raise ValueError(f"concept {str(spec)!r} is absent from forget prompt(s): {missing[:3]}")
+    if anchor is None:
+        anchors = [re.sub(rf"\s*\b{re.escape(spec.a)}\b", "", p, flags=re.I).strip() for p in forget]
+    elif isinstance(anchor, str):
+        anchors = [anchor] * len(forget)
+    else:
+        anchors = list(anchor)
+        if len(anchors) != len(forget):
+            raise ValueError(f"got {len(anchors)} anchors for {len(forget)} forget prompts")
+    return PromptSet(forget, anchors, [p.strip() for p in (retain or []) if p.strip()])
+
+
+def read_prompt_file(path: str, what: str) -> list[str]:
+    """Non-empty lines of a prompts file; ValueError naming the file if unreadable or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    except OSError as e:
+        raise ValueError(f"cannot read {what} file {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} file {path!r} is not UTF-8 text") from None
+    if not lines:
+        raise ValueError(f"{what} file {path!r} is empty")
+    return lines
