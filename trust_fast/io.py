@@ -1,10 +1,43 @@
 """Atomic writes: a reader never sees a half-written file or model directory."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
+    """Yield a temp file path beside `path`; on success it is made world-readable and renamed
+    onto `path`, on failure removed. `suffix` lets writers that infer a format from the name work."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(obj, path: str) -> None:
+    with atomic_path(path, ".json") as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def save_file_atomic(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors save_file through a temp file in the same directory."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path, ".safetensors") as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def save_pipeline_atomic(pipe, path: str) -> None:
@@ -15,6 +48,7 @@ def save_pipeline_atomic(pipe, path: str) -> None:
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
     try:
         pipe.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
         if os.path.exists(path):
             old = path + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -25,29 +59,4 @@ def save_pipeline_atomic(pipe, path: str) -> None:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json_atomic(obj, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def save_file_atomic(tensors: dict, path: str, metadata: dict | None = None) -> None:
-    """safetensors save_file through a temp file in the same directory."""
-    from safetensors.torch import save_file
-
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
         raise

@@ -117,10 +117,9 @@ def random_captions(batch: Batch, generator: torch.Generator, p_drop: dict[str, 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8, scale: int = 4, labels: list[str] | None = None) -> None:
     """Save (N, 3, H, W) images in [-1, 1] as one PNG grid (nearest upscaled), atomically.
     With `labels`, each row gets its label drawn on the left."""
-    import os
-    import tempfile
-
     from PIL import Image, ImageDraw
+
+    from ..io import atomic_path
 
     n, _, h, w = images.shape
     rows = math.ceil(n / nrow)
@@ -136,9 +135,5 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8, scale: int = 4, la
         draw = ImageDraw.Draw(canvas)
         for r, text in enumerate(labels[:rows]):
             draw.text((4, pad + r * cell_h + cell_h // 2 - 6), text, fill=(0, 0, 0))
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
-    os.close(fd)
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, ".png") as tmp:
+        canvas.save(tmp, format="PNG")

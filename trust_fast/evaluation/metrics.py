@@ -1,0 +1,92 @@
+"""Metrics on the shapes world, measured with the shipped attribute classifier."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..concepts import ConceptSpec, PromptSet, shows, world_prompts
+from ..world import vocab
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 1.5
+
+
+@torch.no_grad()
+def sample_images(pipe, prompts: list[str], n_per_prompt: int = 4, seed: int = 0, steps: int = DEFAULT_STEPS,
+                  guidance: float = DEFAULT_GUIDANCE, batch_size: int = 256) -> torch.Tensor:
+    """Images (len(prompts) * n_per_prompt, C, H, W) in [-1, 1], prompt-major.
+
+    The initial noise is drawn once from `seed` for the whole list, so image i gets the same noise
+    whatever the model: before/after comparisons differ only by the model."""
+    all_prompts = [p for p in prompts for _ in range(n_per_prompt)]
+    size = pipe.unet.config.sample_size
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(all_prompts), pipe.unet.config.in_channels, size, size, generator=g)
+    out = []
+    for i in range(0, len(all_prompts), batch_size):
+        out.append(pipe(all_prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
+                        latents=noise[i:i + batch_size], output_type="latent").images.float().cpu())
+    return torch.cat(out) if out else noise[:0]
+
+
+def _predict(classifier, images: torch.Tensor) -> list[dict[str, str]]:
+    pred = classifier.predict(images.to(next(classifier.parameters()).device))
+    names = {a: vocab.values(a) for a in pred}
+    return [{a: names[a][int(pred[a][i])] for a in pred} for i in range(images.shape[0])]
+
+
+def attribute_accuracy(preds: list[dict[str, str]], truth: list[dict[str, str]]) -> dict[str, float]:
+    """Per-attribute accuracy and the fraction with every attribute right ("all")."""
+    if not preds:
+        return {}
+    out = {f"{a}_acc": sum(p[a] == t[a] for p, t in zip(preds, truth)) / len(preds) for a in truth[0]}
+    out["all_acc"] = sum(all(p[a] == t[a] for a in t) for p, t in zip(preds, truth)) / len(preds)
+    return out
+
+
+def evaluate(pipe, spec: ConceptSpec, classifier=None, n_per_prompt: int = 4, seed: int = 0,
+             steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, prompts: PromptSet | None = None,
+             return_images: bool = False) -> dict:
+    """UA, retain accuracy and per-attribute accuracies of a world pipeline for a concept.
+
+    ua: fraction of forget-prompt images in which the classifier sees the concept (for "A+B" both
+    together, for "A|B" A in the presence of B); retain_acc: fraction of retain-prompt images whose
+    every attribute matches the prompt. forget_*_acc: accuracy on forget images of each attribute
+    the concept does not name (they should survive unlearning)."""
+    from ..world import load_classifier
+
+    t0 = time.perf_counter()
+    classifier = classifier or load_classifier()
+    prompts = prompts or world_prompts(spec)
+    forget_imgs = sample_images(pipe, prompts.forget, n_per_prompt, seed, steps, guidance)
+    retain_imgs = sample_images(pipe, prompts.retain, n_per_prompt, seed + 1, steps, guidance)
+    f_pred, r_pred = _predict(classifier, forget_imgs), _predict(classifier, retain_imgs)
+    f_truth = [a for a in prompts.forget_attrs for _ in range(n_per_prompt)]
+    r_truth = [a for a in prompts.retain_attrs for _ in range(n_per_prompt)]
+    named = {vocab.meaning(t).attribute for t in spec.terms()}
+    report: dict = {"concept": str(spec), "kind": spec.kind,
+                    "ua": sum(shows(spec, p) for p in f_pred) / max(1, len(f_pred)),
+                    "retain_acc": attribute_accuracy(r_pred, r_truth).get("all_acc", float("nan"))}
+    report.update({f"retain_{k}": v for k, v in attribute_accuracy(r_pred, r_truth).items() if k != "all_acc"})
+    f_acc = attribute_accuracy(f_pred, f_truth)
+    report.update({f"forget_{a}_acc": f_acc[f"{a}_acc"] for a in vocab.ATTRIBUTES if a not in named})
+    if spec.kind == "conditional":
+        b_attr = vocab.meaning(spec.b).attribute
+        report["forget_condition_kept"] = f_acc[f"{b_attr}_acc"]
+    report.update({"n_images": len(f_pred) + len(r_pred), "n_forget": len(f_pred), "n_retain": len(r_pred),
+                   "n_per_prompt": n_per_prompt, "seed": seed, "sampling_steps": steps, "guidance": guidance,
+                   "seconds": time.perf_counter() - t0})
+    if return_images:
+        return report, forget_imgs, retain_imgs
+    return report
+
+
+def format_table(rows: list[tuple[str, dict]], keys: list[str]) -> str:
+    """A plain-text table: one row per (name, report), one column per key (floats with 3 decimals)."""
+    def fmt(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cells = [["", *keys]] + [[name, *(fmt(r.get(k, "")) for k in keys)] for name, r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(keys) + 1)]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(c))) for c in cells)
