@@ -36,6 +36,7 @@ def cmd_generate(args) -> int:
     _positive("--n", args.n)
     _positive("--steps", args.steps)
     pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=False, desc="sampling")
     g = torch.Generator().manual_seed(args.seed)
     images = pipe([args.prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   generator=g, output_type="latent").images
