@@ -28,14 +28,20 @@ class ShapesPipeline(DiffusionPipeline):
         return emb.to(self.unet.device, self.unet.dtype)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = 25, guidance_scale: float = 1.5,
-                 num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True):
-        """Sample images. output_type: "pil", "np" or "pt" (in [0, 1]) or "latent" (raw pixels in [-1, 1])."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        n = len(prompts)
-        cond = self.encode_prompt(prompts)
+    def __call__(self, prompt: str | list[str] | None = None, num_inference_steps: int = 25,
+                 guidance_scale: float = 1.5, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, prompt_embeds: torch.Tensor | None = None):
+        """Sample images. output_type: "pil", "np" or "pt" (in [0, 1]) or "latent" (raw pixels in [-1, 1]).
+        `prompt_embeds` (N, L, D) replaces `prompt` (as in StableDiffusionPipeline)."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give exactly one of prompt and prompt_embeds")
+        if prompt_embeds is not None:
+            cond = prompt_embeds.to(self.unet.device, self.unet.dtype).repeat_interleave(num_images_per_prompt, 0)
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            cond = self.encode_prompt([p for p in prompts for _ in range(num_images_per_prompt)])
+        n = cond.shape[0]
         use_cfg = guidance_scale != 1.0
         if use_cfg:
             uncond = self.encode_prompt([""] * n)
