@@ -1,0 +1,548 @@
+"""TrustUnlearner: one unlearning step = objectives -> localization -> Hessian term -> masked update.
+
+The same engine runs TRUST and the baselines (SalUn, ESD); a method is a :class:`TrustConfig`
+(see :mod:`trust_fast.methods`). Two ways to use it:
+
+- high level: ``TrustUnlearner(pipe, concept="red").step()`` draws its own data-free batches
+  (forget/anchor/retain images sampled once from the frozen model and cached);
+- low level, inside your own diffusers loop: ``forget_loss(...)`` / ``retain_loss(...)`` on your
+  batch, then ``update(loss_f, loss_r)`` (localization + Hessian term + masked optimizer step).
+
+Only the target modules are trainable (everything else has requires_grad False); the frozen
+model eps_0 is the same UNet evaluated with the saved original target weights swapped in by
+``torch.func.functional_call``, so no second UNet is held in memory.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from . import objectives
+from .concepts import ConceptSpec, PromptSet, parse_concept, world_prompts
+from .hessian import HESSIAN_MODES, HutchinsonDiagonal, double_backward_attention, grad_and_hvps
+from .localize import DEFAULT_TARGETS, DynamicLocalizer, Target, find_targets, freeze_all_but, static_mask
+
+LOCALIZATIONS = ("dynamic", "static", "dense")
+X0_SOURCES = ("forget", "anchor", "forget+anchor")
+
+
+@dataclass
+class TrustConfig:
+    """Every knob of the engine. Defaults are TRUST's, tuned on the built-in shapes model.
+
+    Methods differ only in these fields: :func:`trust_fast.methods.config` builds SalUn and ESD."""
+
+    method: str = "trust"
+    steps: int = 60
+    lr: float = 3e-3
+    batch_size: int = 16               # forget batch per step
+    retain_batch_size: int = 16
+    alpha: float = 1.0                 # weight of the retain loss
+    forget_objective: str = "anchor"   # anchor | esd (negative guidance) | pseudo (SalUn: current model on anchor)
+    retain_objective: str = "distill"  # distill (frozen model) | diffusion (noise target) | none
+    eta: float = 1.0                   # negative-guidance scale of the esd objective
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    localization: str = "dynamic"      # dynamic (TRUST) | static (SalUn mask) | dense (all target weights)
+    xi: float = 2.0                    # z-score threshold of dynamic localization
+    max_fraction: float | None = None  # optional cap on the fraction of a layer's rows selected per step
+    loc_interval: int = 1              # re-estimate the rows every this many steps
+    saliency: str = "g"                # g: mean |grad| per row; gw: mean |grad * weight|
+    mask_fraction: float = 0.5         # static: fraction of weights in the SalUn mask
+    hessian: str = "diag"              # hvp | diag | none
+    lam: float = 1.0                   # weight of the Hessian penalty
+    hvp_interval: int = 1              # hvp: refresh lambda * H Delta every this many steps
+    diag_interval: int = 10            # diag: fold new Hutchinson probes in every this many steps
+    diag_samples: int = 1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    x0_per_prompt: int = 4             # cached data-free images per prompt
+    x0_steps: int = 10                 # DDIM steps used to sample them
+    x0_guidance: float | None = None   # CFG scale for them (None: the pipeline's default)
+    x0_from: str = "forget+anchor"     # which cached images a forget batch is noised from
+    seed: int = 0
+
+    def validate(self) -> None:
+        objectives.check(self.forget_objective, self.retain_objective)
+        for name, value, allowed in (("localization", self.localization, LOCALIZATIONS),
+                                     ("hessian", self.hessian, HESSIAN_MODES), ("x0_from", self.x0_from, X0_SOURCES),
+                                     ("saliency", self.saliency, ("g", "gw"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        for name in ("steps", "batch_size", "retain_batch_size", "loc_interval", "hvp_interval", "diag_interval",
+                     "diag_samples", "x0_per_prompt", "x0_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "alpha", "lam", "eta", "weight_decay"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.hessian != "none" and self.retain_objective == "none":
+            raise ValueError("a Hessian regularizer needs a retain objective (retain_objective='none')")
+
+    def replace(self, **changes) -> "TrustConfig":
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ValueError(f"unknown TrustConfig field(s): {unknown}")
+        out = copy.copy(self)
+        for k, v in changes.items():
+            setattr(out, k, tuple(v) if k in ("targets", "betas") else v)
+        return out
+
+
+def encode_prompts(pipe, prompts: list[str]) -> Tensor:
+    """Text embeddings (N, L, D) of the pipeline's tokenizer + text encoder, on the UNet's device/dtype."""
+    tok, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), 256):
+            ids = tok(prompts[i:i + 256], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            out.append(te(ids.to(te.device))[0])
+    if not out:
+        return torch.zeros(0, tok.model_max_length, unet.config.cross_attention_dim, device=unet.device,
+                           dtype=unet.dtype)
+    return torch.cat(out).to(unet.device, unet.dtype)
+
+
+def encode_images(pipe, images: Tensor) -> Tensor:
+    """Images (N, 3, H, W) in [-1, 1] -> what the UNet denoises: VAE latents times the VAE's
+    scaling factor when the pipeline has a VAE, the pixels themselves otherwise."""
+    vae = getattr(pipe, "vae", None)
+    images = images.to(pipe.unet.device)
+    if vae is None:
+        return images.to(pipe.unet.dtype)
+    with torch.no_grad():
+        lat = vae.encode(images.to(vae.dtype)).latent_dist.sample()
+    return (lat * vae.config.scaling_factor).to(pipe.unet.dtype)
+
+
+def _is_world(pipe) -> bool:
+    from .world.pipeline import ShapesPipeline
+
+    return isinstance(pipe, ShapesPipeline)
+
+
+@dataclass
+class _Batch:
+    noisy: Tensor
+    t: Tensor
+    cond: Tensor
+    x0: Tensor
+    noise: Tensor
+    anchor: Tensor | None = None
+
+
+@dataclass
+class _History:
+    steps: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+
+
+class TrustUnlearner:
+    """Unlearn a concept from a diffusers text-to-image pipeline, in place.
+
+    Args:
+        pipe: a ShapesPipeline (built-in world) or a StableDiffusionPipeline-style pipeline with
+            unet (UNet2DConditionModel), text_encoder, tokenizer, scheduler and optional vae.
+        concept: "A", "A+B" or "A|B". For the built-in world the prompt sets come from its
+            vocabulary; for any other model pass `prompts` too (see concepts.user_prompts).
+        config: a TrustConfig (default: TRUST's defaults).
+        prompts: explicit forget/anchor/retain prompts (required outside the shapes world).
+            Without retain prompts, the anchors and the empty prompt are retained.
+    """
+
+    def __init__(self, pipe, concept: str | ConceptSpec | None = None, config: TrustConfig | None = None,
+                 prompts: PromptSet | None = None):
+        self.config = config or TrustConfig()
+        self.config.validate()
+        cfg = self.config
+        self.pipe, self.unet = pipe, pipe.unet
+        self.device, self.dtype = self.unet.device, self.unet.dtype
+        self.world = _is_world(pipe)
+        if isinstance(concept, str):
+            concept = parse_concept(concept, world=self.world)
+        self.concept = concept
+        if prompts is None:
+            if concept is None or not self.world:
+                raise ValueError("outside the shapes world, give prompts (trust_fast.concepts.user_prompts) "
+                                 "as well as the concept")
+            prompts = world_prompts(concept, every_template=True)
+        if not prompts.forget:
+            raise ValueError(f"concept {str(concept)!r} has no forget prompts")
+        if not prompts.retain:
+            prompts = PromptSet(prompts.forget, prompts.anchors, sorted(set(prompts.anchors)) + [""])
+        self.prompts = prompts
+
+        self.targets: list[Target] = find_targets(self.unet, cfg.targets)
+        self.trainable_params = freeze_all_but(self.unet, self.targets)
+        self.params: list[Tensor] = [p for t in self.targets for p in t.params]
+        pos = {id(p): i for i, p in enumerate(self.params)}
+        self._weight_pos = [pos[id(t.weight)] for t in self.targets]
+        names = {id(p): n for n, p in self.unet.named_parameters()}
+        self._names = [names[id(p)] for p in self.params]
+        self.total_rows = sum(t.rows for t in self.targets)
+        needs_frozen = (cfg.forget_objective in ("anchor", "esd") or cfg.retain_objective == "distill"
+                        or cfg.hessian != "none")
+        self.theta0: list[Tensor] | None = [p.detach().clone() for p in self.params] if needs_frozen else None
+        self._frozen = dict(zip(self._names, self.theta0)) if self.theta0 is not None else None
+
+        sched = pipe.scheduler
+        self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
+        self.num_train_timesteps = int(sched.config.num_train_timesteps)
+        self.prediction_type = sched.config.get("prediction_type", "epsilon")
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+
+        with torch.no_grad():
+            self.emb_forget = encode_prompts(pipe, prompts.forget)
+            self.emb_anchor = encode_prompts(pipe, prompts.anchors)
+            self.emb_retain = encode_prompts(pipe, prompts.retain)
+            self.emb_uncond = encode_prompts(pipe, [""])
+
+        if cfg.localization == "dynamic":
+            from .optim import MaskedAdamW
+
+            self.optimizer = MaskedAdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                         weight_decay=cfg.weight_decay)
+            self.localizer = DynamicLocalizer(self.targets, cfg.xi, cfg.loc_interval, cfg.saliency, cfg.max_fraction)
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                               weight_decay=cfg.weight_decay)
+            self.localizer = None
+        self.mask: list[Tensor] | None = None
+        self.hutchinson = (HutchinsonDiagonal(self.params, self.generator) if cfg.hessian == "diag" else None)
+        self.pools: dict[str, Tensor] | None = None
+        self.step_count = 0
+        self.seconds = 0.0
+        self.pool_seconds = 0.0
+        self.history = _History()
+        self.selected_rows: list[Tensor] = []
+
+    # ------------------------------------------------------------------ models
+
+    def frozen_pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """eps_0 (or v_0): the original model's prediction, without grad."""
+        with torch.no_grad():
+            if self._frozen is None:
+                return self.unet(noisy, t, encoder_hidden_states=cond).sample
+            return functional_call(self.unet, self._frozen, (noisy, t), {"encoder_hidden_states": cond},
+                                   strict=False).sample
+
+    def pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """The edited model's prediction, with grad to the target parameters."""
+        return self.unet(noisy, t, encoder_hidden_states=cond).sample
+
+    # --------------------------------------------------------------- data-free
+
+    @torch.no_grad()
+    def sample_x0(self, emb: Tensor, n_per: int, batch_size: int = 256) -> Tensor:
+        """Data-free x0: (len(emb), n_per, C, H, W) sampled from the frozen model with DDIM and CFG,
+        in the space the UNet denoises (latents for a pipeline with a VAE)."""
+        from diffusers import DDIMScheduler
+
+        cfg = self.config
+        guidance = cfg.x0_guidance
+        if guidance is None:
+            guidance = inspect.signature(type(self.pipe).__call__).parameters.get("guidance_scale")
+            guidance = 7.5 if guidance is None or guidance.default is inspect.Parameter.empty else guidance.default
+        sched = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(cfg.x0_steps, device=self.device)
+        c = self.unet.config
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        conds = emb.repeat_interleave(n_per, 0)
+        x = torch.randn(conds.shape[0], c.in_channels, size, size, generator=self.generator, device=self.device,
+                        dtype=self.dtype) * sched.init_noise_sigma
+        out = []
+        for i in range(0, conds.shape[0], batch_size):
+            xb, cb = x[i:i + batch_size], conds[i:i + batch_size]
+            ub = self.emb_uncond.expand(cb.shape[0], -1, -1)
+            for t in sched.timesteps:
+                both = self.frozen_pred(torch.cat([xb, xb]), t.expand(2 * xb.shape[0]), torch.cat([ub, cb]))
+                e_u, e_c = both.chunk(2)
+                xb = sched.step(e_u + guidance * (e_c - e_u), t, xb).prev_sample
+            out.append(xb)
+        return torch.cat(out).view(emb.shape[0], n_per, *x.shape[1:])
+
+    def prepare(self) -> None:
+        """Sample and cache the data-free images (once); SalUn's static mask is computed here too."""
+        if self.pools is not None:
+            return
+        t0 = time.perf_counter()
+        cfg = self.config
+        pools = {}
+        if cfg.x0_from in ("forget", "forget+anchor") or cfg.localization == "static":
+            pools["forget"] = self.sample_x0(self.emb_forget, cfg.x0_per_prompt)
+        if cfg.x0_from in ("anchor", "forget+anchor"):
+            pools["anchor"] = self.sample_x0(self.emb_anchor, cfg.x0_per_prompt)
+        if cfg.retain_objective != "none" and cfg.alpha > 0:
+            pools["retain"] = self.sample_x0(self.emb_retain, cfg.x0_per_prompt)
+        self.pools = pools
+        if cfg.localization == "static":
+            self.mask = self._salun_mask()
+        self.pool_seconds = time.perf_counter() - t0
+        self.seconds += self.pool_seconds
+
+    def _noisy(self, x0: Tensor, t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        n = x0.shape[0]
+        if t is None:
+            t = torch.randint(0, self.num_train_timesteps, (n,), generator=self.generator, device=self.device)
+        noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
+        return objectives.add_noise(x0, noise, t, self.alphas_cumprod), t, noise
+
+    def _forget_batch(self, n: int) -> _Batch:
+        cfg = self.config
+        n_p, per = self.emb_forget.shape[0], cfg.x0_per_prompt
+        i = torch.randint(0, n_p, (n,), generator=self.generator, device=self.device)
+        j = torch.randint(0, per, (n,), generator=self.generator, device=self.device)
+        sources = {"forget": ["forget"], "anchor": ["anchor"], "forget+anchor": ["forget", "anchor"]}[cfg.x0_from]
+        x0 = self.pools[sources[0]][i, j]
+        if len(sources) == 2:
+            use_anchor = torch.rand(n, generator=self.generator, device=self.device) < 0.5
+            x0 = torch.where(use_anchor.view(-1, 1, 1, 1), self.pools["anchor"][i, j], x0)
+        noisy, t, noise = self._noisy(x0)
+        return _Batch(noisy, t, self.emb_forget[i], x0, noise, self.emb_anchor[i])
+
+    def _retain_batch(self, n: int) -> _Batch:
+        pool = self.pools["retain"]
+        i = torch.randint(0, pool.shape[0], (n,), generator=self.generator, device=self.device)
+        j = torch.randint(0, pool.shape[1], (n,), generator=self.generator, device=self.device)
+        x0 = pool[i, j]
+        noisy, t, noise = self._noisy(x0)
+        return _Batch(noisy, t, self.emb_retain[i], x0, noise)
+
+    def _salun_mask(self) -> list[Tensor]:
+        """SalUn: sum the gradient of the diffusion loss on the forget data over one pass of the
+        cached forget images, then keep the top `mask_fraction` of |sum| over all weights."""
+        pool = self.pools["forget"]
+        x0_all = pool.flatten(0, 1)
+        cond_all = self.emb_forget.repeat_interleave(pool.shape[1], 0)
+        sums = [torch.zeros_like(p) for p in self.params]
+        bs = self.config.batch_size
+        for k in range(0, x0_all.shape[0], bs):
+            x0 = x0_all[k:k + bs]
+            noisy, t, noise = self._noisy(x0)
+            target = objectives.diffusion_target(x0, noise, t, self.alphas_cumprod, self.prediction_type)
+            loss = objectives.mse(self.pred(noisy, t, cond_all[k:k + bs]), target)
+            for s, g in zip(sums, torch.autograd.grad(loss, self.params, allow_unused=True)):
+                if g is not None:
+                    s.add_(g)
+        return static_mask(sums, self.config.mask_fraction)
+
+    # ------------------------------------------------------------------ losses
+
+    def _double_backward_now(self) -> bool:
+        cfg, s = self.config, self.step_count
+        return ((cfg.hessian == "hvp" and s % cfg.hvp_interval == 0 and s > 0)
+                or (cfg.hessian == "diag" and s % cfg.diag_interval == 0))
+
+    def forget_loss(self, noisy: Tensor, timesteps: Tensor, cond: Tensor, anchor_cond: Tensor | None = None,
+                    target: Tensor | None = None) -> Tensor:
+        """The forget loss of a batch you provide.
+
+        noisy: (N, C, H, W) noised images/latents; timesteps: (N,) int64; cond: (N, L, D) embeddings
+        of the forget prompts; anchor_cond: (N, L, D) embeddings of their anchors (objectives
+        "anchor" and "pseudo"; the esd objective uses the empty prompt). `target` overrides the
+        regression target (computed without grad otherwise). Returns a float32 scalar."""
+        if target is None:
+            target = self.forget_target(noisy, timesteps, cond, anchor_cond)
+        return objectives.mse(self.pred(noisy, timesteps, cond), target)
+
+    def forget_target(self, noisy: Tensor, timesteps: Tensor, cond: Tensor, anchor_cond: Tensor | None) -> Tensor:
+        obj = self.config.forget_objective
+        if obj == "esd":
+            uncond = self.emb_uncond.expand(noisy.shape[0], -1, -1)
+            e_u, e_c = self.frozen_pred(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
+                                        torch.cat([uncond, cond])).chunk(2)
+            return objectives.negative_guidance(e_u, e_c, self.config.eta)
+        if anchor_cond is None:
+            raise ValueError(f"the {obj!r} forget objective needs anchor_cond (embeddings of the anchor prompts)")
+        if obj == "anchor":
+            return self.frozen_pred(noisy, timesteps, anchor_cond)
+        with torch.no_grad():  # SalUn: the current model on the pseudo (anchor) prompt, detached
+            return self.pred(noisy, timesteps, anchor_cond)
+
+    def retain_loss(self, noisy: Tensor, timesteps: Tensor, cond: Tensor, target: Tensor | None = None,
+                    x0: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+        """The retain loss of a batch you provide: self-distillation against the frozen model
+        ("distill"), or the ordinary diffusion loss ("diffusion", needs x0 and noise). On steps
+        that differentiate it twice (Hessian term), its forward runs under the math attention backend."""
+        if target is None:
+            if self.config.retain_objective == "diffusion":
+                if x0 is None or noise is None:
+                    raise ValueError("the diffusion retain objective needs x0 and noise")
+                target = objectives.diffusion_target(x0, noise, timesteps, self.alphas_cumprod, self.prediction_type)
+            else:
+                target = self.frozen_pred(noisy, timesteps, cond)
+        if self._double_backward_now():
+            with double_backward_attention():
+                return objectives.mse(self.pred(noisy, timesteps, cond), target)
+        return objectives.mse(self.pred(noisy, timesteps, cond), target)
+
+    # ------------------------------------------------------------------ update
+
+    def _grads(self, loss: Tensor) -> list[Tensor]:
+        gs = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, self.params)]
+
+    def update(self, forget_loss: Tensor, retain_loss: Tensor | None = None) -> dict:
+        """Localization + Hessian term + optimizer step for losses you computed (with
+        :meth:`forget_loss` / :meth:`retain_loss`). Returns the step's stats (see :meth:`step`)."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        g_f = self._grads(forget_loss)
+        t1 = time.perf_counter()
+        rows = None
+        if self.localizer is not None:
+            rows = self.localizer(self.step_count, [g_f[i] for i in self._weight_pos])
+        t2 = time.perf_counter()
+        grads = g_f
+        if retain_loss is not None and cfg.alpha > 0:
+            hv = None
+            if cfg.hessian == "hvp" and self._double_backward_now():
+                delta = [p.detach() - p0 for p, p0 in zip(self.params, self.theta0)]
+                g_r, (hv,) = grad_and_hvps(retain_loss, self.params, [delta])
+            elif cfg.hessian == "diag" and self._double_backward_now():
+                g_r = self.hutchinson.update(retain_loss, cfg.diag_samples)
+                self._set_diag_penalty()
+            else:
+                g_r = self._grads(retain_loss)
+            grads = [gf + cfg.alpha * gr for gf, gr in zip(g_f, g_r)]
+            if hv is not None:
+                grads = [g + cfg.lam * h for g, h in zip(grads, hv)]
+        t3 = time.perf_counter()
+        for p, g in zip(self.params, grads):
+            p.grad = g.to(p.dtype)
+        if rows is not None:
+            self.optimizer.set_rows({p: r for t, r in zip(self.targets, rows) for p in t.params})
+        else:
+            if self.hutchinson is not None and self.hutchinson.count > 0:
+                self._diag_penalty_dense()
+            if self.mask is not None:
+                for p, m in zip(self.params, self.mask):
+                    p.grad.mul_(m)
+        self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        t4 = time.perf_counter()
+        n_sel = sum(r.numel() for r in rows) if rows is not None else self.total_rows
+        self.selected_rows = rows if rows is not None else []
+        stats = {"step": self.step_count, "loss_forget": float(forget_loss.detach()),
+                 "loss_retain": float(retain_loss.detach()) if retain_loss is not None else None,
+                 "selected_rows": n_sel, "selected_fraction": n_sel / max(1, self.total_rows),
+                 "time_forget_backward": t1 - t0, "time_localize": t2 - t1, "time_retain_backward": t3 - t2,
+                 "time_optimizer": t4 - t3}
+        self.step_count += 1
+        return stats
+
+    def _set_diag_penalty(self) -> None:
+        if self.localizer is not None:
+            h = self.hutchinson.penalty()
+            self.optimizer.set_penalty({p: (hp, p0) for p, hp, p0 in zip(self.params, h, self.theta0)},
+                                       self.config.lam)
+
+    def _diag_penalty_dense(self) -> None:
+        """Dense optimizers have no fused penalty: add lam * h * Delta to the gradients."""
+        h = self.hutchinson.penalty()
+        for p, hp, p0 in zip(self.params, h, self.theta0):
+            p.grad.add_(self.config.lam * hp.to(p.dtype) * (p.detach() - p0))
+
+    # -------------------------------------------------------------------- step
+
+    def step(self) -> dict:
+        """One unlearning step on data-free batches. Returns losses, selected rows and timings:
+        step, loss_forget, loss_retain, selected_rows, selected_fraction, seconds and time_* phases."""
+        self.prepare()
+        cfg = self.config
+        t0 = time.perf_counter()
+        fb = self._forget_batch(cfg.batch_size)
+        use_retain = cfg.retain_objective != "none" and cfg.alpha > 0
+        rb = self._retain_batch(cfg.retain_batch_size) if use_retain else None
+        # one frozen forward for the anchor targets of the forget batch and the distillation
+        # targets of the retain batch
+        f_target = r_target = None
+        if cfg.forget_objective == "anchor" and use_retain and cfg.retain_objective == "distill":
+            both = self.frozen_pred(torch.cat([fb.noisy, rb.noisy]), torch.cat([fb.t, rb.t]),
+                                    torch.cat([fb.anchor, rb.cond]))
+            f_target, r_target = both.split([fb.noisy.shape[0], rb.noisy.shape[0]])
+        loss_f = self.forget_loss(fb.noisy, fb.t, fb.cond, fb.anchor, target=f_target)
+        loss_r = self.retain_loss(rb.noisy, rb.t, rb.cond, target=r_target, x0=rb.x0, noise=rb.noise) if rb else None
+        t1 = time.perf_counter()
+        stats = self.update(loss_f, loss_r)
+        stats["time_forward"] = t1 - t0
+        stats["seconds"] = time.perf_counter() - t0
+        self.seconds += stats["seconds"]
+        self.history.steps.append(stats)
+        return stats
+
+    def run(self, steps: int | None = None, progress: bool = False, eval_fn=None, eval_interval: int = 0) -> list[dict]:
+        """Run `steps` steps (default config.steps). With `eval_fn(unlearner) -> dict` and
+        `eval_interval` > 0, evaluate every eval_interval steps and at the end (history.evals)."""
+        from tqdm.auto import tqdm
+
+        steps = self.config.steps if steps is None else steps
+        self.prepare()
+        bar = tqdm(range(steps), desc=f"{self.config.method} {self.concept or ''}".strip(), disable=not progress)
+        out = []
+        for _ in bar:
+            s = self.step()
+            out.append(s)
+            bar.set_postfix(forget=f"{s['loss_forget']:.4f}", rows=s["selected_rows"])
+            done = self.step_count
+            if eval_fn is not None and eval_interval > 0 and (done % eval_interval == 0 or done == steps):
+                self.history.evals.append({"step": done, **eval_fn(self)})
+        return out
+
+    # ------------------------------------------------------------------ output
+
+    def state_bytes(self) -> dict:
+        """Memory the engine holds beyond the model: optimizer state, frozen target copies,
+        Hessian diagonal, cached images, static mask."""
+        opt = self.optimizer
+        if hasattr(opt, "state_bytes"):
+            opt_bytes = opt.state_bytes()
+        else:
+            opt_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                            if isinstance(v, Tensor))
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        return {"optimizer_state_bytes": opt_bytes,
+                "frozen_copy_bytes": nbytes(self.theta0 or []),
+                "hessian_bytes": self.hutchinson.state_bytes() if self.hutchinson else 0,
+                "x0_cache_bytes": nbytes((self.pools or {}).values()),
+                "mask_bytes": nbytes(self.mask or [])}
+
+    def report(self) -> dict:
+        """Summary of the run so far (the CLI adds the evaluation figures)."""
+        h = self.history.steps
+        mean_rows = sum(s["selected_rows"] for s in h) / len(h) if h else 0.0
+        return {"concept": str(self.concept) if self.concept is not None else None,
+                "kind": self.concept.kind if self.concept is not None else None,
+                "method": self.config.method, "steps": self.step_count, "seconds": self.seconds,
+                "x0_sampling_seconds": self.pool_seconds, "trainable_params": self.trainable_params,
+                "target_modules": len(self.targets), "target_rows": self.total_rows,
+                "mean_selected_rows": mean_rows, "mean_selected_fraction": mean_rows / max(1, self.total_rows),
+                "mask_fraction": (sum(float(m.sum()) for m in self.mask) / sum(m.numel() for m in self.mask)
+                                  if self.mask else None),
+                **self.state_bytes(),
+                "device": str(self.device), "threads": torch.get_num_threads(),
+                "config": asdict(self.config),
+                "history": h, "evals": self.history.evals}
+
+    def save(self, out_dir: str) -> None:
+        """Write the edited pipeline to out_dir (diffusers format, atomically)."""
+        from .io import save_pipeline_atomic
+
+        src = getattr(self.pipe, "name_or_path", None) or self.pipe.config.get("_name_or_path")
+        if src and os.path.isdir(src) and os.path.exists(out_dir) and os.path.samefile(src, out_dir):
+            raise ValueError(f"refusing to overwrite the source model {src!r}; choose another output directory")
+        save_pipeline_atomic(self.pipe, out_dir)
+
+
+__all__ = ["TrustConfig", "TrustUnlearner", "encode_prompts", "encode_images", "LOCALIZATIONS", "X0_SOURCES"]

@@ -1,0 +1,90 @@
+"""Second-order regularizer R = (lambda/2) Delta^T H_r Delta on the retain loss, Delta = theta - theta_0.
+
+Two estimators of grad R = lambda * H_r Delta:
+
+- ``hvp``: exact Hessian-vector product by double backward of the retain loss.
+- ``diag``: a Hutchinson estimate of diag(H_r) (mean of z * H_r z over Rademacher probes z),
+  refreshed every few steps; the penalty lambda * h * Delta is then fused into the optimizer.
+
+Double backward does not run through PyTorch's fused scaled-dot-product-attention kernels, so the
+forward pass whose graph is differentiated twice must run under :func:`double_backward_attention`.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+HESSIAN_MODES = ("hvp", "diag", "none")
+
+
+@contextlib.contextmanager
+def double_backward_attention() -> Iterator[None]:
+    """Route scaled-dot-product attention to the math backend, which supports double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def grad_and_hvps(loss: Tensor, params: Sequence[Tensor], vectors: Sequence[Sequence[Tensor]]
+                  ) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """Gradient of `loss` w.r.t. `params` and the products H v for each list v in `vectors`.
+
+    `loss` must have been computed with grad enabled (and attention under
+    :func:`double_backward_attention`). Each v matches `params` in shapes. Returns detached tensors;
+    a parameter the loss does not depend on gets zeros."""
+    params = list(params)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+    out = []
+    for i, v in enumerate(vectors):
+        dot = sum((g * vi.to(g.dtype)).sum() for g, vi in zip(grads, v) if g.requires_grad)
+        if not isinstance(dot, Tensor):  # the loss is linear in params: H = 0
+            out.append([torch.zeros_like(p) for p in params])
+            continue
+        hv = torch.autograd.grad(dot, params, retain_graph=i < len(vectors) - 1, allow_unused=True)
+        out.append([h.detach() if h is not None else torch.zeros_like(p) for h, p in zip(hv, params)])
+    return [g.detach() for g in grads], out
+
+
+def hvp(loss_fn, params: Sequence[Tensor], vector: Sequence[Tensor]) -> list[Tensor]:
+    """H v of the scalar `loss_fn()` at the current parameters (runs the forward itself, under the
+    math attention backend)."""
+    with torch.enable_grad(), double_backward_attention():
+        loss = loss_fn()
+    return grad_and_hvps(loss, params, [vector])[1][0]
+
+
+class HutchinsonDiagonal:
+    """Running Hutchinson estimate of diag(H) for a list of parameters, per element, float32.
+
+    Each :meth:`update` folds `samples` probes into the running mean through the
+    ``hutchinson_diag_`` op. :meth:`penalty` gives the non-negative diagonal the optimizer uses
+    (a single probe can give negative entries; a negative curvature penalty would push weights
+    away from the original, so it is clipped at zero)."""
+
+    def __init__(self, params: Sequence[Tensor], generator: torch.Generator | None = None):
+        self.params = list(params)
+        self.diags = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+        self.count = 0
+        self.generator = generator
+
+    def update(self, loss: Tensor, samples: int = 1) -> list[Tensor]:
+        """Fold `samples` probes of the Hessian of `loss` into the estimate; returns grad of `loss`."""
+        probes = [ops.rademacher_like(self.params, self.generator) for _ in range(samples)]
+        grads, hzs = grad_and_hvps(loss, self.params, probes)
+        for z, hz in zip(probes, hzs):
+            ops.hutchinson_diag_(self.diags, hz, z, None, self.count)
+            self.count += 1
+        return grads
+
+    def penalty(self) -> list[Tensor]:
+        return [d.clamp(min=0) for d in self.diags]
+
+    def state_bytes(self) -> int:
+        return sum(d.numel() * d.element_size() for d in self.diags)

@@ -1,0 +1,107 @@
+"""Where to edit: target modules by glob, per-row saliency, dynamic row selection, SalUn's static mask.
+
+A *target* is a module that owns parameters (a Linear, a Conv2d, a norm) whose qualified name
+matches one of the glob patterns, e.g. ``"*attn2.to_k"``. A *row* is an index along dim 0 of its
+weight (an output neuron); the bias of a target shares the weight's rows.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+DEFAULT_TARGETS: tuple[str, ...] = ("*attn2.to_q", "*attn2.to_k", "*attn2.to_v")
+
+
+@dataclass
+class Target:
+    """One target module: its name, weight (rows along dim 0) and optional bias."""
+
+    name: str
+    module: nn.Module
+    weight: Tensor
+    bias: Tensor | None
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    @property
+    def rows(self) -> int:
+        return self.weight.shape[0]
+
+
+def find_targets(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[Target]:
+    """Modules of `model` owning a `weight` whose name matches a glob pattern, in model order.
+
+    ValueError when nothing matches (a typo in a pattern must not silently train nothing)."""
+    out = []
+    for name, mod in model.named_modules():
+        w = mod._parameters.get("weight")
+        if w is None or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        b = mod._parameters.get("bias")
+        out.append(Target(name, mod, w, b if b is not None and b.shape[:1] == w.shape[:1] else None))
+    if not out:
+        raise ValueError(f"no module of the UNet matches the target patterns {list(patterns)}")
+    return out
+
+
+def freeze_all_but(model: nn.Module, targets: list[Target]) -> int:
+    """requires_grad False for every parameter outside the targets, True inside; returns trainable count."""
+    keep = {id(p) for t in targets for p in t.params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return sum(p.numel() for t in targets for p in t.params)
+
+
+def saliency(targets: list[Target], grads: list[Tensor], mode: str = "g") -> Tensor:
+    """Per-row score of every target, flat float32 (rows of target 0 first).
+
+    `grads[i]` is the forget-loss gradient of `targets[i].weight`. mode "g": mean |g| per row;
+    "gw": mean |g * w| per row."""
+    weights = [t.weight for t in targets] if mode == "gw" else None
+    return ops.row_saliency(grads, weights, mode)
+
+
+def select(targets: list[Target], scores: Tensor, xi: float = 2.0,
+           max_fraction: float | None = None) -> list[Tensor]:
+    """Rows whose z-score within their layer exceeds xi: one int64 index tensor per target."""
+    return ops.select_rows(scores, [t.rows for t in targets], xi, max_fraction)
+
+
+class DynamicLocalizer:
+    """Re-estimates the concept rows every `interval` steps from the forget gradient (TRUST).
+
+    Between re-estimations the previous selection is reused."""
+
+    def __init__(self, targets: list[Target], xi: float = 2.0, interval: int = 1, mode: str = "g",
+                 max_fraction: float | None = None):
+        if interval < 1:
+            raise ValueError(f"loc_interval must be >= 1, got {interval}")
+        self.targets, self.xi, self.interval, self.mode, self.max_fraction = targets, xi, interval, mode, max_fraction
+        self.rows: list[Tensor] | None = None
+        self.total_rows = sum(t.rows for t in targets)
+
+    def __call__(self, step: int, grads: list[Tensor]) -> list[Tensor]:
+        if self.rows is None or step % self.interval == 0:
+            self.rows = select(self.targets, saliency(self.targets, grads, self.mode), self.xi, self.max_fraction)
+        return self.rows
+
+
+def static_mask(grad_sums: list[Tensor], fraction: float = 0.5) -> list[Tensor]:
+    """SalUn's weight saliency mask: 1 for the `fraction` of elements with the largest |summed
+    forget gradient|, ranked over all tensors together (one global threshold), else 0.
+
+    Returns masks shaped and typed like the gradients."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"mask fraction must be in (0, 1], got {fraction}")
+    flat = torch.cat([g.detach().abs().flatten().float() for g in grad_sums])
+    k = max(1, int(round(fraction * flat.numel())))
+    # the k-th largest value is the threshold; kthvalue counts from the smallest
+    threshold = torch.kthvalue(flat.cpu(), flat.numel() - k + 1).values.to(flat.device)
+    return [(g.detach().abs().float() >= threshold).to(g.dtype) for g in grad_sums]

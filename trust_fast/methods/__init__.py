@@ -1,0 +1,24 @@
+"""Unlearning methods as configurations of the one engine (trust_fast.engine.TrustUnlearner).
+
+| method | trains | localization | forget objective | retain | optimizer |
+| --- | --- | --- | --- | --- | --- |
+| trust | attn2 to_q/to_k/to_v | dynamic rows, z > xi every step | anchor mapping (frozen) | self-distillation + Hessian | MaskedAdamW |
+| salun | whole UNet | static top-50% weight mask, once | current model on a pseudo prompt | diffusion loss x 0.5 | Adam, grad *= mask |
+| esd | all of attn2 (esd-x) | none (dense) | negative guidance, eta 1 | none | Adam |
+"""
+from __future__ import annotations
+
+from ..engine import TrustConfig
+from . import esd, salun, trust
+
+METHODS = {"trust": trust.config, "salun": salun.config, "esd": esd.config}
+
+
+def config(method: str = "trust", **overrides) -> TrustConfig:
+    """The TrustConfig of a method, with field overrides (e.g. steps=100, lr=1e-4)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method](**overrides)
+
+
+__all__ = ["METHODS", "config"]
