@@ -56,18 +56,22 @@ def cmd_generate(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .concepts import parse_concept
-    from .evaluation import evaluate, format_table
+    from .evaluation import format_table, full_report
+    from .io import write_json_atomic
     from .world import is_world_model, load_pipeline
-    from .world.train import write_json_atomic
 
     _positive("--n-per-prompt", args.n_per_prompt)
     spec = parse_concept(args.concept)
     if not is_world_model(args.model):
         raise UserError(f"evaluate needs the shapes-world classifier; {args.model!r} is not a shapes-world model")
-    report = evaluate(load_pipeline(args.model), spec, n_per_prompt=args.n_per_prompt, seed=args.seed,
-                      steps=args.steps, guidance=args.guidance)
+    pipe = load_pipeline(args.model)
+    reference = None if args.reference == "none" else load_pipeline(args.reference)
+    report = full_report(pipe, spec, reference, args.attack, n_per_prompt=args.n_per_prompt, seed=args.seed,
+                         steps=args.steps, guidance=args.guidance)
     report["model"] = args.model
-    keys = [k for k in report if k.endswith("acc") or k == "ua"] + ["n_images", "seconds"]
+    report["reference"] = args.reference
+    keys = [k for k in report if k.endswith("acc") or k in ("ua", "fd", "fd_self", "asr_paraphrase",
+                                                             "asr_softprompt")] + ["n_images", "seconds"]
     print(format_table([(args.model, report)], keys))
     if args.out:
         write_json_atomic(report, args.out)
@@ -81,6 +85,113 @@ def cmd_world_train(args) -> int:
     rec = main_train(args.what, out=args.out, diffusion_steps=args.diffusion_steps, max_minutes=args.max_minutes,
                      classifier_steps=args.classifier_steps, seed=args.seed)
     print(json.dumps(rec, indent=1))
+    return 0
+
+
+def _same_dir(a: str, b: str) -> bool:
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def _unlearning_config(args):
+    from .methods import config
+
+    overrides = {"seed": args.seed}
+    for name in ("steps", "hessian", "lr", "xi", "alpha", "lam", "loc_interval", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return config(args.method, **overrides)
+
+
+def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: int = 4, eval_seed: int = 0,
+             eval_every: int = 0, progress: bool = True, images: bool = False):
+    """Evaluate (world only), unlearn, evaluate again. Returns (unlearner, report[, images])."""
+    from .engine import TrustUnlearner
+    from .evaluation import evaluate
+
+    unlearner = TrustUnlearner(pipe, spec, cfg, prompts=prompts)
+    before = after = None
+    if world:
+        out = evaluate(pipe, spec, n_per_prompt=n_per_prompt, seed=eval_seed, return_images=images)
+        before, imgs_before = (out[0], out[1:]) if images else (out, None)
+    eval_fn = None
+    if world and eval_every > 0:
+        def eval_fn(u):
+            r = evaluate(pipe, spec, n_per_prompt=1, seed=eval_seed)
+            return {k: r[k] for k in ("ua", "retain_acc")}
+    unlearner.run(progress=progress, eval_fn=eval_fn, eval_interval=eval_every)
+    report = unlearner.report()
+    if world:
+        out = evaluate(pipe, spec, n_per_prompt=n_per_prompt, seed=eval_seed, return_images=images)
+        after, imgs_after = (out[0], out[1:]) if images else (out, None)
+        report.update({"ua_before": before["ua"], "ua_after": after["ua"], "retain_before": before["retain_acc"],
+                       "retain_after": after["retain_acc"], "eval_before": before, "eval_after": after})
+    if images:
+        return unlearner, report, (imgs_before, imgs_after)
+    return unlearner, report
+
+
+def cmd_unlearn(args) -> int:
+    from .concepts import parse_concept, read_prompt_file, user_prompts
+    from .io import write_json_atomic
+    from .world import is_world_model, load_pipeline, model_path
+
+    src = model_path(args.model)
+    if _same_dir(args.out, src):
+        raise UserError(f"--out {args.out!r} is the model directory itself; choose another output directory")
+    _positive("--steps", args.steps if args.steps is not None else 1)
+    world = is_world_model(args.model)
+    spec = parse_concept(args.concept, world=world)
+    prompts = None
+    if args.forget_prompts or not world:
+        if not args.forget_prompts:
+            raise UserError(f"{args.model!r} is not a shapes-world model: give --forget-prompts (and --retain-prompts)")
+        retain = read_prompt_file(args.retain_prompts, "retain prompts") if args.retain_prompts else None
+        prompts = user_prompts(spec, read_prompt_file(args.forget_prompts, "forget prompts"), retain, args.anchor)
+    cfg = _unlearning_config(args)
+    pipe = load_pipeline(args.model)
+    unlearner, report = _unlearn(pipe, spec, cfg, prompts, world=world and prompts is None,
+                                 n_per_prompt=args.n_per_prompt, eval_seed=args.seed, eval_every=args.eval_every)
+    unlearner.save(args.out)
+    report["model"] = args.model
+    write_json_atomic(report, os.path.join(args.out, "report.json"))
+    keys = [k for k in ("ua_before", "ua_after", "retain_before", "retain_after") if k in report]
+    keys += ["steps", "seconds", "mean_selected_rows", "trainable_params", "optimizer_state_bytes"]
+    from .evaluation import format_table
+
+    print(format_table([(f"{report['method']} {report['concept']}", report)], keys))
+    print(f"wrote the unlearned pipeline and report.json to {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .concepts import parse_concept
+    from .evaluation import format_table
+    from .io import write_json_atomic
+    from .methods import config
+    from .world import load_pipeline, save_grid
+
+    spec = parse_concept(args.concept)
+    pipe = load_pipeline("shapes")
+    print(f"unlearning {str(spec)!r} from the built-in shapes model with TRUST (CPU: a few minutes)")
+    unlearner, report, (before, after) = _unlearn(pipe, spec, config("trust", seed=args.seed), images=True,
+                                                  n_per_prompt=args.n_per_prompt)
+    os.makedirs(args.out, exist_ok=True)
+    rows = [("before", {"ua": report["ua_before"], "retain_acc": report["retain_before"],
+                        "seconds": report["eval_before"]["seconds"]}),
+            ("after", {"ua": report["ua_after"], "retain_acc": report["retain_after"], "seconds": report["seconds"]})]
+    print(format_table(rows, ["ua", "retain_acc", "seconds"]))
+    print("ua: share of images of the concept's prompts that show it; retain_acc: other prompts drawn right;"
+          " seconds: evaluation (before), unlearning (after)")
+    n = args.n_per_prompt
+    for name, (forget_imgs, retain_imgs) in (("before", before), ("after", after)):
+        save_grid(forget_imgs, os.path.join(args.out, f"forget_{name}.png"), nrow=n * 2, scale=6)
+        save_grid(retain_imgs, os.path.join(args.out, f"retain_{name}.png"), nrow=n * 3, scale=6)
+    unlearner.save(os.path.join(args.out, "model"))
+    write_json_atomic(report, os.path.join(args.out, "report.json"))
+    print(f"wrote forget_before.png, forget_after.png, retain_before.png, retain_after.png, model/ and report.json"
+          f" to {args.out}")
     return 0
 
 
@@ -104,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-per-prompt", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--reference", default="shapes",
+                   help="original model for fd and the soft-prompt attack (default: shapes; 'none' skips them)")
+    p.add_argument("--attack", choices=["none", "paraphrase", "softprompt", "all"], default="none")
     _add_sampling(p)
     p.set_defaults(fn=cmd_evaluate)
 
@@ -117,6 +231,36 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-minutes", type=float, default=None)
     w.add_argument("--seed", type=int, default=0)
     w.set_defaults(fn=cmd_world_train)
+
+    p = sub.add_parser("unlearn", help="erase a concept from a model (TRUST, or the SalUn / ESD baselines)")
+    p.add_argument("--model", default="shapes", help="'shapes' (built-in) or a diffusers pipeline directory")
+    p.add_argument("--concept", required=True, help="'A', 'A+B' (combination) or 'A|B' (conditional)")
+    p.add_argument("--method", choices=["trust", "salun", "esd"], default="trust")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the method's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hessian", choices=["hvp", "diag", "none"], default=None,
+                   help="Hessian regularizer (default: the method's; TRUST uses diag)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--xi", type=float, default=None, help="z-score threshold of the localization (default 2.0)")
+    p.add_argument("--alpha", type=float, default=None, help="weight of the retain loss")
+    p.add_argument("--lam", type=float, default=None, help="weight of the Hessian penalty")
+    p.add_argument("--loc-interval", type=int, default=None, help="re-localize every N steps (default 1)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--forget-prompts", help="file of prompts showing the concept (one a line; required outside the world)")
+    p.add_argument("--retain-prompts", help="file of prompts to keep intact")
+    p.add_argument("--anchor", help="prompt the concept's prompts are mapped to (default: the prompt minus the concept)")
+    p.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt of the before/after evaluation")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate (1 image per prompt) every N steps into report.json's evals")
+    p.add_argument("--out", required=True, help="output directory: the unlearned pipeline and report.json")
+    p.set_defaults(fn=cmd_unlearn)
+
+    p = sub.add_parser("demo", help="unlearn a color from the built-in model and show before/after (a few minutes)")
+    p.add_argument("--concept", default="red")
+    p.add_argument("--n-per-prompt", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="trust_fast_demo", help="output directory (default %(default)s)")
+    p.set_defaults(fn=cmd_demo)
     return ap
 
 

@@ -1,4 +1,7 @@
-"""Evaluation harness: sampling, concept presence (UA), retain accuracy, reports."""
-from .metrics import evaluate, format_table, sample_images
+"""Evaluation harness: sampling, concept presence (UA), retain accuracy, quality distance, attacks, reports."""
+from .attacks import paraphrase_attack, softprompt_attack
+from .metrics import evaluate, format_table, frechet_distance, quality_distance, sample_images
+from .report import ATTACKS, full_report
 
-__all__ = ["evaluate", "format_table", "sample_images"]
+__all__ = ["evaluate", "format_table", "frechet_distance", "quality_distance", "sample_images",
+           "paraphrase_attack", "softprompt_attack", "full_report", "ATTACKS"]

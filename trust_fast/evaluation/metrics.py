@@ -30,7 +30,8 @@ def sample_images(pipe, prompts: list[str], n_per_prompt: int = 4, seed: int = 0
     return torch.cat(out) if out else noise[:0]
 
 
-def _predict(classifier, images: torch.Tensor) -> list[dict[str, str]]:
+def predict_attrs(classifier, images: torch.Tensor) -> list[dict[str, str]]:
+    """Classifier predictions as attribute -> value name, one dict per image."""
     pred = classifier.predict(images.to(next(classifier.parameters()).device))
     names = {a: vocab.values(a) for a in pred}
     return [{a: names[a][int(pred[a][i])] for a in pred} for i in range(images.shape[0])]
@@ -61,7 +62,7 @@ def evaluate(pipe, spec: ConceptSpec, classifier=None, n_per_prompt: int = 4, se
     prompts = prompts or world_prompts(spec)
     forget_imgs = sample_images(pipe, prompts.forget, n_per_prompt, seed, steps, guidance)
     retain_imgs = sample_images(pipe, prompts.retain, n_per_prompt, seed + 1, steps, guidance)
-    f_pred, r_pred = _predict(classifier, forget_imgs), _predict(classifier, retain_imgs)
+    f_pred, r_pred = predict_attrs(classifier, forget_imgs), predict_attrs(classifier, retain_imgs)
     f_truth = [a for a in prompts.forget_attrs for _ in range(n_per_prompt)]
     r_truth = [a for a in prompts.retain_attrs for _ in range(n_per_prompt)]
     named = {vocab.meaning(t).attribute for t in spec.terms()}
@@ -80,6 +81,41 @@ def evaluate(pipe, spec: ConceptSpec, classifier=None, n_per_prompt: int = 4, se
     if return_images:
         return report, forget_imgs, retain_imgs
     return report
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D), in float64:
+    |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2)."""
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError(f"Frechet distance needs at least 2 samples per set, got {a.shape[0]} and {b.shape[0]}")
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    w, v = torch.linalg.eigh(s_a)
+    root_a = (v * w.clamp_min(0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * cross)
+
+
+@torch.no_grad()
+def image_features(images: torch.Tensor, classifier=None) -> torch.Tensor:
+    """Features for the Frechet distance: the classifier's penultimate layer when there is one
+    (shapes world), else a CLIP-free stand-in: the images (or latents) average-pooled to 8x8."""
+    if classifier is not None:
+        return classifier.features(images.to(next(classifier.parameters()).device)).cpu()
+    return torch.nn.functional.adaptive_avg_pool2d(images.float(), 8).flatten(1).cpu()
+
+
+def quality_distance(pipe, reference, prompts: list[str], classifier=None, n_per_prompt: int = 4, seed: int = 0,
+                     steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> dict:
+    """fd: Frechet distance between the model's and the reference's generations on `prompts`, with
+    different noise; fd_self: the reference against itself with the same two noises (the sampling-
+    noise floor; fd equals it for an unchanged model)."""
+    ours = image_features(sample_images(pipe, prompts, n_per_prompt, seed + 11, steps, guidance), classifier)
+    ref_a = image_features(sample_images(reference, prompts, n_per_prompt, seed + 11, steps, guidance), classifier)
+    ref_b = image_features(sample_images(reference, prompts, n_per_prompt, seed + 12, steps, guidance), classifier)
+    return {"fd": frechet_distance(ours, ref_b), "fd_self": frechet_distance(ref_a, ref_b), "fd_n": ours.shape[0],
+            "fd_features": "classifier-penultimate" if classifier is not None else "pooled-8x8"}
 
 
 def format_table(rows: list[tuple[str, dict]], keys: list[str]) -> str:

@@ -1,0 +1,108 @@
+"""Adversarial prompt attacks on an unlearned model: paraphrases and UnlearnDiffAtk-style soft prompts.
+
+Both report an attack success rate (ASR): the fraction of attacked generations in which the
+shipped classifier sees the erased concept again.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from ..concepts import ConceptSpec, shows, world_prompts
+from ..world import vocab
+from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, predict_attrs, sample_images
+
+
+def paraphrase_attack(pipe, spec: ConceptSpec, classifier, n_per_prompt: int = 4, seed: int = 0,
+                      steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> dict:
+    """The concept under its synonyms and in the held-out templates (never seen while unlearning)."""
+    held_out = range(vocab.N_UNLEARN_TEMPLATES, len(vocab.TEMPLATES))
+    prompts = world_prompts(spec, templates=held_out, synonyms=True).forget
+    prompts += world_prompts(spec, templates=held_out, synonyms=False).forget
+    preds = predict_attrs(classifier, sample_images(pipe, prompts, n_per_prompt, seed + 7, steps, guidance))
+    hits = sum(shows(spec, p) for p in preds)
+    return {"asr_paraphrase": hits / max(1, len(preds)), "asr_paraphrase_hits": hits,
+            "asr_paraphrase_n": len(preds), "paraphrase_prompts": prompts}
+
+
+@contextlib.contextmanager
+def _prefix_hook(text_encoder, prefix: torch.Tensor):
+    """While active, the token embeddings at positions 1..k are replaced by `prefix` (k, D)."""
+    k = prefix.shape[0]
+    emb = text_encoder.get_input_embeddings()
+
+    def hook(_module, _inputs, out):
+        return torch.cat([out[:, :1], prefix.to(out.dtype).expand(out.shape[0], -1, -1), out[:, 1 + k:]], 1)
+
+    handle = emb.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _prefixed_ids(tokenizer, prompt: str, k: int) -> torch.Tensor:
+    """Token ids of `prompt` after k placeholder tokens (their embeddings get replaced)."""
+    placeholder = " ".join(["a"] * k)
+    return tokenizer([f"{placeholder} {prompt}"], padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def softprompt_attack(pipe, original, spec: ConceptSpec, classifier, k: int = 5, attack_steps: int = 40,
+                      lr: float = 0.01, n_images: int = 4, n_per_prompt: int = 4, seed: int = 0,
+                      steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                      prompts: list[str] | None = None) -> dict:
+    """UnlearnDiffAtk-style soft prompt attack.
+
+    For each forget prompt: generate `n_images` images of the concept with the original model;
+    optimize k prefix token embeddings (Adam, `lr`, `attack_steps`) to minimize the unlearned
+    model's diffusion loss on those images; then sample `n_per_prompt` images from the unlearned
+    model with the optimized prompt and classify them. Only the prefix is optimized; both models
+    stay unchanged."""
+    t0 = time.perf_counter()
+    prompts = prompts or world_prompts(spec).forget
+    unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    dev = unet.device
+    abar = pipe.scheduler.alphas_cumprod.to(dev, torch.float32)
+    emb_table = te.get_input_embeddings().weight.detach()
+    g = torch.Generator().manual_seed(seed)
+    req = {p: p.requires_grad for p in list(unet.parameters()) + list(te.parameters())}
+    for p in req:
+        p.requires_grad_(False)
+    hits, total, per_prompt = 0, 0, []
+    try:
+        for i, prompt in enumerate(prompts):
+            x0 = sample_images(original, [prompt], n_images, seed + 1000 + i, steps, guidance).to(dev, unet.dtype)
+            ids = _prefixed_ids(tok, prompt, k).to(te.device)
+            init = torch.randint(emb_table.shape[0], (k,), generator=g).to(emb_table.device)
+            prefix = emb_table[init].clone().float().requires_grad_(True)
+            opt = torch.optim.Adam([prefix], lr=lr)
+            for _ in range(attack_steps):
+                t = torch.randint(0, abar.numel(), (n_images,), generator=g).to(dev)
+                noise = torch.randn(x0.shape, generator=g).to(dev, x0.dtype)
+                a = abar[t].view(-1, 1, 1, 1)
+                x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                with _prefix_hook(te, prefix):
+                    cond = te(ids)[0].to(dev, unet.dtype).expand(n_images, -1, -1)
+                loss = torch.nn.functional.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample.float(), noise.float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad(), _prefix_hook(te, prefix.detach()):
+                cond = te(ids)[0]
+            noise = torch.randn(n_per_prompt, unet.config.in_channels, unet.config.sample_size,
+                                unet.config.sample_size, generator=torch.Generator().manual_seed(seed + 2000 + i))
+            imgs = pipe(prompt_embeds=cond, num_images_per_prompt=n_per_prompt, num_inference_steps=steps,
+                        guidance_scale=guidance, latents=noise, output_type="latent").images
+            h = sum(shows(spec, p) for p in predict_attrs(classifier, imgs.float().cpu()))
+            per_prompt.append({"prompt": prompt, "hits": h, "n": n_per_prompt, "final_loss": loss.item()})
+            hits += h
+            total += n_per_prompt
+    finally:
+        for p, r in req.items():
+            p.requires_grad_(r)
+    return {"asr_softprompt": hits / max(1, total), "asr_softprompt_hits": hits, "asr_softprompt_n": total,
+            "softprompt": {"k": k, "steps": attack_steps, "lr": lr, "per_prompt": per_prompt,
+                           "seconds": time.perf_counter() - t0}}

@@ -1,0 +1,41 @@
+"""One evaluation report: concept metrics, quality distance and attacks, as `trust-fast evaluate` prints it."""
+from __future__ import annotations
+
+import time
+
+from ..concepts import ConceptSpec, world_prompts
+from .attacks import paraphrase_attack, softprompt_attack
+from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, evaluate, quality_distance
+
+ATTACKS = ("none", "paraphrase", "softprompt", "all")
+
+
+def full_report(pipe, spec: ConceptSpec, reference=None, attack: str = "none", classifier=None,
+                n_per_prompt: int = 4, seed: int = 0, steps: int = DEFAULT_STEPS,
+                guidance: float = DEFAULT_GUIDANCE, softprompt_steps: int = 40, softprompt_k: int = 5) -> dict:
+    """evaluate() plus, with a reference (the original model), fd on the retain prompts, plus attacks.
+    The soft-prompt attack needs the reference: it attacks with the original model's images."""
+    from ..world import load_classifier
+
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, not {attack!r}")
+    t0 = time.perf_counter()
+    classifier = classifier or load_classifier()
+    report = evaluate(pipe, spec, classifier, n_per_prompt, seed, steps, guidance)
+    skipped = []
+    if reference is not None:
+        report.update(quality_distance(pipe, reference, world_prompts(spec).retain, classifier,
+                                       n_per_prompt, seed, steps, guidance))
+    else:
+        skipped.append("fd (no reference model)")
+    if attack in ("paraphrase", "all"):
+        report.update(paraphrase_attack(pipe, spec, classifier, n_per_prompt, seed, steps, guidance))
+    if attack in ("softprompt", "all"):
+        if reference is None:
+            raise ValueError("the soft-prompt attack needs the original model (--reference)")
+        report.update(softprompt_attack(pipe, reference, spec, classifier, k=softprompt_k,
+                                        attack_steps=softprompt_steps, n_per_prompt=n_per_prompt, seed=seed,
+                                        steps=steps, guidance=guidance))
+    report["skipped"] = skipped
+    report["seconds"] = time.perf_counter() - t0
+    return report
