@@ -1,0 +1,86 @@
+"""Concept specs and prompt sets."""
+import pytest
+
+from trust_fast.concepts import ConceptSpec, parse_concept, read_prompt_file, shows, user_prompts, world_prompts
+from trust_fast.world import vocab
+
+
+@pytest.mark.parametrize("spec,kind,a,b", [
+    ("red", "single", "red", None),
+    (" Crimson ", "single", "red", None),
+    ("red+circle", "combination", "red", "circle"),
+    ("red | disc", "conditional", "red", "circle"),
+    ("striped+triangle", "combination", "striped", "triangle"),
+])
+def test_parse_valid(spec, kind, a, b):
+    assert parse_concept(spec) == ConceptSpec(kind, a, b)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("", "empty"),
+    ("   ", "empty"),
+    ("red+", "malformed"),
+    ("+red", "malformed"),
+    ("red++circle", "malformed"),
+    ("red|circle|square", "malformed"),
+    ("red+blue", "both colors"),
+    ("purple", "not a word of the shapes world"),
+    ("red+hexagon", "not a word of the shapes world"),
+])
+def test_parse_invalid_names_the_problem(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_concept(spec)
+
+
+def test_free_text_terms_outside_the_world():
+    assert parse_concept("van gogh", world=False) == ConceptSpec("single", "van gogh")
+    assert parse_concept("child+wine", world=False).kind == "combination"
+
+
+@pytest.mark.parametrize("spec", ["red", "circle", "striped", "red+circle", "red|circle", "blue|plain"])
+def test_world_prompt_sets_are_consistent(spec):
+    s = parse_concept(spec)
+    ps = world_prompts(s)
+    n_desc = 1
+    for v in vocab.ATTRIBUTES.values():
+        n_desc *= len(v)
+    assert len(ps.forget) + len(ps.retain) == n_desc
+    assert len(ps.anchors) == len(ps.forget) > 0
+    assert all(shows(s, a) for a in ps.forget_attrs)
+    assert not any(shows(s, a) for a in ps.retain_attrs)
+    for prompt, anchor in zip(ps.forget, ps.anchors):
+        assert prompt != anchor
+        anchor_words = set(anchor.split())
+        # the anchor drops the erased word; a conditional concept keeps its condition B
+        assert not all(t in anchor_words for t in s.terms())
+        if s.kind == "conditional":
+            assert s.b in anchor_words and s.a not in anchor_words
+    big = world_prompts(s, every_template=True)
+    assert len(big.forget) == vocab.N_UNLEARN_TEMPLATES * len(ps.forget)
+
+
+def test_paraphrase_prompts_use_synonyms_and_held_out_templates():
+    s = parse_concept("red")
+    held = range(vocab.N_UNLEARN_TEMPLATES, len(vocab.TEMPLATES))
+    ps = world_prompts(s, templates=held, synonyms=True)
+    assert all("crimson" in p and "red" not in p.split() for p in ps.forget)
+    assert all(any(p.startswith(vocab.TEMPLATES[t].split("{}")[0]) for t in held) for p in ps.forget)
+
+
+def test_user_prompts_and_errors(tmp_path):
+    s = parse_concept("van gogh", world=False)
+    ps = user_prompts(s, ["a painting by Van Gogh", "starry night, van gogh style"], ["a cat"])
+    assert ps.anchors[0] == "a painting by"
+    with pytest.raises(ValueError, match="absent"):
+        user_prompts(s, ["a painting by Monet"])
+    with pytest.raises(ValueError, match="empty"):
+        user_prompts(s, ["  "])
+    f = tmp_path / "p.txt"
+    f.write_text("# comment\n\n")
+    with pytest.raises(ValueError, match="is empty"):
+        read_prompt_file(str(f), "forget prompts")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_prompt_file(str(tmp_path / "missing.txt"), "forget prompts")
+    f.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_prompt_file(str(f), "forget prompts")
