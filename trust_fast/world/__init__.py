@@ -29,8 +29,11 @@ def is_world_model(model: str) -> bool:
     import json
 
     path = model_path(model)
-    with open(os.path.join(path, "model_index.json")) as f:
-        return json.load(f).get("_class_name") == "ShapesPipeline"
+    try:
+        with open(os.path.join(path, "model_index.json")) as f:
+            return json.load(f).get("_class_name") == "ShapesPipeline"
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"cannot load model {model!r}: corrupt model_index.json ({e})") from None
 
 
 def load_pipeline(model: str = "shapes", device: str | None = None):

@@ -1,0 +1,57 @@
+"""The trust-fast command line on the built-in model: generate, evaluate, and its error handling."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trust_fast.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trust_fast.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_writes_images_and_grid(tmp_path):
+    out = tmp_path / "gen"
+    assert main(["generate", "--prompt", "a striped red circle", "--n", "3", "--steps", "10", "--out", str(out)]) == 0
+    names = sorted(os.listdir(out))
+    assert names == ["000.png", "001.png", "002.png", "grid.png"]
+    from PIL import Image
+
+    assert Image.open(out / "000.png").size == (16, 16)
+
+
+def test_evaluate_reports_ua_and_retain(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--concept", "red", "--n-per-prompt", "2", "--steps", "15", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for key in ("ua", "retain_acc", "retain_color_acc", "retain_shape_acc", "retain_texture_acc",
+                "n_images", "seconds", "fd", "fd_self"):
+        assert key in report, key
+    assert report["ua"] >= 0.9  # the original model draws red when asked
+    assert report["retain_acc"] >= 0.85
+    assert report["fd"] == pytest.approx(report["fd_self"])  # the original against itself
+    assert report["n_images"] == 2 * 24
+    assert "retain_acc" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["evaluate", "--concept", "purple"], "not a word of the shapes world"),
+    (["evaluate", "--concept", "red+"], "malformed concept spec"),
+    (["evaluate", "--concept", "red", "--model", "/nonexistent/model"], "neither a built-in model"),
+    (["generate", "--prompt", "x", "--n", "0", "--out", "/tmp/x"], "--n must be positive"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_model_directory(tmp_path):
+    (tmp_path / "model_index.json").write_text("{not json")
+    r = run_cli("generate", "--model", str(tmp_path), "--prompt", "a red circle", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "cannot load model" in r.stderr
+    assert not (tmp_path / "o").exists()
