@@ -184,6 +184,9 @@ class TrustUnlearner:
 
         self.targets: list[Target] = find_targets(self.unet, cfg.targets)
         self.trainable_params = freeze_all_but(self.unet, self.targets)
+        for name in ("text_encoder", "vae"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).requires_grad_(False)
         self.params: list[Tensor] = [p for t in self.targets for p in t.params]
         pos = {id(p): i for i, p in enumerate(self.params)}
         self._weight_pos = [pos[id(t.weight)] for t in self.targets]

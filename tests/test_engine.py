@@ -1,0 +1,179 @@
+"""Engine mechanics on small untrained pipelines: masked steps, frozen parts, methods, Hessian modes,
+the low-level API, and the Stable Diffusion code path (VAE latents)."""
+import json
+import tempfile
+
+import pytest
+import torch
+
+from trust_fast import TrustConfig, TrustUnlearner, methods
+from trust_fast.concepts import parse_concept, user_prompts
+from trust_fast.engine import encode_images
+
+SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def untrained_world():
+    from trust_fast.world.train import build_untrained_pipeline
+
+    return build_untrained_pipeline(0)
+
+
+def fresh(pipe):
+    import copy
+
+    return copy.deepcopy(pipe)
+
+
+def tiny_sd_pipeline():
+    """A randomly initialised StableDiffusionPipeline (UNet with cross-attention, AutoencoderKL,
+    CLIP text encoder, the world's tokenizer) built from configs: no downloads."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from trust_fast.world.tokenizer import write_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        write_tokenizer(d)
+        tok = CLIPTokenizer.from_pretrained(d)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16, scaling_factor=0.18215)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=tok.model_max_length,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.eos_token_id))
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_masked_steps_touch_only_selected_rows_and_nothing_outside_the_targets(untrained_world):
+    pipe = fresh(untrained_world)
+    u = TrustUnlearner(pipe, "red", TrustConfig(hessian="none", **SMALL))
+    target_names = {n for n, _ in pipe.unet.named_parameters() if any(n.startswith(t.name + ".") for t in u.targets)}
+    assert all(p.requires_grad == (n in target_names) for n, p in pipe.unet.named_parameters())
+    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    ever = {t.name: set() for t in u.targets}
+    before = snapshot(pipe.unet)
+    for _ in range(3):
+        prev = snapshot(pipe.unet)
+        s = u.step()
+        assert 0 < s["selected_rows"] < 0.15 * u.total_rows
+        for t, rows in zip(u.targets, u.selected_rows):
+            changed = (t.weight.detach() != prev[t.name + ".weight"]).any(dim=1).nonzero().flatten().tolist()
+            assert set(changed) <= set(rows.tolist()), t.name
+            ever[t.name] |= set(rows.tolist())
+    after = snapshot(pipe.unet)
+    for n in after:
+        if n not in target_names:
+            assert torch.equal(after[n], before[n]), n
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    assert any(not torch.equal(after[n], before[n]) for n in target_names)
+    rep = u.report()
+    assert rep["optimizer_state_bytes"] > 0
+    # compact state: moments only for rows ever selected (2 fp32 moments per element of such a row)
+    width = u.targets[0].weight.shape[1]
+    assert rep["optimizer_state_bytes"] < 2 * 4 * width * sum(len(v) for v in ever.values()) * 2 + 8 * u.total_rows
+
+
+@pytest.mark.parametrize("hessian", ["hvp", "diag"])
+def test_hessian_modes_step_and_penalise(untrained_world, hessian):
+    pipe = fresh(untrained_world)
+    u = TrustUnlearner(pipe, "red+circle", TrustConfig(hessian=hessian, diag_interval=2, lam=10.0, **SMALL))
+    for _ in range(3):
+        s = u.step()
+        assert torch.isfinite(torch.tensor(s["loss_forget"])) and torch.isfinite(torch.tensor(s["loss_retain"]))
+    if hessian == "diag":
+        assert u.hutchinson.count == 2 and u.report()["hessian_bytes"] > 0
+        assert any(d.abs().sum() > 0 for d in u.hutchinson.diags)
+
+
+def test_salun_mask_and_esd_parameters_follow_the_published_recipes(untrained_world):
+    pipe = fresh(untrained_world)
+    u = TrustUnlearner(pipe, "red", methods.config("salun", **SMALL))
+    assert u.trainable_params == sum(p.numel() for p in pipe.unet.parameters())
+    before = snapshot(pipe.unet)
+    u.step()
+    rep = u.report()
+    assert abs(rep["mask_fraction"] - 0.5) < 1e-3
+    names = [n for n, _ in pipe.unet.named_parameters()]
+    for n, p, m in zip(names, u.params, u.mask):
+        moved = p.detach() != before[n]
+        assert not (moved & (m == 0)).any(), n   # only weights inside the static mask move
+    pipe = fresh(untrained_world)
+    e = TrustUnlearner(pipe, "red", methods.config("esd", **SMALL))
+    assert {t.name.rsplit(".attn2.", 1)[1] for t in e.targets} == {"to_q", "to_k", "to_v", "to_out.0"}
+    assert e.config.retain_objective == "none" and e.config.forget_objective == "esd" and e.config.eta == 1.0
+    before = snapshot(pipe.unet)
+    s = e.step()
+    assert s["loss_retain"] is None and s["selected_fraction"] == 1.0
+    moved = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and all(".attn2." in n for n in moved)
+
+
+def test_low_level_api_on_a_batch_you_provide(untrained_world):
+    pipe = fresh(untrained_world)
+    trust = TrustUnlearner(pipe, "red", TrustConfig(hessian="hvp"))
+    from trust_fast.engine import encode_prompts
+
+    cond = encode_prompts(pipe, ["a red circle", "a striped red square"])
+    anchor = encode_prompts(pipe, ["a green circle", "a striped blue square"])
+    retain = encode_prompts(pipe, ["a blue circle", "a yellow triangle"])
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    for step in range(2):
+        t = torch.tensor([100, 700])
+        noisy = pipe.scheduler.add_noise(x0, torch.randn_like(x0), t)
+        stats = trust.update(trust.forget_loss(noisy, t, cond, anchor), trust.retain_loss(noisy, t, retain))
+        assert stats["step"] == step and stats["selected_rows"] > 0
+    assert trust.pools is None  # the low-level path never samples its own data
+
+
+def test_config_validation_names_the_problem(untrained_world):
+    with pytest.raises(ValueError, match="hessian"):
+        TrustConfig(hessian="exact").validate()
+    with pytest.raises(ValueError, match="unknown TrustConfig"):
+        TrustConfig().replace(learning_rate=1.0)
+    with pytest.raises(ValueError, match="retain objective"):
+        TrustConfig(retain_objective="none").validate()
+    with pytest.raises(ValueError, match="unknown method"):
+        methods.config("fmn")
+    with pytest.raises(ValueError, match="prompts"):
+        TrustUnlearner(tiny_sd_pipeline(), "nudity")
+
+
+def test_stable_diffusion_pipeline_with_vae_unlearns_and_round_trips(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe = tiny_sd_pipeline()
+    spec = parse_concept("red", world=False)
+    prompts = user_prompts(spec, ["a red circle", "a red square"], ["a blue circle"], None)
+    assert prompts.anchors == ["a circle", "a square"]
+    u = TrustUnlearner(pipe, spec, TrustConfig(**SMALL), prompts=prompts)
+    assert u.targets and all(".attn2.to_" in t.name for t in u.targets)
+    before = snapshot(pipe.unet)
+    for _ in range(2):
+        s = u.step()
+    assert u.pools["forget"].shape[2:] == (4, 8, 8)  # latents, not pixels
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in pipe.unet.named_parameters())
+    lat = encode_images(pipe, torch.zeros(1, 3, 16, 16))
+    assert lat.shape == (1, 4, 8, 8)
+    u.save(str(tmp_path / "out"))
+    loaded = DiffusionPipeline.from_pretrained(str(tmp_path / "out"))
+    for n, p in loaded.unet.named_parameters():
+        assert torch.equal(p, dict(pipe.unet.named_parameters())[n].detach()), n
+    assert json.load(open(tmp_path / "out" / "model_index.json"))["_class_name"] == "StableDiffusionPipeline"
+    assert s["loss_retain"] is not None
