@@ -58,6 +58,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._rows: dict[Tensor, Tensor] = {}
         self._penalty: dict[Tensor, tuple[Tensor, Tensor]] = {}
         self._lam = 0.0
+        # kernel arguments of the current rows and penalty, rebuilt when either changes
+        self._args: list[tuple[list[tuple], list[tuple]]] = []
+        self._args_stale = True
 
     # ------------------------------------------------------------------ inputs
 
@@ -83,6 +86,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         for p, r in new.items():
             self._ensure_slots(p, r)
         self._rows = new
+        self._args_stale = True
 
     def set_penalty(self, penalty: Mapping[Tensor, tuple[Tensor, Tensor]], lam: float) -> None:
         """Fuse the Hessian-diagonal penalty ``lam * h * (p - p0)`` into the gradient of updated rows.
@@ -108,6 +112,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             )
         self._penalty = new
         self._lam = float(lam)
+        self._args_stale = True
 
     # ------------------------------------------------------------------- state
 
@@ -166,8 +171,23 @@ class MaskedAdamW(torch.optim.Optimizer):
         for sg, g in zip(saved_groups, self.param_groups):
             g.update({k: v for k, v in sg.items() if k != "params"})
         self._rows = {}
+        self._args_stale = True
 
     # -------------------------------------------------------------------- step
+
+    def _step_args(self, group: dict) -> tuple[list[tuple], list[tuple]]:
+        """(params without penalty, params with penalty) of ``group`` to update, as kernel argument tuples."""
+        plain: list[tuple] = []
+        penal: list[tuple] = []
+        for p in group["params"]:
+            rows = self._rows.get(p)
+            if rows is None or rows.numel() == 0:
+                continue
+            st = self.state[p]
+            n = st["num_slots"]
+            item = (p, st["exp_avg"][:n], st["exp_avg_sq"][:n], st["step"][:n], rows, st["slot_of_row"][rows])
+            (penal if (p in self._penalty and self._lam != 0.0) else plain).append(item)
+        return plain, penal
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -176,29 +196,26 @@ class MaskedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            plain: list[tuple] = []
-            penal: list[tuple] = []
-            for p in group["params"]:
-                rows = self._rows.get(p)
-                if rows is None or rows.numel() == 0 or p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
-                st = self.state[p]
-                n = st["num_slots"]
-                item = (p, p.grad, st["exp_avg"][:n], st["exp_avg_sq"][:n], st["step"][:n], rows, st["slot_of_row"][rows])
-                (penal if (p in self._penalty and self._lam != 0.0) else plain).append(item)
+        if self._args_stale:
+            self._args = [self._step_args(g) for g in self.param_groups]
+            self._args_stale = False
+        for group, (plain, penal) in zip(self.param_groups, self._args):
             beta1, beta2 = group["betas"]
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-            if plain:
-                ops.masked_adamw_(*map(list, zip(*plain)), **hyper)
-            if penal:
-                ops.masked_adamw_(
-                    *map(list, zip(*penal)),
-                    **hyper,
-                    hess=[self._penalty[it[0]][0] for it in penal],
-                    ref_params=[self._penalty[it[0]][1] for it in penal],
-                    lam=self._lam,
-                )
+            for items, with_penalty in ((plain, False), (penal, True)):
+                items = [it for it in items if it[0].grad is not None]
+                if not items:
+                    continue
+                if any(it[0].grad.is_sparse for it in items):
+                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
+                params, exp_avgs, exp_avg_sqs, steps, rows, slots = map(list, zip(*items))
+                extra = {}
+                if with_penalty:
+                    extra = dict(
+                        hess=[self._penalty[p][0] for p in params],
+                        ref_params=[self._penalty[p][1] for p in params],
+                        lam=self._lam,
+                    )
+                grads = [p.grad for p in params]
+                ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, **hyper, **extra)
         return loss

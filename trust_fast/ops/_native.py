@@ -31,7 +31,7 @@ def _jit_build() -> None:
     cpp_extension.load(
         name="trust_fast_C_jit",
         sources=sources,
-        extra_cflags=["-O3", "-fopenmp"],
+        extra_cflags=["-O3", "-fno-math-errno", "-fopenmp"],
         extra_cuda_cflags=["-O3", "--use_fast_math"] if cuda else None,
         extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(_CSRC)],

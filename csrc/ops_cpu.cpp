@@ -1,0 +1,260 @@
+// CPU kernels (OpenMP through at::parallel_for) of the trust_fast native ops.
+//
+// Schemas are defined in Python (trust_fast/ops/schema.py); arguments are
+// validated there by the checks shared with every backend.  The TORCH_CHECKs
+// here only guard memory safety for direct callers of the *_native ops.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "cpu_convert.h"
+#include "work_units.h"
+
+// float32, float16 and bfloat16: the storage dtypes the op layer accepts.
+#define TF_DISPATCH_PARAM_TYPES(TYPE, NAME, ...)                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace trust_fast {
+namespace {
+
+inline int64_t rows_of(const at::Tensor& t) { return t.dim() > 0 ? t.size(0) : 1; }
+inline int64_t width_of(const at::Tensor& t) {
+  const int64_t r = rows_of(t);
+  return r > 0 ? t.numel() / r : 0;
+}
+
+// Sum of |x| (or |x*w|) over n elements with float lanes per block and a double
+// total, so long rows keep float32-accurate means.
+template <typename T>
+TF_SIMD_CLONES double abs_sum(const T* x, const T* w, int64_t n) {
+  constexpr int64_t kBlock = 1024;
+  double total = 0.0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = b + kBlock < n ? b + kBlock : n;
+    float acc = 0.f;
+    if (w == nullptr) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = b; i < e; ++i) acc += std::fabs(to_float(x[i]));
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = b; i < e; ++i) acc += std::fabs(to_float(x[i]) * to_float(w[i]));
+    }
+    total += acc;
+  }
+  return total;
+}
+
+at::Tensor row_saliency_cpu(at::TensorList tensors, std::optional<at::TensorList> weights, c10::string_view mode) {
+  const bool gw = mode == "gw";
+  TORCH_CHECK(gw || mode == "g", "mode must be 'g' or 'gw'");
+  TORCH_CHECK(!gw || weights.has_value(), "mode 'gw' needs weights");
+  std::vector<int64_t> rows, widths, offsets;
+  int64_t total = 0;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const auto& g = tensors[t];
+    TORCH_CHECK(g.is_contiguous() && g.device().is_cpu(), "tensors[", t, "] must be a contiguous CPU tensor");
+    if (gw) {
+      const auto& w = (*weights)[t];
+      TORCH_CHECK(w.is_contiguous() && w.sizes() == g.sizes() && w.scalar_type() == g.scalar_type(),
+                  "weights[", t, "] must be contiguous with the shape and dtype of tensors[", t, "]");
+    }
+    rows.push_back(rows_of(g));
+    widths.push_back(width_of(g));
+    offsets.push_back(total);
+    total += rows.back();
+  }
+  at::Tensor out = at::empty({total}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const auto units = split_work(rows, widths);
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t ub, int64_t ue) {
+    for (int64_t u = ub; u < ue; ++u) {
+      const WorkUnit& wu = units[u];
+      const auto& g = tensors[wu.tensor];
+      const int64_t c = widths[wu.tensor];
+      TF_DISPATCH_PARAM_TYPES(g.scalar_type(), "row_saliency_cpu", [&] {
+        const scalar_t* gp = g.const_data_ptr<scalar_t>();
+        const scalar_t* wp = gw ? (*weights)[wu.tensor].const_data_ptr<scalar_t>() : nullptr;
+        for (int64_t r = wu.begin; r < wu.end; ++r) {
+          const double s = c > 0 ? abs_sum(gp + r * c, wp ? wp + r * c : nullptr, c) / static_cast<double>(c) : 0.0;
+          o[offsets[wu.tensor] + r] = static_cast<float>(s);
+        }
+      });
+    }
+  });
+  return out;
+}
+
+inline int64_t index_at(const at::Tensor& idx, int64_t k) {
+  return idx.scalar_type() == at::kInt ? static_cast<int64_t>(idx.const_data_ptr<int32_t>()[k])
+                                       : idx.const_data_ptr<int64_t>()[k];
+}
+
+struct AdamHyper {
+  float lr, beta1, beta2, eps, weight_decay, lam;
+};
+
+enum Penalty { kNoPenalty = 0, kPerRowPenalty = 1, kPerElementPenalty = 2 };
+
+// One AdamW row update in float32, in torch.optim.AdamW's operation order.
+// The penalty kind is a template argument so the loop has no branches and
+// vectorises.
+template <typename T, int kPenalty>
+TF_SIMD_CLONES void adamw_row(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+               const float* __restrict__ h, const T* __restrict__ p0, int64_t c, float step_size, float bc2_sqrt,
+               const AdamHyper& hp) {
+  const float decay = 1.f - hp.lr * hp.weight_decay;
+  const float one_m_b1 = 1.f - hp.beta1;
+  const float one_m_b2 = 1.f - hp.beta2;
+  const float beta2 = hp.beta2, eps = hp.eps, lam = hp.lam;
+  const float h_row = kPenalty == kPerRowPenalty ? h[0] : 0.f;
+#pragma omp simd
+  for (int64_t i = 0; i < c; ++i) {
+    const float x = to_float(p[i]);
+    float gi = to_float(g[i]);
+    if constexpr (kPenalty == kPerRowPenalty) gi += lam * h_row * (x - to_float(p0[i]));
+    if constexpr (kPenalty == kPerElementPenalty) gi += lam * h[i] * (x - to_float(p0[i]));
+    const float mi = m[i] + one_m_b1 * (gi - m[i]);
+    const float vi = beta2 * v[i] + one_m_b2 * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    const float denom = std::sqrt(vi) / bc2_sqrt + eps;
+    p[i] = from_float<T>(x * decay - step_size * mi / denom);
+  }
+}
+
+template <typename T>
+void adamw_row_any(T* p, const T* g, float* m, float* v, const float* h, bool h_per_row, const T* p0, int64_t c,
+                   float step_size, float bc2_sqrt, const AdamHyper& hp) {
+  if (h == nullptr) {
+    adamw_row<T, kNoPenalty>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp);
+  } else if (h_per_row) {
+    adamw_row<T, kPerRowPenalty>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp);
+  } else {
+    adamw_row<T, kPerElementPenalty>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp);
+  }
+}
+
+void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList rows, at::TensorList slots,
+                      double lr, double beta1, double beta2, double eps, double weight_decay,
+                      std::optional<at::TensorList> hess, std::optional<at::TensorList> ref_params, double lam) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n &&
+                  rows.size() == n && slots.size() == n,
+              "all tensor lists must have the length of params");
+  TORCH_CHECK(hess.has_value() == ref_params.has_value(), "hess and ref_params go together");
+  std::vector<int64_t> counts, widths;
+  for (size_t t = 0; t < n; ++t) {
+    const int64_t c = width_of(params[t]);
+    TORCH_CHECK(params[t].is_contiguous() && grads[t].is_contiguous() && grads[t].numel() == params[t].numel(),
+                "params[", t, "] and grads[", t, "] must be contiguous and of equal size");
+    TORCH_CHECK(exp_avgs[t].is_contiguous() && exp_avg_sqs[t].is_contiguous() && exp_avgs[t].scalar_type() == at::kFloat &&
+                    exp_avg_sqs[t].scalar_type() == at::kFloat && steps[t].scalar_type() == at::kFloat,
+                "state of params[", t, "] must be contiguous float32");
+    TORCH_CHECK(rows[t].numel() == slots[t].numel(), "rows[", t, "] and slots[", t, "] differ in length");
+    counts.push_back(rows[t].numel());
+    widths.push_back(c);
+  }
+  const AdamHyper hp{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
+                     static_cast<float>(eps), static_cast<float>(weight_decay), static_cast<float>(lam)};
+  const auto units = split_work(counts, widths);
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t ub, int64_t ue) {
+    for (int64_t u = ub; u < ue; ++u) {
+      const WorkUnit& wu = units[u];
+      const int64_t t = wu.tensor;
+      const int64_t c = widths[t];
+      const at::Tensor& p = params[t];
+      float* m = exp_avgs[t].data_ptr<float>();
+      float* v = exp_avg_sqs[t].data_ptr<float>();
+      float* st = steps[t].data_ptr<float>();
+      const float* h = hess ? (*hess)[t].const_data_ptr<float>() : nullptr;
+      const bool h_per_row = hess && (*hess)[t].numel() != p.numel();
+      TF_DISPATCH_PARAM_TYPES(p.scalar_type(), "masked_adamw_cpu", [&] {
+        scalar_t* pp = p.data_ptr<scalar_t>();
+        const scalar_t* gp = grads[t].const_data_ptr<scalar_t>();
+        const scalar_t* p0 = ref_params ? (*ref_params)[t].const_data_ptr<scalar_t>() : nullptr;
+        for (int64_t k = wu.begin; k < wu.end; ++k) {
+          const int64_t r = index_at(rows[t], k);
+          const int64_t s = index_at(slots[t], k);
+          const float step = st[s] + 1.f;
+          st[s] = step;
+          const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+          const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+          adamw_row_any<scalar_t>(pp + r * c, gp + r * c, m + s * c, v + s * c,
+                                  h ? (h_per_row ? h + r : h + r * c) : nullptr, h_per_row, p0 ? p0 + r * c : nullptr, c,
+                              static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)), hp);
+        }
+      });
+    }
+  });
+}
+
+template <typename T>
+TF_SIMD_CLONES void running_mean_row(float* d, const T* z, const T* hz, int64_t c, float n_seen) {
+#pragma omp simd
+  for (int64_t i = 0; i < c; ++i) {
+    const float est = to_float(z[i]) * to_float(hz[i]);
+    d[i] = d[i] + (est - d[i]) / n_seen;
+  }
+}
+
+void hutchinson_diag_cpu(at::TensorList diags, at::TensorList hz, at::TensorList z,
+                         std::optional<at::TensorList> rows, int64_t count) {
+  const size_t n = diags.size();
+  TORCH_CHECK(hz.size() == n && z.size() == n && (!rows || rows->size() == n), "all tensor lists must have the length of diags");
+  std::vector<int64_t> items, widths;
+  for (size_t t = 0; t < n; ++t) {
+    TORCH_CHECK(diags[t].is_contiguous() && diags[t].scalar_type() == at::kFloat, "diags[", t, "] must be contiguous float32");
+    TORCH_CHECK(hz[t].is_contiguous() && z[t].is_contiguous() && z[t].scalar_type() == hz[t].scalar_type() &&
+                    z[t].numel() == hz[t].numel(),
+                "hz[", t, "] and z[", t, "] must be contiguous with equal dtype and size");
+    items.push_back(rows ? (*rows)[t].numel() : rows_of(hz[t]));
+    widths.push_back(width_of(hz[t]));
+  }
+  const float n_seen = static_cast<float>(count + 1);
+  const auto units = split_work(items, widths);
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t ub, int64_t ue) {
+    for (int64_t u = ub; u < ue; ++u) {
+      const WorkUnit& wu = units[u];
+      const int64_t t = wu.tensor;
+      const int64_t c = widths[t];
+      float* d = diags[t].data_ptr<float>();
+      const bool per_row = diags[t].sizes() != hz[t].sizes();
+      TF_DISPATCH_PARAM_TYPES(hz[t].scalar_type(), "hutchinson_diag_cpu", [&] {
+        const scalar_t* hp = hz[t].const_data_ptr<scalar_t>();
+        const scalar_t* zp = z[t].const_data_ptr<scalar_t>();
+        for (int64_t k = wu.begin; k < wu.end; ++k) {
+          const int64_t r = rows ? index_at((*rows)[t], k) : k;
+          const scalar_t* hr = hp + r * c;
+          const scalar_t* zr = zp + r * c;
+          if (per_row) {
+            double acc = 0.0;
+            for (int64_t i = 0; i < c; ++i) acc += static_cast<double>(to_float(zr[i]) * to_float(hr[i]));
+            const float est = static_cast<float>(acc / static_cast<double>(c));
+            d[r] = d[r] + (est - d[r]) / n_seen;
+          } else {
+            running_mean_row(d + r * c, zr, hr, c, n_seen);
+          }
+        }
+      });
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(trust_fast, CPU, m) {
+  m.impl("row_saliency_native", &row_saliency_cpu);
+  m.impl("masked_adamw_native_", &masked_adamw_cpu);
+  m.impl("hutchinson_diag_native_", &hutchinson_diag_cpu);
+}
+
+}  // namespace trust_fast
