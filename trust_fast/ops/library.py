@@ -120,11 +120,36 @@ def _probe_native(dispatch_key: str, device_type: str, want: str) -> str | None:
     return None
 
 
-def _probe_triton(device_type: str) -> str | None:
+def _import_kernels():
+    """``trust_fast.kernels``; from the source tree's kernels/ when the package is not installed."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
     try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
+        return importlib.import_module("trust_fast.kernels")
+    except ModuleNotFoundError as exc:
+        if exc.name != "trust_fast.kernels":
+            raise
+    src = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
+    if not src.is_file():
+        raise ModuleNotFoundError("trust_fast.kernels is not installed and no kernels/ source tree was found")
+    spec = importlib.util.spec_from_file_location("trust_fast.kernels", src, submodule_search_locations=[str(src.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["trust_fast.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["trust_fast.kernels"]
+        raise
+    return module
+
+
+def _probe_triton(device_type: str) -> str | None:
+    kernels = _import_kernels()
+    if kernels.TRITON_ERROR is not None:
+        return kernels.TRITON_ERROR
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device"
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -136,9 +161,7 @@ class _LazyTriton(dict):
     """Triton kernels, imported on first use so that importing trust_fast never imports triton."""
 
     def get(self, op, default=None):
-        from trust_fast.kernels import KERNELS
-
-        return KERNELS.get(op, default)
+        return _import_kernels().KERNELS.get(op, default)
 
 
 register_backend(
