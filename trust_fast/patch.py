@@ -1,0 +1,125 @@
+"""Sparse unlearning patches: only the weight rows an unlearning run changed, plus a fingerprint
+of the base weights, so many unlearned variants of one base model cost kilobytes each.
+
+A patch is a safetensors file. For every changed tensor `name` (e.g. "unet.down_blocks...weight")
+it holds `name::rows` (int64 row indices) and `name::values` (those rows, the tensor's dtype);
+1-D tensors count elements as rows. Its metadata holds the format version and the base fingerprint.
+Applying a patch to the base it was made from rebuilds the unlearned weights bit for bit.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+FORMAT = "trust_fast.patch/1"
+
+
+def _modules(pipe) -> dict[str, torch.nn.Module]:
+    return {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+
+
+def named_tensors(pipe) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the pipeline's torch components, as "component.name"."""
+    out = {}
+    for comp, mod in sorted(_modules(pipe).items()):
+        for name, t in mod.state_dict().items():
+            out[f"{comp}.{name}"] = t
+    return out
+
+
+def fingerprint(pipe) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of every tensor of the pipeline."""
+    h = hashlib.sha256()
+    for name, t in sorted(named_tensors(pipe).items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def diff_rows(base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows (dim 0; elements for 1-D) where `new` differs from `base` bitwise."""
+    if base.shape != new.shape or base.dtype != new.dtype:
+        raise ValueError(f"tensor shapes/dtypes differ: {tuple(base.shape)} {base.dtype} vs {tuple(new.shape)} {new.dtype}")
+    a = base.detach().cpu().contiguous().view(torch.uint8).reshape(base.shape[0], -1) if base.dim() else None
+    b = new.detach().cpu().contiguous().view(torch.uint8).reshape(new.shape[0], -1) if new.dim() else None
+    if a is None:
+        return torch.zeros(0, dtype=torch.int64) if torch.equal(base, new) else torch.zeros(1, dtype=torch.int64)
+    return (a != b).any(1).nonzero().flatten()
+
+
+def make_patch(base_pipe, unlearned_pipe) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the patch turning `base_pipe`'s weights into `unlearned_pipe`'s."""
+    base, new = named_tensors(base_pipe), named_tensors(unlearned_pipe)
+    if set(base) != set(new):
+        extra = sorted(set(base) ^ set(new))[:3]
+        raise ValueError(f"the unlearned model's tensors do not match the base's (e.g. {extra}): not derived from it")
+    tensors: dict[str, torch.Tensor] = {}
+    changed_rows = total_rows = 0
+    for name in sorted(base):
+        rows = diff_rows(base[name], new[name])
+        total_rows += base[name].shape[0] if base[name].dim() else 1
+        if rows.numel():
+            changed_rows += rows.numel()
+            tensors[f"{name}::rows"] = rows
+            src = new[name].detach().cpu()
+            tensors[f"{name}::values"] = (src.reshape(src.shape[0], -1)[rows] if src.dim() else src.reshape(1)).contiguous()
+    meta = {"format": FORMAT, "base_fingerprint": fingerprint(base_pipe), "changed_rows": str(changed_rows),
+            "total_rows": str(total_rows), "tensors": json.dumps(sorted({k.rsplit('::', 1)[0] for k in tensors}))}
+    return tensors, meta
+
+
+def export_patch(base_pipe, unlearned_pipe, path: str) -> dict:
+    """Write the patch file atomically; return its statistics (bytes, rows, fraction of the UNet)."""
+    import os
+
+    from .io import save_file_atomic
+
+    tensors, meta = make_patch(base_pipe, unlearned_pipe)
+    save_file_atomic(tensors, path, metadata=meta)
+    unet_bytes = sum(t.numel() * t.element_size() for t in unlearned_pipe.unet.state_dict().values())
+    size = os.path.getsize(path)
+    return {"patch_bytes": size, "unet_bytes": unet_bytes, "fraction_of_unet": size / unet_bytes,
+            "changed_rows": int(meta["changed_rows"]), "total_rows": int(meta["total_rows"]),
+            "changed_tensors": len(json.loads(meta["tensors"]))}
+
+
+def read_patch(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise ValueError(f"patch file {path!r} does not exist") from None
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"patch file {path!r} is not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a trust_fast patch (format {meta.get('format')!r}, expected {FORMAT!r})")
+    return tensors, meta
+
+
+@torch.no_grad()
+def apply_patch(pipe, path: str):
+    """Apply a patch in place to `pipe` (its base model) and return it. Refuses a pipeline whose
+    weights' fingerprint differs from the base the patch was made from; nothing is changed then."""
+    tensors, meta = read_patch(path)
+    have = fingerprint(pipe)
+    if have != meta["base_fingerprint"]:
+        raise ValueError(f"patch {path!r} was made for another base model (base fingerprint "
+                         f"{meta['base_fingerprint'][:12]}..., this model {have[:12]}...)")
+    current = named_tensors(pipe)
+    names = json.loads(meta["tensors"])
+    missing = [n for n in names if n not in current]
+    if missing:
+        raise ValueError(f"patch {path!r} names tensors this model lacks: {missing[:3]}")
+    for name in names:
+        t = current[name]
+        rows, values = tensors[f"{name}::rows"], tensors[f"{name}::values"]
+        if t.dim() == 0:
+            t.copy_(values.reshape(()))
+        else:
+            t.view(t.shape[0], -1).index_copy_(0, rows.to(t.device), values.to(t.device, t.dtype))
+    return pipe
