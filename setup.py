@@ -39,7 +39,9 @@ def build_extensions() -> tuple[list, dict]:
     cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
     if with_cuda:
-        sources += sorted(os.path.relpath(s, HERE) for s in glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+        cuda_dir = os.path.join(csrc, "cuda")
+        for pattern in ("*.cu", "*.cpp"):
+            sources += sorted(os.path.relpath(s, HERE) for s in glob.glob(os.path.join(cuda_dir, pattern)))
         ext = cpp_extension.CUDAExtension(
             "trust_fast._C",
             sources,

@@ -27,7 +27,7 @@ def _jit_build() -> None:
     sources = sorted(str(p) for p in _CSRC.glob("*.cpp"))
     cuda = bool(torch.version.cuda) and torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
     if cuda:
-        sources += sorted(str(p) for p in (_CSRC / "cuda").glob("*.cu"))
+        sources += sorted(str(p) for p in (_CSRC / "cuda").glob("*.cu")) + sorted(str(p) for p in (_CSRC / "cuda").glob("*.cpp"))
     cpp_extension.load(
         name="trust_fast_C_jit",
         sources=sources,
