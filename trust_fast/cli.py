@@ -175,7 +175,8 @@ def cmd_demo(args) -> int:
     spec = parse_concept(args.concept)
     pipe = load_pipeline("shapes")
     print(f"unlearning {str(spec)!r} from the built-in shapes model with TRUST (CPU: a few minutes)")
-    unlearner, report, (before, after) = _unlearn(pipe, spec, config("trust", seed=args.seed), images=True,
+    overrides = {"seed": args.seed, **({"steps": args.steps} if args.steps is not None else {})}
+    unlearner, report, (before, after) = _unlearn(pipe, spec, config("trust", **overrides), images=True,
                                                   n_per_prompt=args.n_per_prompt)
     os.makedirs(args.out, exist_ok=True)
     rows = [("before", {"ua": report["ua_before"], "retain_acc": report["retain_before"],
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="unlearn a color from the built-in model and show before/after (a few minutes)")
     p.add_argument("--concept", default="red")
+    p.add_argument("--steps", type=int, default=None, help="unlearning steps (default: TRUST's)")
     p.add_argument("--n-per-prompt", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="trust_fast_demo", help="output directory (default %(default)s)")

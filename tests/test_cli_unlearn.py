@@ -1,0 +1,62 @@
+"""`trust-fast unlearn` and `trust-fast demo`: outputs, report keys, refusals, a non-world pipeline."""
+import json
+import os
+
+import pytest
+
+from trust_fast.cli import main
+
+REPORT_KEYS = ("concept", "method", "steps", "seconds", "trainable_params", "mean_selected_rows", "ua_before",
+               "ua_after", "retain_before", "retain_after", "optimizer_state_bytes", "history")
+
+
+def test_unlearn_writes_a_loadable_pipeline_and_report(tmp_path, capsys):
+    out = tmp_path / "esd-red"
+    assert main(["unlearn", "--concept", "red", "--method", "esd", "--steps", "2", "--n-per-prompt", "1",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in REPORT_KEYS:
+        assert key in report, key
+    assert report["method"] == "esd" and report["steps"] == 2 and len(report["history"]) == 2
+    assert 0.0 <= report["ua_after"] <= 1.0 and report["trainable_params"] > 0
+    assert "ua_before" in capsys.readouterr().out
+    assert main(["generate", "--model", str(out), "--prompt", "a red circle", "--n", "2", "--steps", "5",
+                 "--out", str(tmp_path / "gen")]) == 0
+
+
+def test_unlearn_refuses_to_overwrite_the_model(tmp_path, capsys):
+    from trust_fast.world import model_path
+
+    assert main(["unlearn", "--concept", "red", "--out", model_path("shapes")]) == 2
+    assert "model directory itself" in capsys.readouterr().err
+    assert main(["unlearn", "--concept", "purple", "--out", str(tmp_path / "x")]) == 2
+    assert main(["unlearn", "--concept", "red", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_unlearn_a_stable_diffusion_directory_from_prompt_files(tmp_path, capsys):
+    from test_engine import tiny_sd_pipeline
+
+    model = tmp_path / "sd"
+    tiny_sd_pipeline().save_pretrained(model)
+    assert main(["unlearn", "--model", str(model), "--concept", "red", "--out", str(tmp_path / "o")]) == 2
+    assert "--forget-prompts" in capsys.readouterr().err
+    (tmp_path / "forget.txt").write_text("a red circle\na red square\n")
+    (tmp_path / "retain.txt").write_text("a blue circle\n")
+    assert main(["unlearn", "--model", str(model), "--concept", "red", "--steps", "2", "--hessian", "hvp",
+                 "--forget-prompts", str(tmp_path / "forget.txt"), "--retain-prompts", str(tmp_path / "retain.txt"),
+                 "--out", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["steps"] == 2 and report["config"]["hessian"] == "hvp" and "ua_before" not in report
+    assert json.loads((tmp_path / "o" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+@pytest.mark.slow
+def test_demo_writes_before_after_grids(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "1", "--n-per-prompt", "1", "--out", str(out)]) == 0
+    for name in ("forget_before.png", "forget_after.png", "retain_before.png", "retain_after.png", "report.json"):
+        assert (out / name).is_file(), name
+    assert (out / "model" / "model_index.json").is_file()
+    text = capsys.readouterr().out
+    assert "before" in text and "after" in text and "retain_acc" in text
