@@ -198,11 +198,11 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 }
 
 template <typename T>
-TF_SIMD_CLONES void running_mean_row(float* d, const T* z, const T* hz, int64_t c, float n_seen) {
+TF_SIMD_CLONES void running_mean_row(float* d, const T* z, const T* hz, int64_t c, float keep, float n_seen) {
 #pragma omp simd
   for (int64_t i = 0; i < c; ++i) {
     const float est = to_float(z[i]) * to_float(hz[i]);
-    d[i] = d[i] + (est - d[i]) / n_seen;
+    d[i] = d[i] * keep + est / n_seen;
   }
 }
 
@@ -220,6 +220,7 @@ void hutchinson_diag_cpu(at::TensorList diags, at::TensorList hz, at::TensorList
     widths.push_back(width_of(hz[t]));
   }
   const float n_seen = static_cast<float>(count + 1);
+  const float keep = static_cast<float>(static_cast<double>(count) / static_cast<double>(count + 1));
   const auto units = split_work(items, widths);
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t ub, int64_t ue) {
     for (int64_t u = ub; u < ue; ++u) {
@@ -239,9 +240,9 @@ void hutchinson_diag_cpu(at::TensorList diags, at::TensorList hz, at::TensorList
             double acc = 0.0;
             for (int64_t i = 0; i < c; ++i) acc += static_cast<double>(to_float(zr[i]) * to_float(hr[i]));
             const float est = static_cast<float>(acc / static_cast<double>(c));
-            d[r] = d[r] + (est - d[r]) / n_seen;
+            d[r] = d[r] * keep + est / n_seen;
           } else {
-            running_mean_row(d + r * c, zr, hr, c, n_seen);
+            running_mean_row(d + r * c, zr, hr, c, keep, n_seen);
           }
         }
       });

@@ -31,6 +31,23 @@ def _pow_f64(base, n):
 
 
 @triton.jit
+def _to_storage(x, dtype: tl.constexpr):
+    """float32 -> storage dtype, round to nearest even.
+
+    bfloat16 is rounded with integer ops because Triton's interpreter truncates
+    in its own conversion; on a GPU this equals cvt.rn.bf16.f32 (NaN kept).
+    """
+    if dtype == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
+        nan = ((u >> 16) | 0x40).to(tl.uint16)
+        bits = tl.where(x != x, nan, rounded)
+        return bits.to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _masked_adamw_kernel(
     p_base, g_base, m_base, v_base, s_base, h_base, p0_base,
     rows_ptr, slots_ptr, table_ptr, hyper_ptr, n_tensors,
@@ -91,7 +108,7 @@ def _masked_adamw_kernel(
         tl.store(v_row + cols, v, mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         x = x * decay - tl.div_rn(step_size * m, denom)
-        tl.store(p_row + cols, x.to(p_base.dtype.element_ty), mask=mask)
+        tl.store(p_row + cols, _to_storage(x, p_base.dtype.element_ty), mask=mask)
 
 
 def masked_adamw_(

@@ -214,6 +214,7 @@ void hutchinson_diag_cuda(at::TensorList diags, at::TensorList hz, at::TensorLis
     const auto chunks = make_chunks(items, widths);
     const auto up = upload(desc, chunks, diags[0].device());
     check_launch(trust_fast_cuda::launch_hutchinson_diag(dt, up.desc, up.chunks, static_cast<int64_t>(chunks.size()),
+                                                         static_cast<float>(static_cast<double>(count) / (count + 1)),
                                                          static_cast<float>(count + 1), stream),
                  "hutchinson_diag");
   }

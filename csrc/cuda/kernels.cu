@@ -195,7 +195,8 @@ __global__ void __launch_bounds__(kThreads) masked_adamw_kernel(const AdamTensor
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) hutchinson_kernel(const HutchTensor* __restrict__ tensors,
-                                                              const RowChunk* __restrict__ chunks, float n_seen) {
+                                                              const RowChunk* __restrict__ chunks, float keep,
+                                                              float n_seen) {
   const RowChunk chunk = chunks[blockIdx.x];
   const HutchTensor t = tensors[chunk.tensor];
   const int lane = threadIdx.x % kWarp;
@@ -210,13 +211,13 @@ __global__ void __launch_bounds__(kThreads) hutchinson_kernel(const HutchTensor*
       acc = warp_sum(acc);
       if (lane == 0) {
         const float est = acc / static_cast<float>(t.width);
-        t.d[r] = t.d[r] + __fdiv_rn(est - t.d[r], n_seen);
+        t.d[r] = t.d[r] * keep + __fdiv_rn(est, n_seen);
       }
     } else {
       float* d = t.d + r * t.width;
       for (int64_t i = lane; i < t.width; i += kWarp) {
         const float est = to_f32(z[i]) * to_f32(hz[i]);
-        d[i] = d[i] + __fdiv_rn(est - d[i], n_seen);
+        d[i] = d[i] * keep + __fdiv_rn(est, n_seen);
       }
     }
   }
@@ -248,9 +249,9 @@ cudaError_t adam_launch(int penalty, const AdamTensor* tensors, const RowChunk* 
 }
 
 template <typename T>
-cudaError_t hutch_launch(const HutchTensor* tensors, const RowChunk* chunks, int64_t n_chunks, float n_seen,
-                         cudaStream_t stream) {
-  hutchinson_kernel<T><<<static_cast<unsigned>(n_chunks), kThreads, 0, stream>>>(tensors, chunks, n_seen);
+cudaError_t hutch_launch(const HutchTensor* tensors, const RowChunk* chunks, int64_t n_chunks, float keep,
+                         float n_seen, cudaStream_t stream) {
+  hutchinson_kernel<T><<<static_cast<unsigned>(n_chunks), kThreads, 0, stream>>>(tensors, chunks, keep, n_seen);
   return cudaGetLastError();
 }
 
@@ -279,12 +280,12 @@ cudaError_t launch_masked_adamw(DType dtype, int penalty, const AdamTensor* tens
 }
 
 cudaError_t launch_hutchinson_diag(DType dtype, const HutchTensor* tensors, const RowChunk* chunks, int64_t n_chunks,
-                                   float n_seen, cudaStream_t stream) {
+                                   float keep, float n_seen, cudaStream_t stream) {
   if (n_chunks == 0) return cudaSuccess;
   switch (dtype) {
-    case kFloat32: return hutch_launch<float>(tensors, chunks, n_chunks, n_seen, stream);
-    case kFloat16: return hutch_launch<__half>(tensors, chunks, n_chunks, n_seen, stream);
-    case kBFloat16: return hutch_launch<__nv_bfloat16>(tensors, chunks, n_chunks, n_seen, stream);
+    case kFloat32: return hutch_launch<float>(tensors, chunks, n_chunks, keep, n_seen, stream);
+    case kFloat16: return hutch_launch<__half>(tensors, chunks, n_chunks, keep, n_seen, stream);
+    case kBFloat16: return hutch_launch<__nv_bfloat16>(tensors, chunks, n_chunks, keep, n_seen, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -72,7 +72,8 @@ cudaError_t launch_row_saliency(DType dtype, bool use_w, const SaliencyTensor* t
 cudaError_t launch_masked_adamw(DType dtype, int penalty, const AdamTensor* tensors, const RowChunk* chunks,
                                 int64_t n_chunks, AdamHyper hyper, cudaStream_t stream);
 
+// d <- d * keep + z*hz / n_seen, with keep = count / (count + 1), n_seen = count + 1.
 cudaError_t launch_hutchinson_diag(DType dtype, const HutchTensor* tensors, const RowChunk* chunks, int64_t n_chunks,
-                                   float n_seen, cudaStream_t stream);
+                                   float keep, float n_seen, cudaStream_t stream);
 
 }  // namespace trust_fast_cuda

@@ -385,7 +385,7 @@ def masked_adamw_(
 def hutchinson_diag_(
     diags: Sequence[Tensor], hz: Sequence[Tensor], z: Sequence[Tensor], rows: Sequence[Tensor] | None, count: int
 ) -> None:
-    """Running mean ``diag += (z*Hz - diag) / (count + 1)`` on the given rows (all rows when None).
+    """Running mean ``diag <- diag * count/(count+1) + z*Hz / (count+1)`` on the given rows (all when None).
 
     A per-row diag (shape (rows,)) takes the row mean of z*Hz.
     """
@@ -401,4 +401,4 @@ def hutchinson_diag_(
         if sel.numel() == 0:
             continue
         cur = d2[sel]
-        d2[sel] = cur + (est[sel] - cur) / (count + 1)
+        d2[sel] = cur * (count / (count + 1)) + est[sel] / (count + 1)
