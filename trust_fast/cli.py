@@ -196,6 +196,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export_patch(args) -> int:
+    from .patch import export_patch
+    from .world import load_pipeline
+
+    stats = export_patch(load_pipeline(args.base, "cpu"), load_pipeline(args.unlearned, "cpu"), args.out)
+    print(f"wrote {args.out}: {stats['changed_rows']} changed rows in {stats['changed_tensors']} tensors, "
+          f"{stats['patch_bytes']} bytes = {100 * stats['fraction_of_unet']:.3f}% of the UNet ({stats['unet_bytes']} bytes)")
+    return 0
+
+
+def cmd_apply_patch(args) -> int:
+    from .io import save_pipeline_atomic
+    from .patch import apply_patch
+    from .world import load_pipeline, model_path
+
+    if _same_dir(args.out, model_path(args.base)):
+        raise UserError(f"--out {args.out!r} is the base model directory itself; choose another output directory")
+    pipe = apply_patch(load_pipeline(args.base, "cpu"), args.patch)
+    save_pipeline_atomic(pipe, args.out)
+    print(f"wrote the patched pipeline to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trust-fast", description="TRUST concept unlearning for diffusion models")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -263,7 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="trust_fast_demo", help="output directory (default %(default)s)")
     p.set_defaults(fn=cmd_demo)
+    _add_patch_commands(sub)
     return ap
+
+
+def _add_patch_commands(sub) -> None:
+    p = sub.add_parser("export-patch", help="store only the rows an unlearning run changed (+ base fingerprint)")
+    p.add_argument("--base", default="shapes", help="the model that was unlearned")
+    p.add_argument("--unlearned", required=True, help="the unlearned pipeline directory")
+    p.add_argument("--out", required=True, help="patch file (.safetensors)")
+    p.set_defaults(fn=cmd_export_patch)
+    p = sub.add_parser("apply-patch", help="rebuild an unlearned pipeline from its base and a patch, bit for bit")
+    p.add_argument("--base", default="shapes")
+    p.add_argument("--patch", required=True)
+    p.add_argument("--out", required=True, help="output pipeline directory")
+    p.set_defaults(fn=cmd_apply_patch)
 
 
 def main(argv: list[str] | None = None) -> int:
