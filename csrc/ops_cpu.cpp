@@ -97,8 +97,10 @@ inline int64_t index_at(const at::Tensor& idx, int64_t k) {
                                        : idx.const_data_ptr<int64_t>()[k];
 }
 
+// Scalars rounded to float32 once, from double like torch.optim.AdamW does
+// (1 - beta computed in double: 1 - float(0.9) is not float(0.1)).
 struct AdamHyper {
-  float lr, beta1, beta2, eps, weight_decay, lam;
+  float decay, one_m_b1, beta2, one_m_b2, eps, lam;
 };
 
 enum Penalty { kNoPenalty = 0, kPerRowPenalty = 1, kPerElementPenalty = 2 };
@@ -110,9 +112,7 @@ template <typename T, int kPenalty>
 TF_SIMD_CLONES void adamw_row(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
                const float* __restrict__ h, const T* __restrict__ p0, int64_t c, float step_size, float bc2_sqrt,
                const AdamHyper& hp) {
-  const float decay = 1.f - hp.lr * hp.weight_decay;
-  const float one_m_b1 = 1.f - hp.beta1;
-  const float one_m_b2 = 1.f - hp.beta2;
+  const float decay = hp.decay, one_m_b1 = hp.one_m_b1, one_m_b2 = hp.one_m_b2;
   const float beta2 = hp.beta2, eps = hp.eps, lam = hp.lam;
   const float h_row = kPenalty == kPerRowPenalty ? h[0] : 0.f;
 #pragma omp simd
@@ -163,8 +163,9 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     counts.push_back(rows[t].numel());
     widths.push_back(c);
   }
-  const AdamHyper hp{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
-                     static_cast<float>(eps), static_cast<float>(weight_decay), static_cast<float>(lam)};
+  const AdamHyper hp{static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(1.0 - beta1),
+                     static_cast<float>(beta2), static_cast<float>(1.0 - beta2), static_cast<float>(eps),
+                     static_cast<float>(lam)};
   const auto units = split_work(counts, widths);
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t ub, int64_t ue) {
     for (int64_t u = ub; u < ue; ++u) {

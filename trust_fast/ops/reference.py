@@ -334,7 +334,8 @@ def select_rows(
     idx = keep.nonzero().squeeze(1)
     per = torch.bincount(seg[idx], minlength=n_t).tolist()
     local = idx - starts[seg[idx]]
-    return list(torch.split(local, per))
+    # separate storage per output: ops must not return tensors that alias each other
+    return [part.clone() for part in torch.split(local, per)]
 
 
 def masked_adamw_(

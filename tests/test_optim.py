@@ -1,0 +1,210 @@
+"""MaskedAdamW against torch.optim.AdamW, row by row, on every CPU backend."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+import trust_fast.ops as ops
+from trust_fast.optim import MaskedAdamW
+
+HP = dict(lr=0.05, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1)
+ROW_SETS = [[0, 2], [2, 3, 6], [], [0, 6], [1], [0, 1, 2, 3, 4, 5, 6], [5, 2]]
+
+
+@pytest.fixture(params=["reference", "cpp", "triton"])
+def backend(request):
+    if request.param == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1 (this run has a GPU)")
+    assert request.param in ops.available_backends("cpu")
+    with ops.use_backend(request.param):
+        yield request.param
+
+
+def _layer(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Parameter(torch.randn(7, 3, 2, 2, generator=gen).to(dtype))
+    bias = torch.nn.Parameter(torch.randn(7, generator=gen).to(dtype))
+    return conv, bias
+
+
+def test_matches_per_row_adamw_over_changing_row_sets(backend):
+    """Each row equals a separate torch AdamW over that row alone, stepped only when selected."""
+    w, b = _layer()
+    opt = MaskedAdamW([w, b], **HP)
+    per_row = {}
+    for r in range(7):
+        rw = torch.nn.Parameter(w.detach()[r].clone())
+        rb = torch.nn.Parameter(b.detach()[r : r + 1].clone())
+        per_row[r] = (rw, rb, torch.optim.AdamW([rw, rb], **HP))
+    gen = torch.Generator().manual_seed(1)
+    untouched_w = w.detach().clone()
+    for rows in ROW_SETS:
+        w.grad = torch.randn(w.shape, generator=gen)
+        b.grad = torch.randn(b.shape, generator=gen)
+        before = w.detach().clone()
+        idx = torch.tensor(rows, dtype=torch.int64)
+        opt.set_rows({w: idx, b: idx})
+        opt.step()
+        others = [r for r in range(7) if r not in rows]
+        assert torch.equal(w.detach()[others], before[others]), "unselected rows must be bit-identical"
+        for r in rows:
+            rw, rb, o = per_row[r]
+            rw.grad = w.grad[r].clone()
+            rb.grad = b.grad[r : r + 1].clone()
+            o.step()
+    for r in range(7):
+        rw, rb, _ = per_row[r]
+        torch.testing.assert_close(w.detach()[r], rw.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.detach()[r : r + 1], rb.detach(), rtol=1e-5, atol=1e-6)
+    # rows never selected keep their initial values exactly (no weight decay either)
+    never = [r for r in range(7) if not any(r in s for s in ROW_SETS)]
+    assert torch.equal(w.detach()[never], untouched_w[never])
+    steps = opt.state[w]["step"][opt.state[w]["slot_of_row"].long()]
+    assert steps.tolist() == [sum(r in s for s in ROW_SETS) for r in range(7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_params_use_float32_math(backend, dtype):
+    """fp16/bf16 params: within one storage rounding of float32 AdamW run on the float32 copy."""
+    w, b = _layer(dtype)
+    w32 = torch.nn.Parameter(w.detach().float())
+    opt = MaskedAdamW([w, b], **HP)
+    ref = MaskedAdamW([w32], **HP)
+    gen = torch.Generator().manual_seed(2)
+    for rows in ROW_SETS[:3]:
+        g = torch.randn(w.shape, generator=gen)
+        w.grad, w32.grad = g.to(dtype), g.to(dtype).float()
+        idx = torch.tensor(rows, dtype=torch.int64)
+        opt.set_rows({w: idx})
+        with ops.use_backend("reference"):
+            ref.set_rows({w32: idx})
+            ref.step()
+        opt.step()
+        w32.data.copy_(w32.detach().to(dtype).float())  # same storage rounding as the low-precision param
+    assert opt.state[w]["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(w.detach().float(), w32.detach(), rtol=0, atol=float(torch.finfo(dtype).eps) * 8)
+
+
+def test_penalty_equals_gradient_term(backend):
+    """set_penalty adds lam*h*(p - p0) to the gradient of updated rows, per row and per element."""
+    gen = torch.Generator().manual_seed(3)
+    for per_row in (True, False):
+        w, b = _layer(seed=4)
+        w_ref = torch.nn.Parameter(w.detach().clone())
+        p0 = w.detach() + 0.3 * torch.randn(w.shape, generator=gen)
+        h = torch.rand(7 if per_row else w.shape, generator=gen)
+        lam = 0.8
+        opt = MaskedAdamW([w, b], **HP)
+        ref = torch.optim.AdamW([w_ref], **HP)
+        opt.set_penalty({w: (h, p0)}, lam)
+        rows = torch.arange(7)
+        for _ in range(3):
+            g = torch.randn(w.shape, generator=gen)
+            w.grad = g.clone()
+            h_full = h.view(7, 1, 1, 1) if per_row else h
+            w_ref.grad = g + lam * h_full * (w_ref.detach() - p0)
+            opt.set_rows({w: rows})
+            opt.step()
+            ref.step()
+        torch.testing.assert_close(w.detach(), w_ref.detach(), rtol=1e-5, atol=1e-6)
+    opt.set_penalty({}, 0.0)
+    before = w.detach().clone()
+    w.grad = torch.zeros_like(w)
+    opt.step()  # no penalty and zero grad: only the moment decay moves the weights
+    assert not torch.equal(before, w.detach())
+
+
+def test_state_dict_round_trip_continues_identically(backend):
+    w, b = _layer()
+    opt = MaskedAdamW([w, b], **HP)
+    gen = torch.Generator().manual_seed(5)
+    grads = [(torch.randn(w.shape, generator=gen), torch.randn(b.shape, generator=gen)) for _ in ROW_SETS]
+    for (gw, gb), rows in zip(grads[:3], ROW_SETS[:3]):
+        w.grad, b.grad = gw, gb
+        opt.set_rows({w: torch.tensor(rows, dtype=torch.int64), b: torch.tensor(rows, dtype=torch.int64)})
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    w2 = torch.nn.Parameter(w.detach().clone())
+    b2 = torch.nn.Parameter(b.detach().clone())
+    opt2 = MaskedAdamW([w2, b2], lr=1.0)  # hyperparameters come back from the state dict too
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["lr"] == HP["lr"]
+    assert torch.equal(opt2.state[w2]["slot_of_row"], opt.state[w]["slot_of_row"])
+    assert opt2.state[w2]["exp_avg"].dtype == torch.float32
+    for (gw, gb), rows in zip(grads[3:], ROW_SETS[3:]):
+        idx = torch.tensor(rows, dtype=torch.int64)
+        for o, p, q in ((opt, w, b), (opt2, w2, b2)):
+            p.grad, q.grad = gw.clone(), gb.clone()
+            o.set_rows({p: idx, q: idx})
+            o.step()
+    assert torch.equal(w.detach(), w2.detach()) and torch.equal(b.detach(), b2.detach())
+
+
+def test_bf16_state_dict_keeps_float32_state():
+    w, b = _layer(torch.bfloat16)
+    opt = MaskedAdamW([w, b], **HP)
+    w.grad = torch.randn(w.shape).to(torch.bfloat16)
+    opt.set_rows({w: torch.tensor([1, 3])})
+    opt.step()
+    opt2 = MaskedAdamW([w, b], **HP)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[w]["exp_avg"].dtype == torch.float32
+    assert torch.equal(opt2.state[w]["exp_avg"], opt.state[w]["exp_avg"])
+
+
+def test_state_memory_follows_selected_rows():
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.nn.Parameter(torch.randn(400, 64, generator=gen)) for _ in range(3)]
+    opt = MaskedAdamW(params)
+    dense = sum(2 * p.numel() * 4 for p in params)  # exp_avg + exp_avg_sq in float32
+    opt.set_rows({p: torch.randperm(400, generator=gen)[:20] for p in params})  # 5%
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    assert opt.state_bytes() <= 0.06 * dense
+    # rows selected again reuse their slots; new rows extend the state
+    first = {id(p): opt.state[p]["num_slots"] for p in params}
+    opt.set_rows({params[0]: opt.state[params[0]]["row_of_slot"][:10]})
+    assert opt.state[params[0]]["num_slots"] == first[id(params[0])]
+    opt.set_rows({params[0]: torch.arange(400)})
+    assert opt.state[params[0]]["num_slots"] == 400
+
+
+def test_absent_params_and_params_without_grad_are_not_updated():
+    w, b = _layer()
+    opt = MaskedAdamW([w, b], **HP)
+    w.grad = torch.randn(w.shape)
+    before_w, before_b = w.detach().clone(), b.detach().clone()
+    opt.set_rows({b: torch.tensor([0, 1])})  # b has no grad, w is absent
+    opt.step()
+    assert torch.equal(w.detach(), before_w) and torch.equal(b.detach(), before_b)
+
+
+def test_set_rows_and_penalty_errors():
+    w, b = _layer()
+    stranger = torch.nn.Parameter(torch.randn(3, 3))
+    opt = MaskedAdamW([w, b])
+    with pytest.raises(ValueError, match="not in this optimizer"):
+        opt.set_rows({stranger: torch.tensor([0])})
+    with pytest.raises(IndexError, match="out of range"):
+        opt.set_rows({w: torch.tensor([7])})
+    with pytest.raises(ValueError, match="more than once"):
+        opt.set_rows({w: torch.tensor([1, 1])})
+    with pytest.raises(TypeError, match="tensor of row indices"):
+        opt.set_rows({w: [0, 1]})
+    with pytest.raises(ValueError, match="h of parameter #0 has shape"):
+        opt.set_penalty({w: (torch.ones(3), w.detach())}, 1.0)
+    with pytest.raises(ValueError, match="p0 of parameter #0 has shape"):
+        opt.set_penalty({w: (torch.ones(7), torch.ones(3))}, 1.0)
+    with pytest.raises(ValueError, match="lr"):
+        MaskedAdamW([w], lr=-1.0)
+    with pytest.raises(ValueError, match="betas"):
+        MaskedAdamW([w], betas=(1.0, 0.9))
