@@ -104,32 +104,59 @@ def _unlearning_config(args):
     return config(args.method, **overrides)
 
 
+def _neighbor_accuracy(spec, retain_images, n_per_prompt: int) -> dict:
+    """For "A+B" and "A|B": accuracy (every attribute right) on retain prompts with A but not B and
+    with B but not A, the neighbours an erasure must keep intact."""
+    from .concepts import world_prompts
+    from .evaluation.metrics import attribute_accuracy, predict_attrs
+    from .world import load_classifier, vocab
+
+    truth = [a for a in world_prompts(spec).retain_attrs for _ in range(n_per_prompt)]
+    preds = predict_attrs(load_classifier(), retain_images)
+    out = {}
+    for name, has, lacks in (("a_without_b", spec.a, spec.b), ("b_without_a", spec.b, spec.a)):
+        idx = [i for i, t in enumerate(truth) if t[vocab.meaning(has).attribute] == has
+               and t[vocab.meaning(lacks).attribute] != lacks]
+        out[f"retain_{name}_acc"] = attribute_accuracy([preds[i] for i in idx], [truth[i] for i in idx])["all_acc"]
+    return out
+
+
+_NEIGHBOR_KEYS = ("retain_a_without_b_acc", "retain_b_without_a_acc", "forget_condition_kept")
+
+
+def _evaluate_world(pipe, spec, n_per_prompt: int, seed: int):
+    from .evaluation import evaluate
+
+    report, forget_imgs, retain_imgs = evaluate(pipe, spec, n_per_prompt=n_per_prompt, seed=seed,
+                                                return_images=True)
+    if spec.b is not None:
+        report.update(_neighbor_accuracy(spec, retain_imgs, n_per_prompt))
+    return report, (forget_imgs, retain_imgs)
+
+
 def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: int = 4, eval_seed: int = 0,
-             eval_every: int = 0, progress: bool = True, images: bool = False):
-    """Evaluate (world only), unlearn, evaluate again. Returns (unlearner, report[, images])."""
+             eval_every: int = 0, progress: bool = True):
+    """Evaluate (world only), unlearn, evaluate again. Returns (unlearner, report, images), images
+    being ((forget, retain) before, (forget, retain) after) for the world, else None."""
     from .engine import TrustUnlearner
     from .evaluation import evaluate
 
     unlearner = TrustUnlearner(pipe, spec, cfg, prompts=prompts)
-    before = after = None
-    if world:
-        out = evaluate(pipe, spec, n_per_prompt=n_per_prompt, seed=eval_seed, return_images=images)
-        before, imgs_before = (out[0], out[1:]) if images else (out, None)
-    eval_fn = None
-    if world and eval_every > 0:
-        def eval_fn(u):
-            r = evaluate(pipe, spec, n_per_prompt=1, seed=eval_seed)
-            return {k: r[k] for k in ("ua", "retain_acc")}
-    unlearner.run(progress=progress, eval_fn=eval_fn, eval_interval=eval_every)
+    if not world:
+        unlearner.run(progress=progress)
+        return unlearner, unlearner.report(), None
+    before, imgs_before = _evaluate_world(pipe, spec, n_per_prompt, eval_seed)
+
+    def eval_fn(u):
+        r = evaluate(pipe, spec, n_per_prompt=1, seed=eval_seed)
+        return {k: r[k] for k in ("ua", "retain_acc")}
+
+    unlearner.run(progress=progress, eval_fn=eval_fn if eval_every > 0 else None, eval_interval=eval_every)
     report = unlearner.report()
-    if world:
-        out = evaluate(pipe, spec, n_per_prompt=n_per_prompt, seed=eval_seed, return_images=images)
-        after, imgs_after = (out[0], out[1:]) if images else (out, None)
-        report.update({"ua_before": before["ua"], "ua_after": after["ua"], "retain_before": before["retain_acc"],
-                       "retain_after": after["retain_acc"], "eval_before": before, "eval_after": after})
-    if images:
-        return unlearner, report, (imgs_before, imgs_after)
-    return unlearner, report
+    after, imgs_after = _evaluate_world(pipe, spec, n_per_prompt, eval_seed)
+    report.update({"ua_before": before["ua"], "ua_after": after["ua"], "retain_before": before["retain_acc"],
+                   "retain_after": after["retain_acc"], "eval_before": before, "eval_after": after})
+    return unlearner, report, (imgs_before, imgs_after)
 
 
 def cmd_unlearn(args) -> int:
@@ -151,15 +178,20 @@ def cmd_unlearn(args) -> int:
         prompts = user_prompts(spec, read_prompt_file(args.forget_prompts, "forget prompts"), retain, args.anchor)
     cfg = _unlearning_config(args)
     pipe = load_pipeline(args.model)
-    unlearner, report = _unlearn(pipe, spec, cfg, prompts, world=world and prompts is None,
-                                 n_per_prompt=args.n_per_prompt, eval_seed=args.seed, eval_every=args.eval_every)
+    unlearner, report, _ = _unlearn(pipe, spec, cfg, prompts, world=world and prompts is None,
+                                    n_per_prompt=args.n_per_prompt, eval_seed=args.seed, eval_every=args.eval_every)
     unlearner.save(args.out)
     report["model"] = args.model
     write_json_atomic(report, os.path.join(args.out, "report.json"))
-    keys = [k for k in ("ua_before", "ua_after", "retain_before", "retain_after") if k in report]
-    keys += ["steps", "seconds", "mean_selected_rows", "trainable_params", "optimizer_state_bytes"]
     from .evaluation import format_table
 
+    if "ua_before" in report:
+        rows = [(name, {"ua": report[f"eval_{name}"]["ua"], "retain_acc": report[f"eval_{name}"]["retain_acc"],
+                        **{k: report[f"eval_{name}"][k] for k in _NEIGHBOR_KEYS if k in report[f"eval_{name}"]}})
+                for name in ("before", "after")]
+        print(format_table(rows, list(rows[0][1])))
+    keys = ["steps", "seconds", "mean_selected_rows", "mean_selected_fraction", "trainable_params",
+            "optimizer_state_bytes"]
     print(format_table([(f"{report['method']} {report['concept']}", report)], keys))
     print(f"wrote the unlearned pipeline and report.json to {args.out}")
     return 0
@@ -176,7 +208,7 @@ def cmd_demo(args) -> int:
     pipe = load_pipeline("shapes")
     print(f"unlearning {str(spec)!r} from the built-in shapes model with TRUST (CPU: a few minutes)")
     overrides = {"seed": args.seed, **({"steps": args.steps} if args.steps is not None else {})}
-    unlearner, report, (before, after) = _unlearn(pipe, spec, config("trust", **overrides), images=True,
+    unlearner, report, (before, after) = _unlearn(pipe, spec, config("trust", **overrides),
                                                   n_per_prompt=args.n_per_prompt)
     os.makedirs(args.out, exist_ok=True)
     rows = [("before", {"ua": report["ua_before"], "retain_acc": report["retain_before"],
