@@ -182,13 +182,19 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
         scalar_t* pp = p.data_ptr<scalar_t>();
         const scalar_t* gp = grads[t].const_data_ptr<scalar_t>();
         const scalar_t* p0 = ref_params ? (*ref_params)[t].const_data_ptr<scalar_t>() : nullptr;
+        // rows selected together mostly share a step count: reuse the bias corrections
+        float last_step = -1.f;
+        double bc1 = 1.0, bc2 = 1.0;
         for (int64_t k = wu.begin; k < wu.end; ++k) {
           const int64_t r = index_at(rows[t], k);
           const int64_t s = index_at(slots[t], k);
           const float step = st[s] + 1.f;
           st[s] = step;
-          const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-          const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+          if (step != last_step) {
+            bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+            bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+            last_step = step;
+          }
           adamw_row_any<scalar_t>(pp + r * c, gp + r * c, m + s * c, v + s * c,
                                   h ? (h_per_row ? h + r : h + r * c) : nullptr, h_per_row, p0 ? p0 + r * c : nullptr, c,
                               static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)), hp);

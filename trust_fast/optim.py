@@ -75,14 +75,18 @@ class MaskedAdamW(torch.optim.Optimizer):
         """
         owned = self._owned()
         new: dict[Tensor, Tensor] = {}
+        by_device: dict[torch.device, list[Tensor]] = {}
         for i, (p, r) in enumerate(rows.items()):
             if id(p) not in owned:
                 raise ValueError(f"rows: parameter #{i} of shape {tuple(p.shape)} is not in this optimizer")
             if not isinstance(r, Tensor):
                 raise TypeError(f"rows: value #{i} must be a tensor of row indices, got {type(r).__name__}")
-            r = r.to(p.device)
-            check_indices(f"rows[param #{i}]", [r], [rows_of(p)], p.device)
-            new[p] = r.to(torch.int64)
+            if r.dtype != torch.int64 or r.device != p.device:
+                r = r.to(device=p.device, dtype=torch.int64)
+            new[p] = r
+            by_device.setdefault(p.device, []).append(p)
+        for device, ps in by_device.items():
+            check_indices("rows[param]", [new[p] for p in ps], [rows_of(p) for p in ps], device)
         for p, r in new.items():
             self._ensure_slots(p, r)
         self._rows = new

@@ -66,44 +66,64 @@ def _check_finite(name: str, value: float) -> None:
         _fail(ValueError, f"{name} must be finite, got {value}")
 
 
+_VALID_MARK = "_trust_fast_valid_below"
+
+
+def _marked_valid(r: Tensor, limit: int) -> bool:
+    try:
+        return getattr(r, _VALID_MARK, None) == (r._version, int(limit))
+    except RuntimeError:  # inference tensors have no version counter
+        return False
+
+
+def _mark_valid(r: Tensor, limit: int) -> None:
+    try:
+        setattr(r, _VALID_MARK, (r._version, int(limit)))
+    except RuntimeError:
+        pass
+
+
 def check_indices(
     name: str, idx: Sequence[Tensor], limits: Sequence[int], device: torch.device
 ) -> None:
     """Check per-tensor index vectors: 1-D, int32/int64, on ``device``, in [0, limit), no duplicates.
 
     All tensors are checked together with a constant number of torch ops and a
-    single host sync, so the cost does not grow with the number of tensors.
+    single host sync, so the cost does not grow with the number of tensors.  A
+    tensor that passed is marked with its version counter: passing it again
+    unmodified (an optimizer's row list, step after step) costs nothing.
     """
+    todo = []
     for i, r in enumerate(idx):
         if r.dim() != 1:
             _fail(ValueError, f"{name}[{i}] must be 1-D, got shape {tuple(r.shape)}")
         if r.dtype not in INDEX_DTYPES:
             _fail(TypeError, f"{name}[{i}] has dtype {r.dtype}; expected int32 or int64")
         _check_device(name, i, r, device)
-    counts = [r.numel() for r in idx]
-    if sum(counts) == 0:
+        if r.numel() and not _marked_valid(r, limits[i]):
+            todo.append(i)
+    if not todo:
         return
-    flat = torch.cat([r.to(torch.int64) for r in idx])
-    seg = torch.repeat_interleave(
-        torch.arange(len(idx), device=device), torch.tensor(counts, device=device)
-    )
-    lim = torch.tensor(list(limits), dtype=torch.int64, device=device)[seg]
+    counts = [idx[i].numel() for i in todo]
+    lims = [int(limits[i]) for i in todo]
+    flat = torch.cat([idx[i] for i in todo]).to(torch.int64)
+    seg = torch.repeat_interleave(torch.arange(len(todo), device=device), torch.tensor(counts, device=device))
+    lim = torch.tensor(lims, dtype=torch.int64, device=device)[seg]
     bad_range = (flat < 0) | (flat >= lim)
-    offsets = torch.tensor([0, *cumsum(limits)][:-1], dtype=torch.int64, device=device)
+    offsets = torch.tensor([0, *cumsum(lims)][:-1], dtype=torch.int64, device=device)
     glob = torch.sort(flat + offsets[seg]).values
     dup = glob[1:] == glob[:-1]
     flags = torch.stack([bad_range.any(), dup.any()]).tolist()
     if flags[0]:
         j = int(bad_range.nonzero()[0, 0])
-        t = int(seg[j])
-        _fail(
-            IndexError,
-            f"{name}[{t}] holds index {int(flat[j])} out of range [0, {limits[t]})",
-        )
+        k = int(seg[j])
+        _fail(IndexError, f"{name}[{todo[k]}] holds index {int(flat[j])} out of range [0, {lims[k]})")
     if flags[1]:
         g = int(glob[1:][dup][0])
-        t = int(torch.searchsorted(offsets, torch.tensor(g, device=device), right=True)) - 1
-        _fail(ValueError, f"{name}[{t}] holds index {g - int(offsets[t])} more than once")
+        k = int(torch.searchsorted(offsets, torch.tensor(g, device=device), right=True)) - 1
+        _fail(ValueError, f"{name}[{todo[k]}] holds index {g - int(offsets[k])} more than once")
+    for i in todo:
+        _mark_valid(idx[i], limits[i])
 
 
 def cumsum(xs: Sequence[int]) -> list[int]:
