@@ -8,11 +8,18 @@ shapes of the three benchmark sets:
 - ``b``: every Linear weight of the attention blocks and FFNs (transformer blocks)
 - ``c``: every Linear and Conv2d weight of the UNet
 
-``HARDCODED_A`` / ``HARDCODED_B`` give the same shapes of sets a and b without
-diffusers (the GPU image has none); ``unet_shapes`` checks they agree.
+``HARDCODED_A`` / ``HARDCODED_B`` give the shapes of sets a and b without
+diffusers, and ``sd15_unet_shapes.json`` (written from ``unet_shapes()``) all
+three sets: the GPU image has no diffusers.  ``unet_shapes`` checks they agree.
 """
 
+
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SHAPES_JSON = Path(__file__).resolve().parent / "sd15_unet_shapes.json"
 
 SD15_UNET_CONFIG = dict(
     sample_size=64,
@@ -72,9 +79,15 @@ def unet_shapes() -> dict[str, list[tuple[int, ...]]]:
             sets["b"].append(shape)
             if any(name.endswith(f"attn2.{p}") for p in ("to_q", "to_k", "to_v")):
                 sets["a"].append(shape)
-    if sets["a"] != HARDCODED_A or sets["b"] != HARDCODED_B:
-        raise RuntimeError("hard-coded SD 1.5 shapes disagree with the diffusers model")
+    if sets["a"] != HARDCODED_A or sets["b"] != HARDCODED_B or sets != stored_shapes():
+        raise RuntimeError("hard-coded or stored SD 1.5 shapes disagree with the diffusers model")
     return sets
+
+
+def stored_shapes() -> dict[str, list[tuple[int, ...]]]:
+    """Shapes of sets a, b, c as stored in sd15_unet_shapes.json (no diffusers needed)."""
+    raw = json.loads(SHAPES_JSON.read_text())
+    return {k: [tuple(s) for s in v] for k, v in raw.items()}
 
 
 def summary(shapes: list[tuple[int, ...]]) -> tuple[int, int]:

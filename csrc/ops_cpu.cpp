@@ -25,6 +25,19 @@
 namespace trust_fast {
 namespace {
 
+// Units per thread so that each thread gets at least ~256K elements: small
+// calls run on the calling thread, without waking (and waiting for) the
+// OpenMP team, which costs milliseconds on a busy machine.
+int64_t units_per_thread(const std::vector<WorkUnit>& units, const std::vector<int64_t>& widths) {
+  constexpr int64_t kMinElemsPerThread = 1 << 18;
+  int64_t elems = 0;
+  for (const WorkUnit& u : units) elems += (u.end - u.begin) * (widths[u.tensor] > 0 ? widths[u.tensor] : 1);
+  const int64_t n = static_cast<int64_t>(units.size());
+  if (elems <= kMinElemsPerThread) return n > 0 ? n : 1;
+  const int64_t grain = (n * kMinElemsPerThread + elems - 1) / elems;
+  return grain > 0 ? grain : 1;
+}
+
 inline int64_t rows_of(const at::Tensor& t) { return t.dim() > 0 ? t.size(0) : 1; }
 inline int64_t width_of(const at::Tensor& t) {
   const int64_t r = rows_of(t);
@@ -74,7 +87,7 @@ at::Tensor row_saliency_cpu(at::TensorList tensors, std::optional<at::TensorList
   at::Tensor out = at::empty({total}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const auto units = split_work(rows, widths);
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t ub, int64_t ue) {
+  at::parallel_for(0, static_cast<int64_t>(units.size()), units_per_thread(units, widths), [&](int64_t ub, int64_t ue) {
     for (int64_t u = ub; u < ue; ++u) {
       const WorkUnit& wu = units[u];
       const auto& g = tensors[wu.tensor];
@@ -167,7 +180,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                      static_cast<float>(beta2), static_cast<float>(1.0 - beta2), static_cast<float>(eps),
                      static_cast<float>(lam)};
   const auto units = split_work(counts, widths);
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t ub, int64_t ue) {
+  at::parallel_for(0, static_cast<int64_t>(units.size()), units_per_thread(units, widths), [&](int64_t ub, int64_t ue) {
     for (int64_t u = ub; u < ue; ++u) {
       const WorkUnit& wu = units[u];
       const int64_t t = wu.tensor;
@@ -229,7 +242,7 @@ void hutchinson_diag_cpu(at::TensorList diags, at::TensorList hz, at::TensorList
   const float n_seen = static_cast<float>(count + 1);
   const float keep = static_cast<float>(static_cast<double>(count) / static_cast<double>(count + 1));
   const auto units = split_work(items, widths);
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t ub, int64_t ue) {
+  at::parallel_for(0, static_cast<int64_t>(units.size()), units_per_thread(units, widths), [&](int64_t ub, int64_t ue) {
     for (int64_t u = ub; u < ue; ++u) {
       const WorkUnit& wu = units[u];
       const int64_t t = wu.tensor;

@@ -2,9 +2,9 @@
 
 One program per selected row (so each slot's step count has one writer).  It
 finds its tensor from the table of item starts, bumps the slot's step count,
-computes the bias corrections in float64 (powers by repeated squaring, exact
-for any step count) and streams the row in column blocks with float32 math,
-in torch.optim.AdamW's operation order.  Rows not listed are never touched.
+computes the bias corrections in float64 (powers by repeated squaring) and
+streams the row in column blocks with float32 math, in torch.optim.AdamW's
+operation order.  Rows not listed are never touched.
 """
 
 from __future__ import annotations
@@ -20,38 +20,10 @@ from .launch import block_and_warps, element_offsets, int64_table, prefix_starts
 
 
 @triton.jit
-def _pow_f64(base, n):
-    """base ** n for a float64 scalar base and a non-negative integer scalar n."""
-    result = base * 0.0 + 1.0
-    while n > 0:
-        result = tl.where(n % 2 == 1, result * base, result)
-        base = base * base
-        n = n // 2
-    return result
-
-
-@triton.jit
-def _to_storage(x, dtype: tl.constexpr):
-    """float32 -> storage dtype, round to nearest even.
-
-    bfloat16 is rounded with integer ops because Triton's interpreter truncates
-    in its own conversion; on a GPU this equals cvt.rn.bf16.f32 (NaN kept).
-    """
-    if dtype == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
-        nan = ((u >> 16) | 0x40).to(tl.uint16)
-        bits = tl.where(x != x, nan, rounded)
-        return bits.to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
-@triton.jit
 def _masked_adamw_kernel(
     p_base, g_base, m_base, v_base, s_base, h_base, p0_base,
     rows_ptr, slots_ptr, table_ptr, hyper_ptr, n_tensors,
-    TABLE: tl.constexpr, PENALTY: tl.constexpr, H_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+    TABLE: tl.constexpr, PENALTY: tl.constexpr, H_PER_ROW: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # table (9, n_tensors): item start, offsets of p, g, m, v, step, h, p0, width
     k = tl.program_id(0).to(tl.int64)
@@ -76,9 +48,21 @@ def _masked_adamw_kernel(
 
     step = tl.load(step_ptr) + 1.0
     tl.store(step_ptr, step)
+    # beta ** step in float64 by repeated squaring (exact enough for any step count)
     n = step.to(tl.int64)
-    bc1 = 1.0 - _pow_f64(beta1, n)
-    bc2 = 1.0 - _pow_f64(beta2, n)
+    pow1 = beta1 * 0.0 + 1.0
+    pow2 = beta2 * 0.0 + 1.0
+    base1 = beta1
+    base2 = beta2
+    while n > 0:
+        odd = n % 2 == 1
+        pow1 = tl.where(odd, pow1 * base1, pow1)
+        pow2 = tl.where(odd, pow2 * base2, pow2)
+        base1 = base1 * base1
+        base2 = base2 * base2
+        n = n // 2
+    bc1 = 1.0 - pow1
+    bc2 = 1.0 - pow2
     step_size = (lr / bc1).to(tl.float32)
     bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
     decay = (1.0 - lr * weight_decay).to(tl.float32)
@@ -108,7 +92,15 @@ def _masked_adamw_kernel(
         tl.store(v_row + cols, v, mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         x = x * decay - tl.div_rn(step_size * m, denom)
-        tl.store(p_row + cols, _to_storage(x, p_base.dtype.element_ty), mask=mask)
+        if BF16:
+            # round to nearest even with integer ops: Triton's interpreter truncates in
+            # its own float32 -> bfloat16 conversion; on a GPU this equals cvt.rn.bf16.f32
+            u = x.to(tl.uint32, bitcast=True)
+            rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
+            bits = tl.where(x != x, ((u >> 16) | 0x40).to(tl.uint16), rounded)
+            tl.store(p_row + cols, bits.to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(p_row + cols, x.to(p_base.dtype.element_ty), mask=mask)
 
 
 def masked_adamw_(
@@ -168,5 +160,5 @@ def masked_adamw_(
             ps[0], gs[0], ms[0], vs[0], ss[0], hs[0], p0s[0],
             rows_cat, slots_cat, table, hyper, len(ps),
             TABLE=table_block(len(ps)), PENALTY=hess is not None, H_PER_ROW=per_row,
-            BLOCK=block, num_warps=warps,
+            BF16=ps[0].dtype == torch.bfloat16, BLOCK=block, num_warps=warps,
         )

@@ -54,7 +54,8 @@ def _run_both(backend, fn):
 def test_fuzz_row_saliency_and_masked_adamw(backend):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1 (this run has a GPU)")
-    assert backend in ops.available_backends("cpu")
+    reason = ops.registry.get_backend(backend).unavailable_reason("cpu")
+    assert reason is None, f"backend {backend} should be available on cpu: {reason}"
 
     @settings(max_examples=EXAMPLES[backend], deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

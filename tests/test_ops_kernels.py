@@ -43,7 +43,8 @@ def backend(request):
     name, device = request.param
     if name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton on CPU tensors runs only under TRITON_INTERPRET=1 (this run has a GPU)")
-    assert name in ops.available_backends(device), f"backend {name} should be available on {device}"
+    reason = ops.registry.get_backend(name).unavailable_reason(torch.device(device).type)
+    assert reason is None, f"backend {name} should be available on {device}: {reason}"
     with ops.use_backend(name):
         yield name, torch.device(device)
 

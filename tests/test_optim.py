@@ -23,7 +23,8 @@ ROW_SETS = [[0, 2], [2, 3, 6], [], [0, 6], [1], [0, 1, 2, 3, 4, 5, 6], [5, 2]]
 def backend(request):
     if request.param == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1 (this run has a GPU)")
-    assert request.param in ops.available_backends("cpu")
+    reason = ops.registry.get_backend(request.param).unavailable_reason("cpu")
+    assert reason is None, f"backend {request.param} should be available on cpu: {reason}"
     with ops.use_backend(request.param):
         yield request.param
 

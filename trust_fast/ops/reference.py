@@ -95,11 +95,12 @@ def check_indices(
     """
     todo = []
     for i, r in enumerate(idx):
-        if r.dim() != 1:
-            _fail(ValueError, f"{name}[{i}] must be 1-D, got shape {tuple(r.shape)}")
-        if r.dtype not in INDEX_DTYPES:
-            _fail(TypeError, f"{name}[{i}] has dtype {r.dtype}; expected int32 or int64")
-        _check_device(name, i, r, device)
+        if not (r.dim() == 1 and r.dtype in INDEX_DTYPES and r.device == device):
+            if r.dim() != 1:
+                _fail(ValueError, f"{name}[{i}] must be 1-D, got shape {tuple(r.shape)}")
+            if r.dtype not in INDEX_DTYPES:
+                _fail(TypeError, f"{name}[{i}] has dtype {r.dtype}; expected int32 or int64")
+            _check_device(name, i, r, device)
         if r.numel() and not _marked_valid(r, limits[i]):
             todo.append(i)
     if not todo:
@@ -220,6 +221,38 @@ def check_masked_adamw(
     if not params:
         return
     device = params[0].device
+    if not _adam_tensors_ok(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, hess, ref_params, device):
+        _explain_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, hess, ref_params, device)
+    check_indices("rows", rows, [rows_of(p) for p in params], device)
+    check_indices("slots", slots, [st.shape[0] for st in exp_avgs], device)
+
+
+def _adam_tensors_ok(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, hess, ref_params, device) -> bool:
+    """Fast path of the per-tensor checks: one boolean expression per parameter, no messages."""
+    f32 = torch.float32
+    for i, p in enumerate(params):
+        g, m, v, st = grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i]
+        shape = p.shape
+        if not (
+            p.dtype in PARAM_DTYPES and p.device == device and len(shape) > 0 and p.is_contiguous()
+            and g.shape == shape and g.dtype == p.dtype and g.device == device
+            and m.dtype == f32 and m.dim() == 2 and m.device == device and m.is_contiguous()
+            and m.shape[1] * shape[0] == p.numel() and v.shape == m.shape and v.dtype == f32
+            and v.device == device and v.is_contiguous()
+            and st.dtype == f32 and st.shape == m.shape[:1] and st.device == device and st.is_contiguous()
+            and rows[i].shape == slots[i].shape
+        ):
+            return False
+        if hess is not None:
+            h, p0 = hess[i], ref_params[i]
+            if not (h.dtype == f32 and h.device == device and (h.shape == shape or h.shape == shape[:1])
+                    and p0.shape == shape and p0.dtype == p.dtype and p0.device == device):
+                return False
+    return True
+
+
+def _explain_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, hess, ref_params, device) -> None:
+    """Slow path: find the first bad tensor and raise an error naming it."""
     for i, p in enumerate(params):
         _check_float_dtype("params", i, p)
         _check_device("params", i, p, device)
@@ -259,8 +292,6 @@ def check_masked_adamw(
                 )
             if p0.shape != p.shape or p0.dtype != p.dtype:
                 _fail(ValueError, f"ref_params[{i}] is {p0.dtype} {tuple(p0.shape)} but params[{i}] is {p.dtype} {tuple(p.shape)}")
-    check_indices("rows", rows, [rows_of(p) for p in params], device)
-    check_indices("slots", slots, [st.shape[0] for st in exp_avgs], device)
 
 
 def check_hutchinson_diag(
