@@ -64,7 +64,7 @@ def _masked_adamw_kernel(
     bc1 = 1.0 - pow1
     bc2 = 1.0 - pow2
     step_size = (lr / bc1).to(tl.float32)
-    bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
+    bc2_sqrt = tl.sqrt_rn(bc2.to(tl.float32))
     decay = (1.0 - lr * weight_decay).to(tl.float32)
     one_m_b1 = (1.0 - beta1).to(tl.float32)
     one_m_b2 = (1.0 - beta2).to(tl.float32)
