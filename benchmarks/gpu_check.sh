@@ -42,7 +42,7 @@ stage "build trust_fast._C"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST  nvcc: $(command -v nvcc || echo none)  CUDA_HOME=${CUDA_HOME:-unset}"
-time timeout 240 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+time timeout 150 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 echo "build exit $? (log: build.log, last lines below)"; tail -n 5 "$OUT/build.log"
 python - <<'PY'
 import trust_fast.ops as ops
@@ -54,18 +54,18 @@ PY
 export TRUST_FAST_NO_JIT=1
 
 stage "check: CUDA backends vs reference and float64 oracle"
-timeout 120 python benchmarks/gpu_bench.py --check || status=1
+timeout 60 python benchmarks/gpu_bench.py --check || status=1
 
 stage "tests: CUDA cases of tests/test_ops_kernels.py"
 if python -c 'import pytest' 2>/dev/null; then
-  timeout 150 python -m pytest -x -q -p no:cacheprovider tests/test_ops_kernels.py -k cuda || status=1
+  timeout 70 python -m pytest -x -q -p no:cacheprovider tests/test_ops_kernels.py -k cuda || status=1
 else
   echo "pytest is not installed here and there is no network: the --check stage above is the pytest-free"
   echo "equivalent of these tests (same oracles, shapes and error rule)"
 fi
 
 stage "benchmark (triton.testing.do_bench, median)"
-timeout 200 python benchmarks/gpu_bench.py --bench --sets a b c --out "$OUT/gpu_bench.csv" || status=1
+timeout 110 python benchmarks/gpu_bench.py --bench --sets a b c --out "$OUT/gpu_bench.csv" || status=1
 
 stage "done, status $status"
 exit $status
