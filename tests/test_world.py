@@ -72,7 +72,7 @@ def test_shipped_assets_are_small_and_recorded():
 def test_quality_bar_on_a_ci_sized_sample(shapes_pipe, classifier):
     from trust_fast.world.quality import measure_quality
 
-    q = measure_quality(shapes_pipe, classifier, n_per_prompt=1, seed=1234)
+    q = measure_quality(shapes_pipe, classifier, n_per_prompt=1, seed=1234, every_template=False)
     assert q["color_acc"] >= 0.98, q
     assert q["shape_acc"] >= 0.95, q
     assert q["texture_acc"] >= 0.95, q

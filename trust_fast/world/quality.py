@@ -15,13 +15,16 @@ def all_descriptions() -> list[dict[str, str]]:
 
 
 def measure_quality(pipe, classifier, n_per_prompt: int = 4, seed: int = 0, steps: int | None = None,
-                    guidance: float | None = None) -> dict:
-    """color/shape/texture/all accuracy over every description x template, and synonym agreement
-    (a synonym's images show its canonical value), at the default sampling settings unless given."""
+                    guidance: float | None = None, every_template: bool = True) -> dict:
+    """color/shape/texture/all accuracy over every description x template (or, without
+    `every_template`, every description once with the templates rotating: a CI-sized sample), and
+    synonym agreement (a synonym's images show its canonical value), at the default sampling
+    settings unless given."""
     from ..evaluation.metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample_images
 
     steps, guidance = steps or DEFAULT_STEPS, guidance or DEFAULT_GUIDANCE
-    attrs = [d for d in all_descriptions() for _ in range(len(vocab.TEMPLATES))]
+    reps = len(vocab.TEMPLATES) if every_template else 1
+    attrs = [d for d in all_descriptions() for _ in range(reps)]
     prompts = [vocab.caption(d, t % len(vocab.TEMPLATES)) for t, d in enumerate(attrs)]
     pred = classifier.predict(sample_images(pipe, prompts, n_per_prompt, seed, steps, guidance))
     truth = {k: torch.tensor([vocab.index_of(k, a[k]) for a in attrs for _ in range(n_per_prompt)])
@@ -35,10 +38,9 @@ def measure_quality(pipe, classifier, n_per_prompt: int = 4, seed: int = 0, step
         syn_prompts, syn_truth = [], []
         for value, syns in vocab.ATTRIBUTES[attr].items():
             for s in syns:
-                for d in all_descriptions():
-                    if d[attr] == value:
-                        syn_prompts.append(vocab.caption(d, 0, {attr: s}))
-                        syn_truth.append(vocab.index_of(attr, value))
+                for k, d in enumerate(x for x in all_descriptions() if x[attr] == value):
+                    syn_prompts.append(vocab.caption(d, k % len(vocab.TEMPLATES), {attr: s}))
+                    syn_truth.append(vocab.index_of(attr, value))
         p = classifier.predict(sample_images(pipe, syn_prompts, n_per_prompt, seed + 1, steps, guidance))[attr]
         t = torch.tensor([v for v in syn_truth for _ in range(n_per_prompt)])
         agree += (p == t).sum().item()
