@@ -8,7 +8,9 @@ those shapes.  For each set, at one thread count:
 - row_saliency: eager torch loop vs the reference and compiled (cpp) backends
 - optimizer step: torch.optim.AdamW foreach and fused, SalUn-style (grad *= mask,
   then AdamW foreach over everything), MaskedAdamW at 1/5/25/100% of the rows;
-  plus MaskedAdamW.set_rows time and optimizer state bytes.
+  plus MaskedAdamW.set_rows time and optimizer state bytes.  Contenders compared
+  by a ratio are timed interleaved (round-robin), so load from other processes
+  on a shared machine falls on all of them alike.
 
 Writes one CSV row per measurement (median of --repeats after a warm-up) and
 prints a table.  Usage:
@@ -46,13 +48,21 @@ FIELDS = [
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     """(median, min) wall time in ms over ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    return timed_together({"f": fn}, repeats)["f"]
+
+
+def timed_together(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, min) ms of each function, calls interleaved round-robin so that load from
+    other processes on a shared machine hits every contender alike."""
+    for fn in fns.values():
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
 def dense_state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -79,59 +89,68 @@ def bench_set(name: str, shapes: list[tuple[int, ...]], threads: int, repeats: i
               + (f"  x{speedup:.2f} vs {baseline}" if speedup != "" else ""), flush=True)
 
     # ---- row saliency
-    eager = timed(lambda: [g.abs().flatten(1).mean(1) for g in grads], repeats)
-    row("row_saliency", "eager_loop", eager)
+    def saliency_with(impl):
+        def run():
+            with ops.use_backend(impl):
+                return ops.row_saliency(grads)
+        return run
+
+    sal = timed_together(
+        {"eager_loop": lambda: [g.abs().flatten(1).mean(1) for g in grads],
+         "reference": saliency_with("reference"), "cpp": saliency_with("cpp")},
+        repeats,
+    )
+    row("row_saliency", "eager_loop", sal["eager_loop"])
     for impl in ("reference", "cpp"):
-        with ops.use_backend(impl):
-            ms = timed(lambda: ops.row_saliency(grads), repeats)
-        row("row_saliency", impl, ms, baseline="eager_loop", speedup=eager[0] / ms[0])
+        row("row_saliency", impl, sal[impl], baseline="eager_loop", speedup=sal["eager_loop"][0] / sal[impl][0])
 
-    # ---- dense optimizers
-    fused_ms = None
-    dense_bytes = None
-    for impl, kwargs in (("adamw_fused", dict(fused=True)), ("adamw_foreach", dict(foreach=True))):
-        opt = torch.optim.AdamW(params, lr=1e-5, **kwargs)
-        ms = timed(opt.step, repeats)
-        dense_bytes = dense_state_bytes(opt)
-        if impl == "adamw_fused":
-            fused_ms = ms[0]
-            row("adamw_step", impl, ms, fraction=1.0, state=dense_bytes, state_ratio=1.0)
-        else:
-            row("adamw_step", impl, ms, fraction=1.0, baseline="adamw_fused", speedup=fused_ms / ms[0],
-                state=dense_bytes, state_ratio=1.0)
-        del opt
-        gc.collect()
-
+    # ---- slow dense baselines (6x and more behind fused: timed on their own)
+    dense_bytes = 2 * 4 * n_params
+    foreach = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    foreach_ms = timed(foreach.step, max(2, repeats // 2))
+    del foreach
     # SalUn: static 50% mask over every weight, grad *= mask, dense AdamW (foreach) over everything
     masks = [(torch.rand(p.shape, generator=gen) < 0.5).float() for p in params]
-    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    salun = torch.optim.AdamW(params, lr=1e-5, foreach=True)
 
     def salun_step():
         torch._foreach_mul_(grads, masks)
-        opt.step()
+        salun.step()
 
-    ms = timed(salun_step, repeats)
-    row("adamw_step", "salun_mask_foreach", ms, fraction=0.5, baseline="adamw_fused", speedup=fused_ms / ms[0],
-        state=dense_state_bytes(opt) + sum(m.numel() * m.element_size() for m in masks), state_ratio="")
-    del opt, masks
+    salun_ms = timed(salun_step, max(2, repeats // 2))
+    salun_bytes = dense_state_bytes(salun) + sum(m.numel() * m.element_size() for m in masks)
+    del salun, masks
     gc.collect()
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     grads = [p.grad for p in params]
 
-    # ---- MaskedAdamW at row fractions
+    # ---- fused AdamW and MaskedAdamW at each row fraction, interleaved
+    fused = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    contenders: dict[str, Callable[[], object]] = {"adamw_fused": fused.step}
+    masked: dict[float, MaskedAdamW] = {}
+    set_ms: dict[float, tuple[float, float]] = {}
     for frac in fractions:
         rows = {p: torch.randperm(p.shape[0], generator=gen)[: max(1, round(frac * p.shape[0]))].sort().values
                 for p in params}
         opt = MaskedAdamW(params, lr=1e-5)
-        set_ms = timed(lambda: opt.set_rows(rows), repeats)
-        ms = timed(opt.step, repeats)
+        set_ms[frac] = timed(lambda: opt.set_rows(rows), repeats)
+        masked[frac] = opt
+        contenders[f"masked_{frac}"] = opt.step
+    res = timed_together(contenders, repeats)
+    fused_ms = res["adamw_fused"][0]
+    row("adamw_step", "adamw_fused", res["adamw_fused"], fraction=1.0, state=dense_state_bytes(fused), state_ratio=1.0)
+    row("adamw_step", "adamw_foreach", foreach_ms, fraction=1.0, baseline="adamw_fused",
+        speedup=fused_ms / foreach_ms[0], state=dense_bytes, state_ratio=1.0)
+    row("adamw_step", "salun_mask_foreach", salun_ms, fraction=0.5, baseline="adamw_fused",
+        speedup=fused_ms / salun_ms[0], state=salun_bytes, state_ratio=salun_bytes / dense_bytes)
+    for frac, opt in masked.items():
         state = opt.state_bytes()
-        row("masked_adamw", "cpp", ms, fraction=frac, baseline="adamw_fused", speedup=fused_ms / ms[0],
-            state=state, state_ratio=state / dense_bytes)
-        row("set_rows", "MaskedAdamW.set_rows", set_ms, fraction=frac)
-        del opt
-        gc.collect()
+        row("masked_adamw", "cpp", res[f"masked_{frac}"], fraction=frac, baseline="adamw_fused",
+            speedup=fused_ms / res[f"masked_{frac}"][0], state=state, state_ratio=state / dense_bytes)
+        row("set_rows", "MaskedAdamW.set_rows", set_ms[frac], fraction=frac)
+    del fused, masked, contenders
+    gc.collect()
     return out
 
 
