@@ -110,7 +110,7 @@ def bench_set(name: str, shapes: list[tuple[int, ...]], threads: int, repeats: i
     foreach_ms = timed(foreach.step, max(2, repeats // 2))
     del foreach
     # SalUn: static 50% mask over every weight, grad *= mask, dense AdamW (foreach) over everything
-    masks = [(torch.rand(p.shape, generator=gen) < 0.5).float() for p in params]
+    masks = [torch.rand(p.shape, generator=gen) < 0.5 for p in params]  # bool: 1 byte per weight
     salun = torch.optim.AdamW(params, lr=1e-5, foreach=True)
 
     def salun_step():
