@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from . import objectives
+from . import distributed, objectives
 from .concepts import ConceptSpec, PromptSet, parse_concept, world_prompts
 from .hessian import HESSIAN_MODES, HutchinsonDiagonal, double_backward_attention, grad_and_hvps
 from .localize import DEFAULT_TARGETS, DynamicLocalizer, Target, find_targets, freeze_all_but, static_mask
@@ -81,6 +81,10 @@ class TrustConfig:
                      "diag_samples", "x0_per_prompt", "x0_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not math.isfinite(self.xi):
+            raise ValueError(f"xi must be a finite number, got {self.xi}")
+        if self.max_fraction is not None and not 0.0 < self.max_fraction <= 1.0:
+            raise ValueError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
         for name in ("lr", "alpha", "lam", "eta", "weight_decay"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
@@ -123,6 +127,12 @@ def encode_images(pipe, images: Tensor) -> Tensor:
     with torch.no_grad():
         lat = vae.encode(images.to(vae.dtype)).latent_dist.sample()
     return (lat * vae.config.scaling_factor).to(pipe.unet.dtype)
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """True when no tensor holds a NaN or an Inf (one host sync for the whole list)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.numel()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _is_world(pipe) -> bool:
@@ -202,7 +212,8 @@ class TrustUnlearner:
         self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
         self.num_train_timesteps = int(sched.config.num_train_timesteps)
         self.prediction_type = sched.config.get("prediction_type", "epsilon")
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # under torch.distributed each rank draws its own batches (its gradients are averaged in update)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + distributed.rank())
 
         with torch.no_grad():
             self.emb_forget = encode_prompts(pipe, prompts.forget)
@@ -228,6 +239,7 @@ class TrustUnlearner:
         self.pool_seconds = 0.0
         self.history = _History()
         self.selected_rows: list[Tensor] = []
+        self.skipped_steps = 0
 
     # ------------------------------------------------------------------ models
 
@@ -401,45 +413,71 @@ class TrustUnlearner:
         cfg = self.config
         t0 = time.perf_counter()
         g_f = self._grads(forget_loss)
+        # data parallel: every rank localizes on the same (averaged) gradient, so all select the same rows
+        distributed.average_(g_f)
+        # a non-finite loss or gradient on any rank skips the step on all ranks: weights, optimizer,
+        # localization and Hessian state stay as they were
+        skip = distributed.any_rank(not _all_finite([forget_loss.detach(), *g_f]))
         t1 = time.perf_counter()
         rows = None
-        if self.localizer is not None:
+        prev_rows = self.localizer.rows if self.localizer is not None else None
+        if self.localizer is not None and not skip:
             rows = self.localizer(self.step_count, [g_f[i] for i in self._weight_pos])
+            distributed.check_same_rows(rows, self.step_count)
         t2 = time.perf_counter()
         grads = g_f
-        if retain_loss is not None and cfg.alpha > 0:
-            hv = None
+        if retain_loss is not None and cfg.alpha > 0 and not skip:
+            hv, diag_before = None, None
             if cfg.hessian == "hvp" and self._double_backward_now():
                 delta = [p.detach() - p0 for p, p0 in zip(self.params, self.theta0)]
                 g_r, (hv,) = grad_and_hvps(retain_loss, self.params, [delta])
+                distributed.average_(hv)
             elif cfg.hessian == "diag" and self._double_backward_now():
+                diag_before = ([d.clone() for d in self.hutchinson.diags], self.hutchinson.count)
                 g_r = self.hutchinson.update(retain_loss, cfg.diag_samples)
-                self._set_diag_penalty()
+                distributed.average_(self.hutchinson.diags)
             else:
                 g_r = self._grads(retain_loss)
-            grads = [gf + cfg.alpha * gr for gf, gr in zip(g_f, g_r)]
-            if hv is not None:
-                grads = [g + cfg.lam * h for g, h in zip(grads, hv)]
+            distributed.average_(g_r)
+            fresh = [*g_r, *(hv or []), *(self.hutchinson.diags if diag_before is not None else [])]
+            skip = distributed.any_rank(not _all_finite([retain_loss.detach(), *fresh]))
+            if skip:
+                if diag_before is not None:
+                    for d, old in zip(self.hutchinson.diags, diag_before[0]):
+                        d.copy_(old)
+                    self.hutchinson.count = diag_before[1]
+                if self.localizer is not None:
+                    self.localizer.rows = prev_rows
+                rows = None
+            else:
+                if diag_before is not None:
+                    self._set_diag_penalty()
+                grads = [gf + cfg.alpha * gr for gf, gr in zip(g_f, g_r)]
+                if hv is not None:
+                    grads = [g + cfg.lam * h for g, h in zip(grads, hv)]
         t3 = time.perf_counter()
-        for p, g in zip(self.params, grads):
-            p.grad = g.to(p.dtype)
-        if rows is not None:
-            self.optimizer.set_rows({p: r for t, r in zip(self.targets, rows) for p in t.params})
+        if skip:
+            self.skipped_steps += 1
         else:
-            if self.hutchinson is not None and self.hutchinson.count > 0:
-                self._diag_penalty_dense()
-            if self.mask is not None:
-                for p, m in zip(self.params, self.mask):
-                    p.grad.mul_(m)
-        self.optimizer.step()
-        for p in self.params:
-            p.grad = None
+            for p, g in zip(self.params, grads):
+                p.grad = g.to(p.dtype)
+            if rows is not None:
+                self.optimizer.set_rows({p: r for t, r in zip(self.targets, rows) for p in t.params})
+            else:
+                if self.hutchinson is not None and self.hutchinson.count > 0:
+                    self._diag_penalty_dense()
+                if self.mask is not None:
+                    for p, m in zip(self.params, self.mask):
+                        p.grad.mul_(m)
+            self.optimizer.step()
+            for p in self.params:
+                p.grad = None
         t4 = time.perf_counter()
-        n_sel = sum(r.numel() for r in rows) if rows is not None else self.total_rows
+        n_sel = 0 if skip else sum(r.numel() for r in rows) if rows is not None else self.total_rows
         self.selected_rows = rows if rows is not None else []
         stats = {"step": self.step_count, "loss_forget": float(forget_loss.detach()),
                  "loss_retain": float(retain_loss.detach()) if retain_loss is not None else None,
-                 "selected_rows": n_sel, "selected_fraction": n_sel / max(1, self.total_rows),
+                 "selected_rows": n_sel, "selected_fraction": n_sel / max(1, self.total_rows), "skipped": skip,
                  "time_forget_backward": t1 - t0, "time_localize": t2 - t1, "time_retain_backward": t3 - t2,
                  "time_optimizer": t4 - t3}
         self.step_count += 1
@@ -527,7 +565,8 @@ class TrustUnlearner:
         mean_rows = sum(s["selected_rows"] for s in h) / len(h) if h else 0.0
         return {"concept": str(self.concept) if self.concept is not None else None,
                 "kind": self.concept.kind if self.concept is not None else None,
-                "method": self.config.method, "steps": self.step_count, "seconds": self.seconds,
+                "method": self.config.method, "steps": self.step_count, "skipped_steps": self.skipped_steps,
+                "seconds": self.seconds,
                 "x0_sampling_seconds": self.pool_seconds, "trainable_params": self.trainable_params,
                 "target_modules": len(self.targets), "target_rows": self.total_rows,
                 "mean_selected_rows": mean_rows, "mean_selected_fraction": mean_rows / max(1, self.total_rows),
