@@ -69,16 +69,19 @@ def _check_finite(name: str, value: float) -> None:
 _VALID_MARK = "_trust_fast_valid_below"
 
 
-def _marked_valid(r: Tensor, limit: int) -> bool:
+def _marked_valid(r: Tensor, limit: int, device: torch.device) -> bool:
+    mark = getattr(r, _VALID_MARK, None)
+    if mark is None:
+        return False
     try:
-        return getattr(r, _VALID_MARK, None) == (r._version, int(limit))
+        return mark == (r._version, int(limit), device)
     except RuntimeError:  # inference tensors have no version counter
         return False
 
 
-def _mark_valid(r: Tensor, limit: int) -> None:
+def _mark_valid(r: Tensor, limit: int, device: torch.device) -> None:
     try:
-        setattr(r, _VALID_MARK, (r._version, int(limit)))
+        setattr(r, _VALID_MARK, (r._version, int(limit), device))
     except RuntimeError:
         pass
 
@@ -95,13 +98,15 @@ def check_indices(
     """
     todo = []
     for i, r in enumerate(idx):
+        if _marked_valid(r, limits[i], device):  # checked before, unchanged since (same version)
+            continue
         if not (r.dim() == 1 and r.dtype in INDEX_DTYPES and r.device == device):
             if r.dim() != 1:
                 _fail(ValueError, f"{name}[{i}] must be 1-D, got shape {tuple(r.shape)}")
             if r.dtype not in INDEX_DTYPES:
                 _fail(TypeError, f"{name}[{i}] has dtype {r.dtype}; expected int32 or int64")
             _check_device(name, i, r, device)
-        if r.numel() and not _marked_valid(r, limits[i]):
+        if r.numel():
             todo.append(i)
     if not todo:
         return
@@ -124,7 +129,7 @@ def check_indices(
         k = int(torch.searchsorted(offsets, torch.tensor(g, device=device), right=True)) - 1
         _fail(ValueError, f"{name}[{todo[k]}] holds index {g - int(offsets[k])} more than once")
     for i in todo:
-        _mark_valid(idx[i], limits[i])
+        _mark_valid(idx[i], limits[i], device)
 
 
 def cumsum(xs: Sequence[int]) -> list[int]:
