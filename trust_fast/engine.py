@@ -42,10 +42,10 @@ class TrustConfig:
 
     method: str = "trust"
     steps: int = 60
-    lr: float = 3e-3
+    lr: float = 1e-2
     batch_size: int = 16               # forget batch per step
     retain_batch_size: int = 16
-    alpha: float = 1.0                 # weight of the retain loss
+    alpha: float = 3.0                 # weight of the retain loss
     forget_objective: str = "anchor"   # anchor | esd (negative guidance) | pseudo (SalUn: current model on anchor)
     retain_objective: str = "distill"  # distill (frozen model) | diffusion (noise target) | none
     eta: float = 1.0                   # negative-guidance scale of the esd objective
@@ -64,7 +64,7 @@ class TrustConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    x0_per_prompt: int = 4             # cached data-free images per prompt
+    x0_per_prompt: int = 2             # cached data-free images per prompt
     x0_steps: int = 10                 # DDIM steps used to sample them
     x0_guidance: float | None = None   # CFG scale for them (None: the pipeline's default)
     x0_from: str = "forget+anchor"     # which cached images a forget batch is noised from
