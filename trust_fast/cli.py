@@ -93,15 +93,33 @@ def _same_dir(a: str, b: str) -> bool:
     return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
+def _check_writable_dir(what: str, path: str) -> None:
+    """Fail before any work when `path` cannot become a directory we can write to."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path!r} exists and is not a directory")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path!r} is not writable (no write permission on {parent!r})")
+
+
 def _unlearning_config(args):
     from .methods import config
 
     overrides = {"seed": args.seed}
-    for name in ("steps", "hessian", "lr", "xi", "alpha", "lam", "loc_interval", "batch_size"):
+    for name in ("steps", "hessian", "lr", "xi", "max_fraction", "alpha", "lam", "loc_interval", "batch_size",
+                 "x0_per_prompt", "x0_steps"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
-    return config(args.method, **overrides)
+    if getattr(args, "targets", None):
+        overrides["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+        if not overrides["targets"]:
+            raise UserError(f"--targets {args.targets!r} names no module pattern")
+    cfg = config(args.method, **overrides)
+    cfg.validate()
+    return cfg
 
 
 def _neighbor_accuracy(spec, retain_images, n_per_prompt: int) -> dict:
@@ -135,15 +153,23 @@ def _evaluate_world(pipe, spec, n_per_prompt: int, seed: int):
 
 
 def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: int = 4, eval_seed: int = 0,
-             eval_every: int = 0, progress: bool = True):
+             eval_every: int = 0, progress: bool = True, resume: str | None = None,
+             checkpoint_dir: str | None = None, checkpoint_every: int = 0):
     """Evaluate (world only), unlearn, evaluate again. Returns (unlearner, report, images), images
-    being ((forget, retain) before, (forget, retain) after) for the world, else None."""
+    being ((forget, retain) before, (forget, retain) after) for the world, else None. With
+    `resume`, the run continues from the checkpoint in that directory."""
+    from .checkpoint import load_checkpoint
     from .engine import TrustUnlearner
     from .evaluation import evaluate
 
     unlearner = TrustUnlearner(pipe, spec, cfg, prompts=prompts)
+    if resume is not None:
+        done = load_checkpoint(unlearner, resume)
+        print(f"resuming from step {done} of {cfg.steps} ({resume})")
+    run = dict(steps=max(0, cfg.steps - unlearner.step_count), progress=progress, checkpoint_dir=checkpoint_dir,
+               checkpoint_every=checkpoint_every)
     if not world:
-        unlearner.run(progress=progress)
+        unlearner.run(**run)
         return unlearner, unlearner.report(), None
     before, imgs_before = _evaluate_world(pipe, spec, n_per_prompt, eval_seed)
 
@@ -151,7 +177,7 @@ def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: in
         r = evaluate(pipe, spec, n_per_prompt=1, seed=eval_seed)
         return {k: r[k] for k in ("ua", "retain_acc")}
 
-    unlearner.run(progress=progress, eval_fn=eval_fn if eval_every > 0 else None, eval_interval=eval_every)
+    unlearner.run(eval_fn=eval_fn if eval_every > 0 else None, eval_interval=eval_every, **run)
     report = unlearner.report()
     after, imgs_after = _evaluate_world(pipe, spec, n_per_prompt, eval_seed)
     report.update({"ua_before": before["ua"], "ua_after": after["ua"], "retain_before": before["retain_acc"],
@@ -167,7 +193,20 @@ def cmd_unlearn(args) -> int:
     src = model_path(args.model)
     if _same_dir(args.out, src):
         raise UserError(f"--out {args.out!r} is the model directory itself; choose another output directory")
+    _check_writable_dir("--out", args.out)
     _positive("--steps", args.steps if args.steps is not None else 1)
+    if args.lr is not None:
+        _positive("--lr", args.lr)
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    checkpoint_dir = args.resume or args.checkpoint_dir or (args.out.rstrip("/\\") + ".checkpoint")
+    if args.resume is not None:
+        from .checkpoint import has_checkpoint
+
+        if not has_checkpoint(args.resume):
+            raise UserError(f"--resume {args.resume!r} holds no checkpoint")
+    if args.checkpoint_every:
+        _check_writable_dir("the checkpoint directory", checkpoint_dir)
     world = is_world_model(args.model)
     spec = parse_concept(args.concept, world=world)
     prompts = None
@@ -178,8 +217,10 @@ def cmd_unlearn(args) -> int:
         prompts = user_prompts(spec, read_prompt_file(args.forget_prompts, "forget prompts"), retain, args.anchor)
     cfg = _unlearning_config(args)
     pipe = load_pipeline(args.model)
-    unlearner, report, _ = _unlearn(pipe, spec, cfg, prompts, world=world and prompts is None,
-                                    n_per_prompt=args.n_per_prompt, eval_seed=args.seed, eval_every=args.eval_every)
+    unlearner, report, _ = _unlearn(pipe, spec, cfg, prompts, world=world and prompts is None and not args.no_eval,
+                                    n_per_prompt=args.n_per_prompt, eval_seed=args.seed, eval_every=args.eval_every,
+                                    resume=args.resume, checkpoint_dir=checkpoint_dir if args.checkpoint_every else None,
+                                    checkpoint_every=args.checkpoint_every)
     unlearner.save(args.out)
     report["model"] = args.model
     write_json_atomic(report, os.path.join(args.out, "report.json"))
@@ -298,16 +339,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hessian regularizer (default: the method's; TRUST uses diag)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--xi", type=float, default=None, help="z-score threshold of the localization (default 2.0)")
+    p.add_argument("--max-fraction", type=float, default=None,
+                   help="cap on the fraction of a layer's rows selected per step, in (0, 1] (default: none)")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated glob patterns of the modules to edit (default: *attn2.to_q,*attn2.to_k,*attn2.to_v)")
     p.add_argument("--alpha", type=float, default=None, help="weight of the retain loss")
     p.add_argument("--lam", type=float, default=None, help="weight of the Hessian penalty")
     p.add_argument("--loc-interval", type=int, default=None, help="re-localize every N steps (default 1)")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--x0-per-prompt", type=int, default=None, help="data-free images cached per prompt (default 2)")
+    p.add_argument("--x0-steps", type=int, default=None, help="DDIM steps that sample them (default 10)")
     p.add_argument("--forget-prompts", help="file of prompts showing the concept (one a line; required outside the world)")
     p.add_argument("--retain-prompts", help="file of prompts to keep intact")
     p.add_argument("--anchor", help="prompt the concept's prompts are mapped to (default: the prompt minus the concept)")
     p.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt of the before/after evaluation")
     p.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate (1 image per prompt) every N steps into report.json's evals")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation (shapes world)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="write a checkpoint every N steps (atomic; default 0: none)")
+    p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoint)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run whose checkpoint is in DIR (same model, concept and options)")
     p.add_argument("--out", required=True, help="output directory: the unlearned pipeline and report.json")
     p.set_defaults(fn=cmd_unlearn)
 

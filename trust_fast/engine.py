@@ -523,12 +523,18 @@ class TrustUnlearner:
         self.history.steps.append(stats)
         return stats
 
-    def run(self, steps: int | None = None, progress: bool = False, eval_fn=None, eval_interval: int = 0) -> list[dict]:
+    def run(self, steps: int | None = None, progress: bool = False, eval_fn=None, eval_interval: int = 0,
+            checkpoint_dir: str | None = None, checkpoint_every: int = 0) -> list[dict]:
         """Run `steps` steps (default config.steps). With `eval_fn(unlearner) -> dict` and
-        `eval_interval` > 0, evaluate every eval_interval steps and at the end (history.evals)."""
+        `eval_interval` > 0, evaluate every eval_interval steps and at the end (history.evals).
+        With `checkpoint_dir` and `checkpoint_every` > 0, write a checkpoint every that many steps
+        (counted from step 0, so a resumed run keeps the same cadence; see trust_fast.checkpoint)."""
         from tqdm.auto import tqdm
 
+        from .checkpoint import save_checkpoint
+
         steps = self.config.steps if steps is None else steps
+        end = self.step_count + steps
         self.prepare()
         bar = tqdm(range(steps), desc=f"{self.config.method} {self.concept or ''}".strip(), disable=not progress)
         out = []
@@ -537,8 +543,10 @@ class TrustUnlearner:
             out.append(s)
             bar.set_postfix(forget=f"{s['loss_forget']:.4f}", rows=s["selected_rows"])
             done = self.step_count
-            if eval_fn is not None and eval_interval > 0 and (done % eval_interval == 0 or done == steps):
+            if eval_fn is not None and eval_interval > 0 and (done % eval_interval == 0 or done == end):
                 self.history.evals.append({"step": done, **eval_fn(self)})
+            if checkpoint_dir is not None and checkpoint_every > 0 and done % checkpoint_every == 0:
+                save_checkpoint(self, checkpoint_dir)
         return out
 
     # ------------------------------------------------------------------ output

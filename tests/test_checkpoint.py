@@ -1,0 +1,98 @@
+"""Checkpoint and resume: a `trust-fast unlearn` killed by SIGKILL mid-run and resumed ends with the
+same weights, bit for bit, as an uninterrupted run."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trust_fast import TrustConfig, TrustUnlearner
+from trust_fast.checkpoint import load_checkpoint, save_checkpoint
+
+STEPS = 8
+ARGS = ["unlearn", "--concept", "red", "--steps", str(STEPS), "--batch-size", "4", "--x0-per-prompt", "1", "--x0-steps", "2", "--no-eval", "--seed", "3"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trust_fast.cli", *args], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _unet(out) -> dict:
+    return load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
+    full, part, ckpt = tmp_path / "full", tmp_path / "part", tmp_path / "ckpt"
+    uninterrupted = _cli(*ARGS, "--out", str(full))
+    victim = _cli(*ARGS, "--out", str(part), "--checkpoint-every", "2", "--checkpoint-dir", str(ckpt))
+    deadline = time.monotonic() + 240
+    while not (ckpt / "checkpoint.pt").exists():
+        assert victim.poll() is None, victim.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not part.exists()  # killed before the end: no half-written output
+    killed_at = torch.load(ckpt / "checkpoint.pt", weights_only=True)["step_count"]
+    assert 2 <= killed_at < STEPS
+
+    resumed = _cli(*ARGS, "--out", str(part), "--resume", str(ckpt), "--checkpoint-every", "2")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"resuming from step {killed_at}" in out
+    out_full, err_full = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err_full[-2000:]
+
+    a, b = _unet(full), _unet(part)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    from trust_fast.world import load_pipeline
+
+    base = load_pipeline("shapes", "cpu").unet.state_dict()
+    changed = sum(not torch.equal(base[n], a[n]) for n in a)
+    assert changed > 0  # the run did edit the model
+    report = json.loads((part / "report.json").read_text())
+    assert report["steps"] == STEPS and len(report["history"]) == STEPS and report["skipped_steps"] == 0
+
+
+@pytest.fixture(scope="module")
+def untrained_world():
+    from trust_fast.world.train import build_untrained_pipeline
+
+    return build_untrained_pipeline(0)
+
+
+SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, diag_interval=2, steps=4)
+
+
+def test_checkpoint_refuses_another_config_concept_or_base(untrained_world, tmp_path):
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red", TrustConfig(**SMALL))
+    u.step()
+    path = save_checkpoint(u, str(tmp_path / "good"))
+    state = torch.load(path, weights_only=True)
+    weights = [p.detach().clone() for p in u.params]
+    for name, change, message in (("config", {"config": {**state["config"], "xi": 1.5}}, "another config.*xi"),
+                                  ("concept", {"concept": "blue"}, "unlearns 'blue', not 'red'"),
+                                  ("base", {"base_digest": "0" * 64}, "another base model")):
+        (tmp_path / name).mkdir()
+        torch.save({**state, **change}, tmp_path / name / "checkpoint.pt")
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(u, str(tmp_path / name))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        load_checkpoint(u, str(tmp_path / "none"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="damaged"):
+        load_checkpoint(u, str(tmp_path / "bad"))
+    assert all(torch.equal(p, w) for p, w in zip(u.params, weights))  # refusals change nothing
+    assert load_checkpoint(u, str(tmp_path / "good")) == 1

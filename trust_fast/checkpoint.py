@@ -1,0 +1,137 @@
+"""Checkpoint and resume of a TrustUnlearner run: a preempted job continues where it stopped and
+ends with the same weights as an uninterrupted one.
+
+A checkpoint is one file, ``DIR/checkpoint.pt`` (``checkpoint-rank{k}.pt`` per rank under torch.distributed) (written to a temp file and renamed, so a kill
+mid-write leaves the previous checkpoint intact), holding: the target parameters, the optimizer
+state (MaskedAdamW: moments, per-slot steps and slot tables), the localizer's current rows, the
+Hutchinson diagonal and its count, the cached data-free images (and SalUn's mask), the step
+count, history and timings, and the RNG states (the engine's generator, torch's CPU generator).
+The model outside the target modules never changes, so it is not stored; resuming starts from the
+same base model, which a fingerprint of the frozen target weights checks.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict
+
+import torch
+
+FILE = "checkpoint.pt"
+FORMAT = "trust_fast.checkpoint/1"
+# fields that may differ between the run and its resumption (more steps, other progress output)
+_FREE_FIELDS = ("steps",)
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _config(unlearner) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(unlearner.config).items()
+            if k not in _FREE_FIELDS}
+
+
+def save_checkpoint(unlearner, directory: str) -> str:
+    """Write the run's state to ``directory/checkpoint.pt`` atomically; returns the file's path."""
+    from .io import atomic_path
+
+    u = unlearner
+    base = u.theta0 if u.theta0 is not None else None
+    state = {
+        "format": FORMAT,
+        "concept": str(u.concept) if u.concept is not None else None,
+        "config": _config(u),
+        "names": list(u._names),
+        "base_digest": _digest(base) if base is not None else None,
+        "params": [p.detach().cpu().clone() for p in u.params],
+        "optimizer": u.optimizer.state_dict(),
+        "localizer_rows": (None if u.localizer is None or u.localizer.rows is None
+                           else [r.cpu() for r in u.localizer.rows]),
+        "hutchinson": (None if u.hutchinson is None
+                       else {"diags": [d.cpu() for d in u.hutchinson.diags], "count": u.hutchinson.count}),
+        "pools": None if u.pools is None else {k: v.cpu() for k, v in u.pools.items()},
+        "mask": None if u.mask is None else [m.cpu() for m in u.mask],
+        "step_count": u.step_count,
+        "skipped_steps": u.skipped_steps,
+        "seconds": u.seconds,
+        "pool_seconds": u.pool_seconds,
+        "history": {"steps": u.history.steps, "evals": u.history.evals},
+        "generator": u.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    path = checkpoint_file(directory)
+    with atomic_path(path, ".pt") as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def checkpoint_file(directory: str) -> str:
+    """This process's checkpoint file: one per rank under torch.distributed (ranks draw different
+    batches, so their generators and data-free caches differ)."""
+    from . import distributed
+
+    name = FILE if distributed.world_size() == 1 else f"checkpoint-rank{distributed.rank()}.pt"
+    return os.path.join(directory, name)
+
+
+def has_checkpoint(directory: str) -> bool:
+    return os.path.isfile(checkpoint_file(directory))
+
+
+@torch.no_grad()
+def load_checkpoint(unlearner, directory: str) -> int:
+    """Restore a run saved by :func:`save_checkpoint` into a freshly built unlearner (same model,
+    concept and config, `steps` aside). Returns the step count it resumes at. ValueError when the
+    checkpoint is missing, damaged, or belongs to another model, concept or config."""
+    u = unlearner
+    path = checkpoint_file(directory)
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint to resume from in {directory!r} (expected {os.path.basename(path)})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise ValueError(f"checkpoint {path!r} is damaged: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a trust_fast checkpoint")
+    concept = str(u.concept) if u.concept is not None else None
+    if state["concept"] != concept:
+        raise ValueError(f"checkpoint {path!r} unlearns {state['concept']!r}, not {concept!r}")
+    diff = sorted(k for k in set(state["config"]) | set(_config(u))
+                  if state["config"].get(k) != _config(u).get(k))
+    if diff:
+        raise ValueError(f"checkpoint {path!r} was made with another config (differs in {diff}); "
+                         "resume with the same options")
+    if state["names"] != u._names:
+        raise ValueError(f"checkpoint {path!r} has other target parameters than this model")
+    if u.theta0 is not None and state["base_digest"] != _digest(u.theta0):
+        raise ValueError(f"checkpoint {path!r} was made from another base model (target weights differ)")
+
+    for p, v in zip(u.params, state["params"]):
+        p.copy_(v.to(p.device, p.dtype))
+    u.optimizer.load_state_dict(state["optimizer"])
+    if u.localizer is not None and state["localizer_rows"] is not None:
+        u.localizer.rows = [r.to(u.device) for r in state["localizer_rows"]]
+    if u.hutchinson is not None and state["hutchinson"] is not None:
+        for d, v in zip(u.hutchinson.diags, state["hutchinson"]["diags"]):
+            d.copy_(v.to(d.device))
+        u.hutchinson.count = state["hutchinson"]["count"]
+        if u.hutchinson.count > 0:
+            u._set_diag_penalty()
+    if state["pools"] is not None:
+        u.pools = {k: v.to(u.device, u.dtype) for k, v in state["pools"].items()}
+    if state["mask"] is not None:
+        u.mask = [m.to(u.device) for m in state["mask"]]
+    u.step_count = state["step_count"]
+    u.skipped_steps = state["skipped_steps"]
+    u.seconds, u.pool_seconds = state["seconds"], state["pool_seconds"]
+    u.history.steps, u.history.evals = state["history"]["steps"], state["history"]["evals"]
+    u.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return u.step_count
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "has_checkpoint", "checkpoint_file", "FILE"]
