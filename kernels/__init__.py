@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 KERNELS: dict[str, Callable] = {}
 TRITON_ERROR: str | None = None
+INTERPRETED = False  # decorated for Triton's interpreter (TRITON_INTERPRET=1 at import)
 
 try:
     import triton  # noqa: F401
@@ -18,7 +19,9 @@ except ImportError as exc:  # the triton backend is then simply unavailable
 else:
     from .hutchinson import hutchinson_diag_
     from .masked_adamw import masked_adamw_
-    from .row_saliency import row_saliency
+    from .row_saliency import _row_saliency_kernel, row_saliency
+
+    INTERPRETED = type(_row_saliency_kernel).__name__ == "InterpretedFunction"
 
     KERNELS = {
         "row_saliency": row_saliency,
@@ -26,4 +29,4 @@ else:
         "hutchinson_diag_": hutchinson_diag_,
     }
 
-__all__ = ["KERNELS", "TRITON_ERROR"]
+__all__ = ["INTERPRETED", "KERNELS", "TRITON_ERROR"]

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reduce import total
 from .launch import block_and_warps, element_offsets, int64_table, prefix_starts, table_block
 
 
@@ -25,7 +26,7 @@ def _hutchinson_kernel(
     k = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, TABLE)
     starts = tl.load(table_ptr + idx, mask=idx < n_tensors, other=9223372036854775807)
-    t = tl.sum((starts <= k).to(tl.int32), axis=0) - 1
+    t = total((starts <= k).to(tl.int32)) - 1
     if HAS_ROWS:
         r = tl.load(rows_ptr + k)
     else:
@@ -35,14 +36,14 @@ def _hutchinson_kernel(
     h_row = h_base + tl.load(table_ptr + 2 * n_tensors + t) + r * width
     z_row = z_base + tl.load(table_ptr + 3 * n_tensors + t) + r * width
     if PER_ROW:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.full([BLOCK], 0.0, tl.float32)
         for c0 in range(0, width, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
             mask = cols < width
             acc += tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32) * tl.load(
                 h_row + cols, mask=mask, other=0.0
             ).to(tl.float32)
-        est = tl.sum(acc, axis=0) / width.to(tl.float32)
+        est = total(acc) / width.to(tl.float32)
         d = tl.load(d_base + d_off + r)
         tl.store(d_base + d_off + r, d * keep + tl.div_rn(est, n_seen))
     else:

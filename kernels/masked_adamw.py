@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reduce import total
 from .launch import block_and_warps, element_offsets, int64_table, prefix_starts, table_block
 
 
@@ -29,7 +30,7 @@ def _masked_adamw_kernel(
     k = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, TABLE)
     starts = tl.load(table_ptr + idx, mask=idx < n_tensors, other=9223372036854775807)
-    t = tl.sum((starts <= k).to(tl.int32), axis=0) - 1
+    t = total((starts <= k).to(tl.int32)) - 1
     r = tl.load(rows_ptr + k)
     s = tl.load(slots_ptr + k)
     width = tl.load(table_ptr + 8 * n_tensors + t)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reduce import total
 from .launch import block_and_warps, element_offsets, int64_table, prefix_starts, table_block
 
 
@@ -28,12 +29,12 @@ def _row_saliency_kernel(
     row = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, TABLE)
     starts = tl.load(table_ptr + idx, mask=idx < n_tensors, other=9223372036854775807)
-    t = tl.sum((starts <= row).to(tl.int32), axis=0) - 1
+    t = total((starts <= row).to(tl.int32)) - 1
     local = row - tl.load(table_ptr + t)
     width = tl.load(table_ptr + 3 * n_tensors + t)
     g_row = g_base + tl.load(table_ptr + n_tensors + t) + local * width
     w_row = w_base + tl.load(table_ptr + 2 * n_tensors + t) + local * width
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.full([BLOCK], 0.0, tl.float32)
     for c0 in range(0, width, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         mask = cols < width
@@ -42,7 +43,7 @@ def _row_saliency_kernel(
             x = x * tl.load(w_row + cols, mask=mask, other=0.0).to(tl.float32)
         acc += tl.abs(x)
     out_row = tl.load(table_ptr + 4 * n_tensors + t) + local
-    tl.store(out_ptr + out_row, tl.sum(acc, axis=0) / width.to(tl.float32))
+    tl.store(out_ptr + out_row, total(acc) / width.to(tl.float32))
 
 
 def row_saliency(tensors: Sequence[Tensor], weights: Sequence[Tensor] | None, mode: str) -> Tensor:

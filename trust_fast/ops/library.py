@@ -153,11 +153,9 @@ def _probe_triton(device_type: str) -> str | None:
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device"
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        import triton.language as tl
-
-        if type(tl.sum).__name__ != "InterpretedFunction":
-            return ("triton was imported before TRITON_INTERPRET=1 was set, so its library functions "
-                    "are not interpretable: set the variable before the first import of triton")
+        if not kernels.INTERPRETED:
+            return ("trust_fast.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels "
+                    "are compiled for a GPU: set the variable before using the triton backend")
         return None
     return "triton runs on CUDA tensors (on a CPU only with TRITON_INTERPRET=1)"
 
