@@ -97,11 +97,17 @@ def _check_writable_dir(what: str, path: str) -> None:
     """Fail before any work when `path` cannot become a directory we can write to."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{what} {path!r} exists and is not a directory")
+    import tempfile
+
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path!r} is not writable (no write permission on {parent!r})")
+    if not os.path.isdir(parent):
+        raise UserError(f"{what} {path!r} is not writable ({parent!r} is a file, not a directory)")
+    try:  # a real probe: permissions, read-only file systems and quotas all show up here
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".tmp-probe-"))
+    except OSError as e:
+        raise UserError(f"{what} {path!r} is not writable ({parent!r}: {e.strerror})") from None
 
 
 def _unlearning_config(args):

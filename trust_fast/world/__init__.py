@@ -44,6 +44,12 @@ def load_pipeline(model: str = "shapes", device: str | None = None):
     from .pipeline import ShapesPipeline  # noqa: F401  (registers the class with diffusers)
 
     path = model_path(model)
+    # loading bars on stderr would bury the CLI's one-line errors
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
     except Exception as e:  # diffusers raises many types for a broken directory
