@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from trust_fast import TrustConfig, TrustUnlearner
+from trust_fast.concepts import parse_concept, world_prompts
 from trust_fast.cli import main
 from trust_fast.world import model_path
 
@@ -159,8 +160,8 @@ def _poison_call(module: torch.nn.Module, call: int):
 def test_non_finite_steps_are_skipped_and_change_nothing(untrained_world):
     """The UNet's 1st call in a step is the frozen target pass (poisons the forget loss), its 3rd
     the retain pass of a Hutchinson step, after localization ran: its rows must be rolled back too."""
-    u = TrustUnlearner(copy.deepcopy(untrained_world), "red",
-                       TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, diag_interval=1))
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red", prompts=world_prompts(parse_concept("red")),
+                       config=TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, diag_interval=1))
     u.step()
     for call, what in ((1, "forget"), (3, "retain")):
         weights = [p.detach().clone() for p in u.params]

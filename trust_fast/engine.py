@@ -69,6 +69,7 @@ class TrustConfig:
     x0_guidance: float | None = None   # CFG scale for them (None: the pipeline's default)
     x0_from: str = "forget+anchor"     # which cached images a forget batch is noised from
     seed: int = 0
+    compile: bool = False              # run the op layer (localization, masked update) as torch.compile graphs
 
     def validate(self) -> None:
         objectives.check(self.forget_objective, self.retain_objective)
@@ -225,8 +226,9 @@ class TrustUnlearner:
             from .optim import MaskedAdamW
 
             self.optimizer = MaskedAdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                         weight_decay=cfg.weight_decay)
-            self.localizer = DynamicLocalizer(self.targets, cfg.xi, cfg.loc_interval, cfg.saliency, cfg.max_fraction)
+                                         weight_decay=cfg.weight_decay, compile=cfg.compile)
+            self.localizer = DynamicLocalizer(self.targets, cfg.xi, cfg.loc_interval, cfg.saliency, cfg.max_fraction,
+                                              compile=cfg.compile)
         else:
             self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                                weight_decay=cfg.weight_decay)

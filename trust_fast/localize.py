@@ -74,22 +74,48 @@ def select(targets: list[Target], scores: Tensor, xi: float = 2.0,
     return ops.select_rows(scores, [t.rows for t in targets], xi, max_fraction)
 
 
+def localize_rows(grads: list[Tensor], weights: list[Tensor] | None, rows_per_tensor: list[int], mode: str,
+                  xi: float, max_fraction: float | None) -> list[Tensor]:
+    """The op-layer part of localization, saliency then selection, as one function of tensors:
+    what :class:`DynamicLocalizer` compiles (one graph, no break) with ``compile=True``.
+
+    grads[i] (and weights[i] for mode "gw"): (rows_i, ...) float tensors on one device. Returns
+    one ascending int64 index tensor per input."""
+    return ops.select_rows(ops.row_saliency(grads, weights, mode), rows_per_tensor, xi, max_fraction)
+
+
+def compile_op_layer(fn):
+    """torch.compile `fn` (a function of op-layer calls) as one graph: fullgraph, dynamic sizes,
+    data-dependent output sizes (select_rows) captured instead of breaking the graph."""
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+
+    def run(*args, **kwargs):
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            return compiled(*args, **kwargs)
+
+    return run
+
+
 class DynamicLocalizer:
     """Re-estimates the concept rows every `interval` steps from the forget gradient (TRUST).
 
-    Between re-estimations the previous selection is reused."""
+    Between re-estimations the previous selection is reused. With `compile`, saliency and
+    selection run as one torch.compile graph (:func:`localize_rows`)."""
 
     def __init__(self, targets: list[Target], xi: float = 2.0, interval: int = 1, mode: str = "g",
-                 max_fraction: float | None = None):
+                 max_fraction: float | None = None, compile: bool = False):
         if interval < 1:
             raise ValueError(f"loc_interval must be >= 1, got {interval}")
         self.targets, self.xi, self.interval, self.mode, self.max_fraction = targets, xi, interval, mode, max_fraction
         self.rows: list[Tensor] | None = None
         self.total_rows = sum(t.rows for t in targets)
+        self._localize = compile_op_layer(localize_rows) if compile else localize_rows
 
     def __call__(self, step: int, grads: list[Tensor]) -> list[Tensor]:
         if self.rows is None or step % self.interval == 0:
-            self.rows = select(self.targets, saliency(self.targets, grads, self.mode), self.xi, self.max_fraction)
+            weights = [t.weight.detach() for t in self.targets] if self.mode == "gw" else None
+            self.rows = self._localize([g.detach() for g in grads], weights, [t.rows for t in self.targets],
+                                       self.mode, self.xi, self.max_fraction)
         return self.rows
 
 
