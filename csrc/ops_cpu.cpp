@@ -38,6 +38,14 @@ int64_t units_per_thread(const std::vector<WorkUnit>& units, const std::vector<i
   return grain > 0 ? grain : 1;
 }
 
+// Runs fn(unit) for every work unit, the unit list split over OpenMP threads.
+template <typename Fn>
+void parallel_units(const std::vector<WorkUnit>& units, const std::vector<int64_t>& widths, const Fn& fn) {
+  at::parallel_for(0, static_cast<int64_t>(units.size()), units_per_thread(units, widths), [&](int64_t ub, int64_t ue) {
+    for (int64_t u = ub; u < ue; ++u) fn(units[u]);
+  });
+}
+
 inline int64_t rows_of(const at::Tensor& t) { return t.dim() > 0 ? t.size(0) : 1; }
 inline int64_t width_of(const at::Tensor& t) {
   const int64_t r = rows_of(t);
@@ -86,21 +94,17 @@ at::Tensor row_saliency_cpu(at::TensorList tensors, std::optional<at::TensorList
   }
   at::Tensor out = at::empty({total}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  const auto units = split_work(rows, widths);
-  at::parallel_for(0, static_cast<int64_t>(units.size()), units_per_thread(units, widths), [&](int64_t ub, int64_t ue) {
-    for (int64_t u = ub; u < ue; ++u) {
-      const WorkUnit& wu = units[u];
-      const auto& g = tensors[wu.tensor];
-      const int64_t c = widths[wu.tensor];
-      TF_DISPATCH_PARAM_TYPES(g.scalar_type(), "row_saliency_cpu", [&] {
-        const scalar_t* gp = g.const_data_ptr<scalar_t>();
-        const scalar_t* wp = gw ? (*weights)[wu.tensor].const_data_ptr<scalar_t>() : nullptr;
-        for (int64_t r = wu.begin; r < wu.end; ++r) {
-          const double s = c > 0 ? abs_sum(gp + r * c, wp ? wp + r * c : nullptr, c) / static_cast<double>(c) : 0.0;
-          o[offsets[wu.tensor] + r] = static_cast<float>(s);
-        }
-      });
-    }
+  parallel_units(split_work(rows, widths), widths, [&](const WorkUnit& wu) {
+    const auto& g = tensors[wu.tensor];
+    const int64_t c = widths[wu.tensor];
+    TF_DISPATCH_PARAM_TYPES(g.scalar_type(), "row_saliency_cpu", [&] {
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      const scalar_t* wp = gw ? (*weights)[wu.tensor].const_data_ptr<scalar_t>() : nullptr;
+      for (int64_t r = wu.begin; r < wu.end; ++r) {
+        const double s = c > 0 ? abs_sum(gp + r * c, wp ? wp + r * c : nullptr, c) / static_cast<double>(c) : 0.0;
+        o[offsets[wu.tensor] + r] = static_cast<float>(s);
+      }
+    });
   });
   return out;
 }
@@ -118,40 +122,71 @@ struct AdamHyper {
 
 enum Penalty { kNoPenalty = 0, kPerRowPenalty = 1, kPerElementPenalty = 2 };
 
-// One AdamW row update in float32, in torch.optim.AdamW's operation order.
-// The penalty kind is a template argument so the loop has no branches and
-// vectorises.
+// Rows given to the optimizer are scattered over the tensor: the hardware
+// prefetcher only locks onto a row after its first misses, so each row's
+// start is latency-bound.  While one row is updated, the next row's lines are
+// requested, one block ahead per array (nullptr: the next row follows
+// directly in memory, or there is none).
+struct NextRow {
+  const void* p = nullptr;  // params row (the grads row shares its offset)
+  const void* g = nullptr;
+  const float* m = nullptr;  // exp_avg slot (the exp_avg_sq slot shares its offset)
+  const float* v = nullptr;
+};
+
+constexpr int64_t kLineBytes = 64;
+constexpr int64_t kBlockElems = 64;
+
+inline void prefetch_lines(const void* base, int64_t byte_begin, int64_t byte_end) {
+  const char* b = static_cast<const char*>(base);
+  for (int64_t off = byte_begin; off < byte_end; off += kLineBytes) __builtin_prefetch(b + off, 1, 3);
+}
+
+// One AdamW row update in float32, in torch.optim.AdamW's operation order,
+// in one pass over p, g, m and v.  The penalty kind is a template argument so
+// the loop has no branches and vectorises.
 template <typename T, int kPenalty>
 TF_SIMD_CLONES void adamw_row(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
                const float* __restrict__ h, const T* __restrict__ p0, int64_t c, float step_size, float bc2_sqrt,
-               const AdamHyper& hp) {
+               const AdamHyper& hp, const NextRow& next) {
   const float decay = hp.decay, one_m_b1 = hp.one_m_b1, one_m_b2 = hp.one_m_b2;
   const float beta2 = hp.beta2, eps = hp.eps, lam = hp.lam;
   const float h_row = kPenalty == kPerRowPenalty ? h[0] : 0.f;
+  for (int64_t b = 0; b < c; b += kBlockElems) {
+    const int64_t e = b + kBlockElems < c ? b + kBlockElems : c;
+    if (next.p != nullptr) {
+      prefetch_lines(next.p, b * sizeof(T), e * sizeof(T));
+      prefetch_lines(next.g, b * sizeof(T), e * sizeof(T));
+    }
+    if (next.m != nullptr) {
+      prefetch_lines(next.m, b * sizeof(float), e * sizeof(float));
+      prefetch_lines(next.v, b * sizeof(float), e * sizeof(float));
+    }
 #pragma omp simd
-  for (int64_t i = 0; i < c; ++i) {
-    const float x = to_float(p[i]);
-    float gi = to_float(g[i]);
-    if constexpr (kPenalty == kPerRowPenalty) gi += lam * h_row * (x - to_float(p0[i]));
-    if constexpr (kPenalty == kPerElementPenalty) gi += lam * h[i] * (x - to_float(p0[i]));
-    const float mi = m[i] + one_m_b1 * (gi - m[i]);
-    const float vi = beta2 * v[i] + one_m_b2 * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    const float denom = std::sqrt(vi) / bc2_sqrt + eps;
-    p[i] = from_float<T>(x * decay - step_size * mi / denom);
+    for (int64_t i = b; i < e; ++i) {
+      const float x = to_float(p[i]);
+      float gi = to_float(g[i]);
+      if constexpr (kPenalty == kPerRowPenalty) gi += lam * h_row * (x - to_float(p0[i]));
+      if constexpr (kPenalty == kPerElementPenalty) gi += lam * h[i] * (x - to_float(p0[i]));
+      const float mi = m[i] + one_m_b1 * (gi - m[i]);
+      const float vi = beta2 * v[i] + one_m_b2 * gi * gi;
+      m[i] = mi;
+      v[i] = vi;
+      const float denom = std::sqrt(vi) / bc2_sqrt + eps;
+      p[i] = from_float<T>(x * decay - step_size * mi / denom);
+    }
   }
 }
 
 template <typename T>
 void adamw_row_any(T* p, const T* g, float* m, float* v, const float* h, bool h_per_row, const T* p0, int64_t c,
-                   float step_size, float bc2_sqrt, const AdamHyper& hp) {
+                   float step_size, float bc2_sqrt, const AdamHyper& hp, const NextRow& next) {
   if (h == nullptr) {
-    adamw_row<T, kNoPenalty>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp);
+    adamw_row<T, kNoPenalty>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp, next);
   } else if (h_per_row) {
-    adamw_row<T, kPerRowPenalty>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp);
+    adamw_row<T, kPerRowPenalty>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp, next);
   } else {
-    adamw_row<T, kPerElementPenalty>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp);
+    adamw_row<T, kPerElementPenalty>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp, next);
   }
 }
 
@@ -173,47 +208,58 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                     exp_avg_sqs[t].scalar_type() == at::kFloat && steps[t].scalar_type() == at::kFloat,
                 "state of params[", t, "] must be contiguous float32");
     TORCH_CHECK(rows[t].numel() == slots[t].numel(), "rows[", t, "] and slots[", t, "] differ in length");
+    TORCH_CHECK(exp_avgs[t].numel() == steps[t].numel() * c && exp_avg_sqs[t].numel() == exp_avgs[t].numel(),
+                "state of params[", t, "] must hold steps[", t, "].numel() slots of the row width");
     counts.push_back(rows[t].numel());
     widths.push_back(c);
   }
   const AdamHyper hp{static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(1.0 - beta1),
                      static_cast<float>(beta2), static_cast<float>(1.0 - beta2), static_cast<float>(eps),
                      static_cast<float>(lam)};
-  const auto units = split_work(counts, widths);
-  at::parallel_for(0, static_cast<int64_t>(units.size()), units_per_thread(units, widths), [&](int64_t ub, int64_t ue) {
-    for (int64_t u = ub; u < ue; ++u) {
-      const WorkUnit& wu = units[u];
-      const int64_t t = wu.tensor;
-      const int64_t c = widths[t];
-      const at::Tensor& p = params[t];
-      float* m = exp_avgs[t].data_ptr<float>();
-      float* v = exp_avg_sqs[t].data_ptr<float>();
-      float* st = steps[t].data_ptr<float>();
-      const float* h = hess ? (*hess)[t].const_data_ptr<float>() : nullptr;
-      const bool h_per_row = hess && (*hess)[t].numel() != p.numel();
-      TF_DISPATCH_PARAM_TYPES(p.scalar_type(), "masked_adamw_cpu", [&] {
-        scalar_t* pp = p.data_ptr<scalar_t>();
-        const scalar_t* gp = grads[t].const_data_ptr<scalar_t>();
-        const scalar_t* p0 = ref_params ? (*ref_params)[t].const_data_ptr<scalar_t>() : nullptr;
-        // rows selected together mostly share a step count: reuse the bias corrections
-        float last_step = -1.f;
-        double bc1 = 1.0, bc2 = 1.0;
-        for (int64_t k = wu.begin; k < wu.end; ++k) {
-          const int64_t r = index_at(rows[t], k);
-          const int64_t s = index_at(slots[t], k);
-          const float step = st[s] + 1.f;
-          st[s] = step;
-          if (step != last_step) {
-            bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-            bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-            last_step = step;
-          }
-          adamw_row_any<scalar_t>(pp + r * c, gp + r * c, m + s * c, v + s * c,
-                                  h ? (h_per_row ? h + r : h + r * c) : nullptr, h_per_row, p0 ? p0 + r * c : nullptr, c,
-                              static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)), hp);
+  parallel_units(split_work(counts, widths), widths, [&](const WorkUnit& wu) {
+    const int64_t t = wu.tensor;
+    const int64_t c = widths[t];
+    const at::Tensor& p = params[t];
+    float* m = exp_avgs[t].data_ptr<float>();
+    float* v = exp_avg_sqs[t].data_ptr<float>();
+    float* st = steps[t].data_ptr<float>();
+    const int64_t n_rows = rows_of(p), n_slots = steps[t].numel();
+    const float* h = hess ? (*hess)[t].const_data_ptr<float>() : nullptr;
+    const bool h_per_row = hess && (*hess)[t].numel() != p.numel();
+    TF_DISPATCH_PARAM_TYPES(p.scalar_type(), "masked_adamw_cpu", [&] {
+      scalar_t* pp = p.data_ptr<scalar_t>();
+      const scalar_t* gp = grads[t].const_data_ptr<scalar_t>();
+      const scalar_t* p0 = ref_params ? (*ref_params)[t].const_data_ptr<scalar_t>() : nullptr;
+      // rows selected together mostly share a step count: reuse the bias corrections
+      float last_step = -1.f;
+      double bc1 = 1.0, bc2 = 1.0;
+      int64_t r = wu.begin < wu.end ? index_at(rows[t], wu.begin) : 0;
+      int64_t s = wu.begin < wu.end ? index_at(slots[t], wu.begin) : 0;
+      for (int64_t k = wu.begin; k < wu.end; ++k) {
+        NextRow next;
+        int64_t r_next = -1, s_next = -1;
+        if (k + 1 < wu.end) {
+          r_next = index_at(rows[t], k + 1);
+          s_next = index_at(slots[t], k + 1);
+          if (r_next != r + 1) next.p = pp + r_next * c, next.g = gp + r_next * c;
+          if (s_next != s + 1) next.m = m + s_next * c, next.v = v + s_next * c;
         }
-      });
-    }
+        // the op layer validated the indices; this guards direct callers of the native op
+        TORCH_CHECK(r >= 0 && r < n_rows && s >= 0 && s < n_slots, "row or slot index out of range");
+        const float step = st[s] + 1.f;
+        st[s] = step;
+        if (step != last_step) {
+          bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+          bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+          last_step = step;
+        }
+        adamw_row_any<scalar_t>(pp + r * c, gp + r * c, m + s * c, v + s * c,
+                                h ? (h_per_row ? h + r : h + r * c) : nullptr, h_per_row, p0 ? p0 + r * c : nullptr, c,
+                                static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)), hp, next);
+        r = r_next;
+        s = s_next;
+      }
+    });
   });
 }
 
@@ -241,32 +287,28 @@ void hutchinson_diag_cpu(at::TensorList diags, at::TensorList hz, at::TensorList
   }
   const float n_seen = static_cast<float>(count + 1);
   const float keep = static_cast<float>(static_cast<double>(count) / static_cast<double>(count + 1));
-  const auto units = split_work(items, widths);
-  at::parallel_for(0, static_cast<int64_t>(units.size()), units_per_thread(units, widths), [&](int64_t ub, int64_t ue) {
-    for (int64_t u = ub; u < ue; ++u) {
-      const WorkUnit& wu = units[u];
-      const int64_t t = wu.tensor;
-      const int64_t c = widths[t];
-      float* d = diags[t].data_ptr<float>();
-      const bool per_row = diags[t].sizes() != hz[t].sizes();
-      TF_DISPATCH_PARAM_TYPES(hz[t].scalar_type(), "hutchinson_diag_cpu", [&] {
-        const scalar_t* hp = hz[t].const_data_ptr<scalar_t>();
-        const scalar_t* zp = z[t].const_data_ptr<scalar_t>();
-        for (int64_t k = wu.begin; k < wu.end; ++k) {
-          const int64_t r = rows ? index_at((*rows)[t], k) : k;
-          const scalar_t* hr = hp + r * c;
-          const scalar_t* zr = zp + r * c;
-          if (per_row) {
-            double acc = 0.0;
-            for (int64_t i = 0; i < c; ++i) acc += static_cast<double>(to_float(zr[i]) * to_float(hr[i]));
-            const float est = static_cast<float>(acc / static_cast<double>(c));
-            d[r] = d[r] * keep + est / n_seen;
-          } else {
-            running_mean_row(d + r * c, zr, hr, c, keep, n_seen);
-          }
+  parallel_units(split_work(items, widths), widths, [&](const WorkUnit& wu) {
+    const int64_t t = wu.tensor;
+    const int64_t c = widths[t];
+    float* d = diags[t].data_ptr<float>();
+    const bool per_row = diags[t].sizes() != hz[t].sizes();
+    TF_DISPATCH_PARAM_TYPES(hz[t].scalar_type(), "hutchinson_diag_cpu", [&] {
+      const scalar_t* hp = hz[t].const_data_ptr<scalar_t>();
+      const scalar_t* zp = z[t].const_data_ptr<scalar_t>();
+      for (int64_t k = wu.begin; k < wu.end; ++k) {
+        const int64_t r = rows ? index_at((*rows)[t], k) : k;
+        const scalar_t* hr = hp + r * c;
+        const scalar_t* zr = zp + r * c;
+        if (per_row) {
+          double acc = 0.0;
+          for (int64_t i = 0; i < c; ++i) acc += static_cast<double>(to_float(zr[i]) * to_float(hr[i]));
+          const float est = static_cast<float>(acc / static_cast<double>(c));
+          d[r] = d[r] * keep + est / n_seen;
+        } else {
+          running_mean_row(d + r * c, zr, hr, c, keep, n_seen);
         }
-      });
-    }
+      }
+    });
   });
 }
 

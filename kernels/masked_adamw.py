@@ -9,12 +9,11 @@ operation order.  Rows not listed are never touched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
+
+from trust_fast.ops.reference import AdamWArgs
 
 from .reduce import total
 from .launch import block_and_warps, element_offsets, int64_table, prefix_starts, table_block
@@ -104,24 +103,11 @@ def _masked_adamw_kernel(
             tl.store(p_row + cols, x.to(p_base.dtype.element_ty), mask=mask)
 
 
-def masked_adamw_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    rows: Sequence[Tensor],
-    slots: Sequence[Tensor],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    hess: Sequence[Tensor] | None,
-    ref_params: Sequence[Tensor] | None,
-    lam: float,
-) -> None:
-    """Triton backend of ``trust_fast::masked_adamw_`` (arguments already checked)."""
+def masked_adamw_(*args) -> None:
+    """Triton backend of ``trust_fast::masked_adamw_`` (arguments in ``AdamWArgs`` order, already checked)."""
+    params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, lr, beta1, beta2, eps, weight_decay, hess, ref_params, lam = (
+        AdamWArgs(*args)
+    )
     device = params[0].device
     hyper = torch.tensor([lr, beta1, beta2, eps, weight_decay, lam], dtype=torch.float64)
     hyper = hyper.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hyper.to(device)

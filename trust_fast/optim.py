@@ -60,7 +60,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._penalty: dict[Tensor, tuple[Tensor, Tensor]] = {}
         self._lam = 0.0
         # kernel arguments of the current rows and penalty, rebuilt when either changes
-        self._args: list[tuple[list[tuple], list[tuple]]] = []
+        self._args: list[list[tuple[list[Tensor], list[list[Tensor]], dict]]] = []
         self._args_stale = True
         # with compile, the kernel call runs as one torch.compile graph (the op traced by its fake)
         self._update = ops.masked_adamw_
@@ -186,8 +186,12 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     # -------------------------------------------------------------------- step
 
-    def _step_args(self, group: dict) -> tuple[list[tuple], list[tuple]]:
-        """(params without penalty, params with penalty) of ``group`` to update, as kernel argument tuples."""
+    def _step_args(self, group: dict) -> list[tuple[list[Tensor], list[list[Tensor]], dict]]:
+        """Kernel calls of ``group``: (params, [exp_avgs, exp_avg_sqs, steps, rows, slots], penalty kwargs).
+
+        One call for the params without a penalty, one for those with; built
+        once per row set and penalty, so a step only collects the gradients.
+        """
         plain: list[tuple] = []
         penal: list[tuple] = []
         for p in group["params"]:
@@ -198,7 +202,20 @@ class MaskedAdamW(torch.optim.Optimizer):
             n = st["num_slots"]
             item = (p, st["exp_avg"][:n], st["exp_avg_sq"][:n], st["step"][:n], rows, st["slot_of_row"][rows])
             (penal if (p in self._penalty and self._lam != 0.0) else plain).append(item)
-        return plain, penal
+        calls = []
+        for items, with_penalty in ((plain, False), (penal, True)):
+            if not items:
+                continue
+            params, *state = map(list, zip(*items))
+            extra = {}
+            if with_penalty:
+                extra = dict(
+                    hess=[self._penalty[p][0] for p in params],
+                    ref_params=[self._penalty[p][1] for p in params],
+                    lam=self._lam,
+                )
+            calls.append((params, state, extra))
+        return calls
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -210,23 +227,19 @@ class MaskedAdamW(torch.optim.Optimizer):
         if self._args_stale:
             self._args = [self._step_args(g) for g in self.param_groups]
             self._args_stale = False
-        for group, (plain, penal) in zip(self.param_groups, self._args):
+        for group, calls in zip(self.param_groups, self._args):
             beta1, beta2 = group["betas"]
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-            for items, with_penalty in ((plain, False), (penal, True)):
-                items = [it for it in items if it[0].grad is not None]
-                if not items:
-                    continue
-                if any(it[0].grad.is_sparse for it in items):
-                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
-                params, exp_avgs, exp_avg_sqs, steps, rows, slots = map(list, zip(*items))
-                extra = {}
-                if with_penalty:
-                    extra = dict(
-                        hess=[self._penalty[p][0] for p in params],
-                        ref_params=[self._penalty[p][1] for p in params],
-                        lam=self._lam,
-                    )
+            for params, state, extra in calls:
                 grads = [p.grad for p in params]
-                self._update(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, **hyper, **extra)
+                if any(g is None for g in grads):  # params without a gradient this step are skipped
+                    keep = [i for i, g in enumerate(grads) if g is not None]
+                    if not keep:
+                        continue
+                    params, grads = [params[i] for i in keep], [grads[i] for i in keep]
+                    state = [[xs[i] for i in keep] for xs in state]
+                    extra = {k: (v if k == "lam" else [v[i] for i in keep]) for k, v in extra.items()}
+                if any(g.is_sparse for g in grads):
+                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
+                self._update(params, grads, *state, **hyper, **extra)
         return loss

@@ -117,8 +117,9 @@ struct alignas(4 * sizeof(T)) Vec4 {
 };
 
 template <typename T, int kPenalty>
-__device__ __forceinline__ void adam_vec4(T* p, const T* g, float* m, float* v, const float* h, float h_row,
-                                          const T* p0, int64_t i, const AdamScalars& s) {
+__device__ __forceinline__ void adam_vec4(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m,
+                                          float* __restrict__ v, const float* __restrict__ h, float h_row,
+                                          const T* __restrict__ p0, int64_t i, const AdamScalars& s) {
   Vec4<T> pv = *reinterpret_cast<const Vec4<T>*>(p + i);
   const Vec4<T> gv = *reinterpret_cast<const Vec4<T>*>(g + i);
   float4 mv = *reinterpret_cast<const float4*>(m + i);
@@ -182,7 +183,10 @@ __global__ void __launch_bounds__(kThreads) masked_adamw_kernel(const AdamTensor
     float* m = t.m + sl * t.width;
     float* v = t.v + sl * t.width;
     if (t.vectorized) {
-      // four consecutive elements per lane: one vector load/store per array
+      // four consecutive elements per lane: one vector load/store per array.  The
+      // arrays never alias (__restrict__), so the unrolled iterations' loads are
+      // issued together instead of one memory round trip per 128 elements.
+#pragma unroll 4
       for (int64_t i = 4 * lane; i < t.width; i += 4 * kWarp) adam_vec4<T, kPenalty>(p, g, m, v, h, h_row, p0, i, s);
     } else {
       for (int64_t i = lane; i < t.width; i += kWarp) adam_element<T, kPenalty>(p, g, m, v, h, h_row, p0, i, s);

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import library as _library  # noqa: F401  (registers kernels and backends)
+from . import library as _library  # registers kernels and backends
 from . import reference
 from .registry import BACKEND_NAMES, available_backends, backend_for, use_backend
 
@@ -33,6 +33,17 @@ __all__ = [
     "rademacher_like",
     "reference",
 ]
+
+
+def _as_list(xs: Sequence[Tensor]) -> list[Tensor]:
+    return xs if isinstance(xs, list) else list(xs)
+
+
+def _detached(xs: list[Tensor]) -> list[Tensor]:
+    """``xs`` itself when no tensor in it requires grad (the common case: no new objects)."""
+    if any(isinstance(x, Tensor) and x.requires_grad for x in xs):
+        return [x.detach() if isinstance(x, Tensor) else x for x in xs]
+    return xs
 
 
 def row_saliency(
@@ -118,13 +129,21 @@ def masked_adamw_(
     """
     if not params:
         return
+    params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots = map(
+        _as_list, (params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots)
+    )
+    grads = _detached(grads)
+    hess = None if hess is None else _as_list(hess)
+    ref_params = None if ref_params is None else _detached(_as_list(ref_params))
+    args = (
+        params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, float(lr), float(beta1), float(beta2),
+        float(eps), float(weight_decay), hess, ref_params, float(lam),
+    )
     with torch.no_grad():
-        torch.ops.trust_fast.masked_adamw_(
-            list(params), [g.detach() for g in grads], list(exp_avgs), list(exp_avg_sqs), list(steps),
-            list(rows), list(slots), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-            None if hess is None else list(hess), None if ref_params is None else [p.detach() for p in ref_params],
-            float(lam),
-        )
+        if _library.can_route_directly(params, grads):
+            _library.route_masked_adamw(*args)
+        else:
+            torch.ops.trust_fast.masked_adamw_(*args)
 
 
 def hutchinson_diag_(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _native, reference
 from .registry import Backend, kernel_for, register_backend
@@ -28,34 +29,61 @@ def _device_of(tensors: Sequence[Tensor]) -> torch.device:
 # routing kernels
 
 
-@torch.library.impl(_OP + "row_saliency", ("CPU", "CUDA"))
-def _row_saliency(tensors: list[Tensor], weights: list[Tensor] | None, mode: str) -> Tensor:
+def route_row_saliency(tensors: list[Tensor], weights: list[Tensor] | None, mode: str) -> Tensor:
     reference.check_row_saliency(tensors, weights, mode)
     if not tensors:
         return torch.zeros(0, dtype=torch.float32)
     return kernel_for("row_saliency", _device_of(tensors))(tensors, weights, mode)
 
 
-@torch.library.impl(_OP + "select_rows", ("CPU", "CUDA"))
-def _select_rows(
+def route_select_rows(
     scores: Tensor, rows_per_tensor: list[int], xi: float, max_fraction: float | None
 ) -> list[Tensor]:
     reference.check_select_rows(scores, rows_per_tensor, xi, max_fraction)
     return kernel_for("select_rows", scores.device)(scores, rows_per_tensor, xi, max_fraction)
 
 
-@torch.library.impl(_OP + "masked_adamw_", ("CPU", "CUDA"))
-def _masked_adamw(*args) -> None:
+def route_masked_adamw(*args) -> None:
     reference.check_masked_adamw(*args)
     if args[0]:
         kernel_for("masked_adamw_", _device_of(args[0]))(*args)
 
 
-@torch.library.impl(_OP + "hutchinson_diag_", ("CPU", "CUDA"))
-def _hutchinson_diag(diags, hz, z, rows, count) -> None:
+def route_hutchinson_diag(diags, hz, z, rows, count) -> None:
     reference.check_hutchinson_diag(diags, hz, z, rows, count)
     if diags:
         kernel_for("hutchinson_diag_", _device_of(diags))(diags, hz, z, rows, count)
+
+
+for _name, _route in (
+    ("row_saliency", route_row_saliency),
+    ("select_rows", route_select_rows),
+    ("masked_adamw_", route_masked_adamw),
+    ("hutchinson_diag_", route_hutchinson_diag),
+):
+    torch.library.impl(_OP + _name, ("CPU", "CUDA"))(_route)
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def can_route_directly(*tensor_lists: Sequence[Tensor]) -> bool:
+    """Whether a public op may call its routing kernel without the dispatcher round trip.
+
+    True for plain CPU/CUDA tensors in eager mode: the dispatcher would pick
+    the routing kernel itself.  Under torch.compile, a dispatch mode (fake
+    tensors, functionalization), a functorch transform or with tensor
+    subclasses the op goes through ``torch.ops`` so that they see it.
+    """
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    for ts in tensor_lists:
+        for t in ts:
+            if type(t) not in _PLAIN_TENSOR_TYPES:
+                return False
+    return True
 
 
 # ----------------------------------------------------------------------------

@@ -9,7 +9,10 @@ naming the argument.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
+from itertools import chain
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -187,42 +190,117 @@ def check_select_rows(
         _fail(ValueError, f"max_fraction must be in [0, 1], got {max_fraction}")
 
 
-def check_masked_adamw(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    rows: Sequence[Tensor],
-    slots: Sequence[Tensor],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    hess: Sequence[Tensor] | None,
-    ref_params: Sequence[Tensor] | None,
-    lam: float,
-) -> None:
-    names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "rows", "slots")
-    lists = (params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots)
-    for n, xs in zip(names, lists):
-        _check_list(n, xs)
-        _check_same_len("params", params, n, xs)
+class AdamWArgs(NamedTuple):
+    """Arguments of ``trust_fast::masked_adamw_`` in schema order; shapes in ``trust_fast.ops.masked_adamw_``."""
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    exp_avgs: Sequence[Tensor]
+    exp_avg_sqs: Sequence[Tensor]
+    steps: Sequence[Tensor]
+    rows: Sequence[Tensor]
+    slots: Sequence[Tensor]
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    hess: Sequence[Tensor] | None
+    ref_params: Sequence[Tensor] | None
+    lam: float
+
+
+_ADAM_MARK = "_trust_fast_adam_checked"
+
+
+def _adam_state_lists(a: AdamWArgs) -> tuple:
+    """The tensor lists whose checks are cached (all but grads, which may be new tensors every step)."""
+    return (a.params, a.exp_avgs, a.exp_avg_sqs, a.steps, a.rows, a.slots,
+            () if a.hess is None else a.hess, () if a.ref_params is None else a.ref_params)
+
+
+def _adam_checked_before(a: AdamWArgs) -> bool:
+    """Whether these very tensors passed the checks before, the index tensors unmodified since.
+
+    The mark lives on params[0]: weak references to every tensor (so it keeps
+    nothing alive) and the version counters of rows and slots.  Gradients may
+    be new tensors every step (``zero_grad(set_to_none=True)``): new ones are
+    compared with their params (shape, dtype, device) and then remembered.
+    """
+    mark = getattr(a.params[0], _ADAM_MARK, None)
+    if mark is None:
+        return False
+    refs, lengths, versions, grad_refs = mark
+    lists = _adam_state_lists(a)
+    if not all(isinstance(xs, (list, tuple)) for xs in lists) or lengths != tuple(map(len, lists)):
+        return False
+    for ref, t in zip(refs, chain.from_iterable(lists)):
+        if ref() is not t:
+            return False
+    try:
+        if versions != tuple(t._version for t in chain(a.rows, a.slots)):
+            return False
+    except RuntimeError:  # inference tensors have no version counter
+        return False
+    grads = a.grads
+    if not isinstance(grads, (list, tuple)) or len(grads) != len(a.params):
+        return False
+    if all(ref() is g for ref, g in zip(grad_refs, grads)):
+        return True
+    if not _grads_ok(a.params, grads):
+        return False
+    _mark_adam_checked(a)
+    return True
+
+
+def _mark_adam_checked(a: AdamWArgs) -> None:
+    lists = _adam_state_lists(a)
+    try:
+        versions = tuple(t._version for t in chain(a.rows, a.slots))
+        refs = tuple(weakref.ref(t) for t in chain.from_iterable(lists))
+        grad_refs = tuple(weakref.ref(g) for g in a.grads)
+        setattr(a.params[0], _ADAM_MARK, (refs, tuple(map(len, lists)), versions, grad_refs))
+    except (RuntimeError, TypeError):
+        pass
+
+
+def _grads_ok(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+    for p, g in zip(params, grads):
+        if not (isinstance(g, Tensor) and g.shape == p.shape and g.dtype == p.dtype and g.device == p.device):
+            return False
+    return True
+
+
+def check_masked_adamw(*args) -> None:
+    """Check the arguments of ``masked_adamw_`` (:class:`AdamWArgs` order).
+
+    The per-tensor checks of params, state and indices run once per argument
+    set: an optimizer passing the same tensors step after step (rows and slots
+    unmodified) pays only for the scalar checks and a shape/dtype comparison
+    of each gradient.
+    """
+    a = AdamWArgs(*args)
+    params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots = a[:7]
+    hess, ref_params = a.hess, a.ref_params
+    for n, v in (("lr", a.lr), ("eps", a.eps), ("weight_decay", a.weight_decay), ("lam", a.lam)):
+        _check_finite(n, v)
+    for n, b in (("beta1", a.beta1), ("beta2", a.beta2)):
+        if not 0.0 <= b < 1.0:
+            _fail(ValueError, f"{n} must be in [0, 1), got {b}")
+    if a.eps < 0:
+        _fail(ValueError, f"eps must be >= 0, got {a.eps}")
     if (hess is None) != (ref_params is None):
         _fail(ValueError, "hess and ref_params must be given together (the penalty is lam*hess*(param - ref_param))")
+    if params and isinstance(params, (list, tuple)) and isinstance(params[0], Tensor) and _adam_checked_before(a):
+        return
+    for n, xs in zip(a._fields[:7], a[:7]):
+        _check_list(n, xs)
+        _check_same_len("params", params, n, xs)
     if hess is not None:
         _check_list("hess", hess)
         _check_list("ref_params", ref_params)
         _check_same_len("params", params, "hess", hess)
         _check_same_len("params", params, "ref_params", ref_params)
-    for n, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("lam", lam)):
-        _check_finite(n, v)
-    for n, b in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 <= b < 1.0:
-            _fail(ValueError, f"{n} must be in [0, 1), got {b}")
-    if eps < 0:
-        _fail(ValueError, f"eps must be >= 0, got {eps}")
     if not params:
         return
     device = params[0].device
@@ -230,6 +308,7 @@ def check_masked_adamw(
         _explain_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, hess, ref_params, device)
     check_indices("rows", rows, [rows_of(p) for p in params], device)
     check_indices("slots", slots, [st.shape[0] for st in exp_avgs], device)
+    _mark_adam_checked(a)
 
 
 def _adam_tensors_ok(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, hess, ref_params, device) -> bool:
@@ -394,24 +473,14 @@ def select_rows(
     return [part.clone() for part in torch.split(local, per)]
 
 
-def masked_adamw_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    rows: Sequence[Tensor],
-    slots: Sequence[Tensor],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    hess: Sequence[Tensor] | None,
-    ref_params: Sequence[Tensor] | None,
-    lam: float,
-) -> None:
-    """AdamW (torch.optim.AdamW's formulas) on ``params[i][rows[i]]`` with state in slots ``slots[i]``."""
+def masked_adamw_(*args) -> None:
+    """AdamW (torch.optim.AdamW's formulas) on ``params[i][rows[i]]`` with state in slots ``slots[i]``.
+
+    Arguments in :class:`AdamWArgs` order.
+    """
+    params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, lr, beta1, beta2, eps, weight_decay, hess, ref_params, lam = (
+        AdamWArgs(*args)
+    )
     for i, p in enumerate(params):
         r = rows[i].long()
         if r.numel() == 0:
