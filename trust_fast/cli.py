@@ -169,6 +169,8 @@ def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: in
     from .evaluation import evaluate
 
     unlearner = TrustUnlearner(pipe, spec, cfg, prompts=prompts)
+    # "before" is the original model, so a resumed run evaluates before loading its checkpoint
+    before, imgs_before = _evaluate_world(pipe, spec, n_per_prompt, eval_seed) if world else (None, None)
     if resume is not None:
         done = load_checkpoint(unlearner, resume)
         print(f"resuming from step {done} of {cfg.steps} ({resume})")
@@ -177,7 +179,6 @@ def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: in
     if not world:
         unlearner.run(**run)
         return unlearner, unlearner.report(), None
-    before, imgs_before = _evaluate_world(pipe, spec, n_per_prompt, eval_seed)
 
     def eval_fn(u):
         r = evaluate(pipe, spec, n_per_prompt=1, seed=eval_seed)
