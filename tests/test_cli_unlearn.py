@@ -19,7 +19,9 @@ def test_unlearn_writes_a_loadable_pipeline_and_report(tmp_path, capsys):
         assert key in report, key
     assert report["method"] == "esd" and report["steps"] == 2 and len(report["history"]) == 2
     assert 0.0 <= report["ua_after"] <= 1.0 and report["trainable_params"] > 0
-    assert "ua_before" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["ua", "retain_acc"]  # the before/after table
+    assert [ln.split()[0] for ln in lines[1:3]] == ["before", "after"]
     assert main(["generate", "--model", str(out), "--prompt", "a red circle", "--n", "2", "--steps", "5",
                  "--out", str(tmp_path / "gen")]) == 0
 

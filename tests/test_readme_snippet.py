@@ -7,7 +7,7 @@ MARKER = "<!-- snippet: diffusers-loop -->"
 
 
 def snippet() -> str:
-    for name in ("README.md", "README_engine.md"):
+    for name in ("README.md",):
         path = os.path.join(ROOT, name)
         if os.path.isfile(path):
             text = open(path, encoding="utf-8").read()
