@@ -18,7 +18,6 @@ if not torch.cuda.is_available():
 import pytest
 
 import trust_fast.ops as ops
-from trust_fast.ops import reference
 
 SHAPES = [(1, 1), (7, 13), (3, 5, 3, 3), (17,), (2, 1000), (33, 65)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -7,7 +7,6 @@ but tests run a few steps of each to keep this code working.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import shutil
