@@ -8,7 +8,6 @@ from the user (files or lists) and A, B are free text.
 """
 from __future__ import annotations
 
-import itertools
 import re
 from dataclasses import dataclass, field
 
@@ -66,11 +65,6 @@ class PromptSet:
     retain_attrs: list[dict[str, str]] = field(default_factory=list)
 
 
-def _descriptions() -> list[dict[str, str]]:
-    names = list(vocab.ATTRIBUTES)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(vocab.values(a) for a in names))]
-
-
 def shows(spec: ConceptSpec, attrs: dict[str, str]) -> bool:
     """Whether attributes (of a prompt, or predicted for an image) show the concept to be erased:
     A for a single concept, A and B together for a combination or a conditional concept."""
@@ -95,7 +89,7 @@ def world_prompts(spec: ConceptSpec, templates: range | list[int] | None = None,
                            ("forget", "anchors", "retain", "forget_attrs", "retain_attrs")))
     templates = list(templates if templates is not None else range(vocab.N_UNLEARN_TEMPLATES))
     forget, anchors, retain, f_attrs, r_attrs = [], [], [], [], []
-    for d in _descriptions():
+    for d in vocab.descriptions():
         if shows(spec, d):
             k = len(forget)
             replaced = spec.terms()[k % 2] if spec.kind == "combination" else spec.a

@@ -7,13 +7,6 @@ import torch
 from . import vocab
 
 
-def all_descriptions() -> list[dict[str, str]]:
-    import itertools
-
-    names = list(vocab.ATTRIBUTES)
-    return [dict(zip(names, c)) for c in itertools.product(*(vocab.values(a) for a in names))]
-
-
 def measure_quality(pipe, classifier, n_per_prompt: int = 4, seed: int = 0, steps: int | None = None,
                     guidance: float | None = None, every_template: bool = True) -> dict:
     """color/shape/texture/all accuracy over every description x template (or, without
@@ -24,7 +17,7 @@ def measure_quality(pipe, classifier, n_per_prompt: int = 4, seed: int = 0, step
 
     steps, guidance = steps or DEFAULT_STEPS, guidance or DEFAULT_GUIDANCE
     reps = len(vocab.TEMPLATES) if every_template else 1
-    attrs = [d for d in all_descriptions() for _ in range(reps)]
+    attrs = [d for d in vocab.descriptions() for _ in range(reps)]
     prompts = [vocab.caption(d, t % len(vocab.TEMPLATES)) for t, d in enumerate(attrs)]
     pred = classifier.predict(sample_images(pipe, prompts, n_per_prompt, seed, steps, guidance))
     truth = {k: torch.tensor([vocab.index_of(k, a[k]) for a in attrs for _ in range(n_per_prompt)])
@@ -38,7 +31,7 @@ def measure_quality(pipe, classifier, n_per_prompt: int = 4, seed: int = 0, step
         syn_prompts, syn_truth = [], []
         for value, syns in vocab.ATTRIBUTES[attr].items():
             for s in syns:
-                for k, d in enumerate(x for x in all_descriptions() if x[attr] == value):
+                for k, d in enumerate(x for x in vocab.descriptions() if x[attr] == value):
                     syn_prompts.append(vocab.caption(d, k % len(vocab.TEMPLATES), {attr: s}))
                     syn_truth.append(vocab.index_of(attr, value))
         p = classifier.predict(sample_images(pipe, syn_prompts, n_per_prompt, seed + 1, steps, guidance))[attr]

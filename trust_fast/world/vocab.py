@@ -90,6 +90,14 @@ def describe(attrs: dict[str, str], synonyms: dict[str, str] | None = None) -> s
     return " ".join(words)
 
 
+def descriptions() -> list[dict[str, str]]:
+    """Every fully described image kind: one dict attribute -> value per combination, fixed order."""
+    import itertools
+
+    names = list(ATTRIBUTES)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(values(a) for a in names))]
+
+
 def caption(attrs: dict[str, str], template: int = 0, synonyms: dict[str, str] | None = None) -> str:
     return TEMPLATES[template].format(describe(attrs, synonyms))
 
