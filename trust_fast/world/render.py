@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .vocab import ATTRIBUTES, caption, values
+from .vocab import ATTRIBUTES, TEMPLATES, caption, values
 
 RGB: dict[str, tuple[float, float, float]] = {
     "red": (0.90, 0.12, 0.10),
@@ -88,8 +88,6 @@ def random_captions(batch: Batch, generator: torch.Generator, p_drop: dict[str, 
                     p_synonym: float = 0.25, p_uncond: float = 0.1, n_templates: int | None = None) -> list[str]:
     """Training captions for a batch: attributes randomly omitted, synonyms and templates mixed in,
     and a fraction of empty captions for classifier-free guidance."""
-    from .vocab import TEMPLATES
-
     p_drop = p_drop or {"color": 0.15, "shape": 0.15, "texture": 0.35}
     n_templates = n_templates or len(TEMPLATES)
     out = []
