@@ -84,3 +84,30 @@ def test_user_prompts_and_errors(tmp_path):
     f.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ValueError, match="not UTF-8"):
         read_prompt_file(str(f), "forget prompts")
+
+
+def test_combination_anchor_replaces_the_word_written_last():
+    # caption order is texture, color, shape: "red+circle" keeps red and maps the circle away,
+    # whichever order the spec names them in
+    for spec in ("red+circle", "circle+red"):
+        ps = world_prompts(parse_concept(spec))
+        for f, a in zip(ps.forget, ps.anchors):
+            assert "red" in a and "circle" not in a and f.replace("circle", a.split()[-1]) == a
+    ps = world_prompts(parse_concept("striped+blue"))
+    assert all("striped" in a and "blue" not in a for a in ps.anchors)
+    # outside the world: the term the prompt itself writes last
+    s = parse_concept("van gogh+starry night", world=False)
+    assert user_prompts(s, ["a van gogh painting of a starry night", "starry night by van gogh"]).anchors == [
+        "a van gogh painting of a", "starry night by"]
+
+
+def test_neighbors_of_two_term_concepts():
+    s = parse_concept("red+circle")
+    ps = world_prompts(s)
+    nb = ps.neighbors(s)
+    # red squares/triangles (2 shapes x 2 textures) and non-red circles (3 colors x 2 textures)
+    assert len(nb) == 10
+    assert all(("red" in ps.retain[i]) != ("circle" in ps.retain[i]) for i in nb)
+    assert world_prompts(parse_concept("red")).neighbors(parse_concept("red")) == []
+    u = user_prompts(parse_concept("cat|hat", world=False), ["a cat in a hat"], ["a cat", "a hat", "a dog"])
+    assert u.neighbors(parse_concept("cat|hat", world=False)) == [0, 1]
