@@ -149,10 +149,28 @@ def test_config_validation_names_the_problem(untrained_world):
         TrustConfig().replace(learning_rate=1.0)
     with pytest.raises(ValueError, match="retain objective"):
         TrustConfig(retain_objective="none").validate()
+    with pytest.raises(ValueError, match="retain_neighbors"):
+        TrustConfig(retain_neighbors=1.5).validate()
     with pytest.raises(ValueError, match="unknown method"):
         methods.config("fmn")
     with pytest.raises(ValueError, match="prompts"):
         TrustUnlearner(tiny_sd_pipeline(), "nudity")
+
+
+def test_retain_batches_oversample_the_neighbors_of_a_pair(untrained_world):
+    u = TrustUnlearner(fresh(untrained_world), "red+circle", TrustConfig(retain_neighbors=0.5, **SMALL))
+    u.prepare()
+    nb = set(u.prompts.neighbors(u.concept))
+    assert nb and len(nb) < len(u.prompts.retain)
+    drawn = []
+    for _ in range(50):
+        b = u._retain_batch(8)
+        # which retain prompt each row came from: match its embedding
+        idx = [int((u.emb_retain - c).abs().flatten(1).sum(1).argmin()) for c in b.cond]
+        assert all(i in nb for i in idx[:4])  # the first half is drawn from the neighbours
+        drawn += idx[4:]
+    # the rest is uniform over all retain prompts, neighbours included
+    assert set(drawn) - nb and set(drawn) & nb
 
 
 def test_stable_diffusion_pipeline_with_vae_unlearns_and_round_trips(tmp_path):
@@ -177,3 +195,42 @@ def test_stable_diffusion_pipeline_with_vae_unlearns_and_round_trips(tmp_path):
         assert torch.equal(p, dict(pipe.unet.named_parameters())[n].detach()), n
     assert json.load(open(tmp_path / "out" / "model_index.json"))["_class_name"] == "StableDiffusionPipeline"
     assert s["loss_retain"] is not None
+
+
+def test_adversarial_prefix_lowers_the_attack_loss_and_enters_forget_batches(untrained_world, tmp_path):
+    from trust_fast import objectives
+    from trust_fast.checkpoint import load_checkpoint, save_checkpoint
+    from trust_fast.softprompt import encode_with_prefix, prefixed_ids
+
+    cfg = TrustConfig(adv_prefix=3, adv_steps=8, adv_interval=100, adv_lr=0.05, adv_fraction=0.5, steps=1, **SMALL)
+    u = TrustUnlearner(fresh(untrained_world), "red", cfg)
+    u.prepare()
+    te = u.pipe.text_encoder
+    ids = prefixed_ids(u.pipe.tokenizer, u.prompts.forget, 3)
+    g = torch.Generator().manual_seed(5)
+    x0 = u.pools["forget"][:, 0]
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    noisy = objectives.add_noise(x0, noise, t, u.alphas_cumprod)
+
+    def attack_loss(prefix):  # what the adversary minimizes: the model's diffusion loss on the concept
+        with torch.no_grad():
+            return float(objectives.mse(u.pred(noisy, t, encode_with_prefix(te, ids, prefix)), noise))
+
+    u.refresh_adversary()
+    first = u.adv_prefix.clone()
+    for _ in range(3):
+        u.refresh_adversary()
+    assert u.emb_forget_adv.shape == u.emb_forget.shape
+    assert attack_loss(u.adv_prefix) < attack_loss(first)
+    # half of a forget batch is conditioned on the prefixed prompts, the other half on the plain ones
+    b = u._forget_batch(8)
+    adv_rows = [any(torch.equal(c, e) for e in u.emb_forget_adv) for c in b.cond]
+    assert adv_rows == [False] * 4 + [True] * 4
+    # the adversary's state survives a checkpoint
+    u.step()
+    save_checkpoint(u, str(tmp_path))
+    v = TrustUnlearner(fresh(untrained_world), "red", cfg)
+    load_checkpoint(v, str(tmp_path))
+    assert torch.equal(v.adv_prefix, u.adv_prefix) and torch.equal(v.emb_forget_adv, u.emb_forget_adv)
+    assert v.adv_optimizer.state_dict()["state"][0]["step"] == u.adv_optimizer.state_dict()["state"][0]["step"]

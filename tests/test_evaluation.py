@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from trust_fast.evaluation import frechet_distance
-from trust_fast.evaluation.attacks import _prefix_hook, _prefixed_ids
+from trust_fast.softprompt import prefix_hook, prefixed_ids
 from trust_fast.evaluation.metrics import attribute_accuracy, format_table
 
 
@@ -36,7 +36,7 @@ def test_prefix_hook_replaces_exactly_the_prefix_positions():
 
     pipe = build_untrained_pipeline()
     te, tok = pipe.text_encoder, pipe.tokenizer
-    ids = _prefixed_ids(tok, "a red circle", k=3)
+    ids = prefixed_ids(tok, ["a red circle"], k=3)
     assert ids.shape == (1, tok.model_max_length)
     emb = te.get_input_embeddings()
     prefix = torch.randn(3, emb.weight.shape[1], requires_grad=True)
@@ -44,7 +44,7 @@ def test_prefix_hook_replaces_exactly_the_prefix_positions():
     handle = emb.register_forward_hook(lambda m, i, o: captured.setdefault("plain", o.detach().clone()))
     te(ids)
     handle.remove()
-    with _prefix_hook(te, prefix):
+    with prefix_hook(te, prefix):
         out = te(ids)[0]
         inner = emb(ids)
     assert torch.equal(inner[0, 1:4], prefix.detach())

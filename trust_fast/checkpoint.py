@@ -55,6 +55,9 @@ def save_checkpoint(unlearner, directory: str) -> str:
                        else {"diags": [d.cpu() for d in u.hutchinson.diags], "count": u.hutchinson.count}),
         "pools": None if u.pools is None else {k: v.cpu() for k, v in u.pools.items()},
         "mask": None if u.mask is None else [m.cpu() for m in u.mask],
+        "adversary": (None if u.adv_prefix is None else
+                      {"prefix": u.adv_prefix.detach().cpu(), "optimizer": u.adv_optimizer.state_dict(),
+                       "emb_forget": u.emb_forget_adv.cpu(), "seconds": u.adv_seconds}),
         "step_count": u.step_count,
         "skipped_steps": u.skipped_steps,
         "seconds": u.seconds,
@@ -125,6 +128,13 @@ def load_checkpoint(unlearner, directory: str) -> int:
         u.pools = {k: v.to(u.device, u.dtype) for k, v in state["pools"].items()}
     if state["mask"] is not None:
         u.mask = [m.to(u.device) for m in state["mask"]]
+    adv = state.get("adversary")
+    if adv is not None:
+        u.adv_prefix = adv["prefix"].to(u.pipe.text_encoder.device)
+        u.adv_optimizer = torch.optim.Adam([u.adv_prefix], lr=u.config.adv_lr)
+        u.adv_optimizer.load_state_dict(adv["optimizer"])
+        u.emb_forget_adv = adv["emb_forget"].to(u.device, u.dtype)
+        u.adv_seconds = adv["seconds"]
     u.step_count = state["step_count"]
     u.skipped_steps = state["skipped_steps"]
     u.seconds, u.pool_seconds = state["seconds"], state["pool_seconds"]

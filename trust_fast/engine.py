@@ -46,6 +46,7 @@ class TrustConfig:
     batch_size: int = 16               # forget batch per step
     retain_batch_size: int = 16
     alpha: float = 3.0                 # weight of the retain loss
+    retain_neighbors: float = 0.0      # "A+B"/"A|B": fraction of a retain batch drawn from A-without-B, B-without-A
     forget_objective: str = "anchor"   # anchor | esd (negative guidance) | pseudo (SalUn: current model on anchor)
     retain_objective: str = "distill"  # distill (frozen model) | diffusion (noise target) | none
     eta: float = 1.0                   # negative-guidance scale of the esd objective
@@ -64,6 +65,11 @@ class TrustConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
+    adv_prefix: int = 0                # adversarial soft prefix of this many tokens (0: off)
+    adv_steps: int = 5                 # Adam steps on the prefix per refresh (it is warm-started)
+    adv_interval: int = 10             # refresh the adversarial prefix every this many steps
+    adv_lr: float = 0.01
+    adv_fraction: float = 0.5          # fraction of a forget batch conditioned on the prefixed prompts
     x0_per_prompt: int = 2             # cached data-free images per prompt
     x0_steps: int = 10                 # DDIM steps used to sample them
     x0_guidance: float | None = None   # CFG scale for them (None: the pipeline's default)
@@ -79,14 +85,19 @@ class TrustConfig:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         for name in ("steps", "batch_size", "retain_batch_size", "loc_interval", "hvp_interval", "diag_interval",
-                     "diag_samples", "x0_per_prompt", "x0_steps"):
+                     "diag_samples", "x0_per_prompt", "x0_steps", "adv_steps", "adv_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not math.isfinite(self.xi):
             raise ValueError(f"xi must be a finite number, got {self.xi}")
         if self.max_fraction is not None and not 0.0 < self.max_fraction <= 1.0:
             raise ValueError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
-        for name in ("lr", "alpha", "lam", "eta", "weight_decay"):
+        for name in ("retain_neighbors", "adv_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.adv_prefix < 0:
+            raise ValueError(f"adv_prefix must be >= 0, got {self.adv_prefix}")
+        for name in ("lr", "alpha", "lam", "eta", "weight_decay", "adv_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.hessian != "none" and self.retain_objective == "none":
@@ -192,6 +203,8 @@ class TrustUnlearner:
         if not prompts.retain:
             prompts = PromptSet(prompts.forget, prompts.anchors, sorted(set(prompts.anchors)) + [""])
         self.prompts = prompts
+        self._neighbors = (torch.tensor(prompts.neighbors(concept), dtype=torch.int64, device=self.device)
+                           if concept is not None else torch.zeros(0, dtype=torch.int64, device=self.device))
 
         self.targets: list[Target] = find_targets(self.unet, cfg.targets)
         self.trainable_params = freeze_all_but(self.unet, self.targets)
@@ -236,6 +249,10 @@ class TrustUnlearner:
         self.mask: list[Tensor] | None = None
         self.hutchinson = (HutchinsonDiagonal(self.params, self.generator) if cfg.hessian == "diag" else None)
         self.pools: dict[str, Tensor] | None = None
+        self.adv_prefix: Tensor | None = None      # the adversary's soft prefix (k, D), float32
+        self.adv_optimizer: torch.optim.Adam | None = None
+        self.emb_forget_adv: Tensor | None = None  # forget prompts encoded behind it
+        self.adv_seconds = 0.0
         self.step_count = 0
         self.seconds = 0.0
         self.pool_seconds = 0.0
@@ -295,7 +312,7 @@ class TrustUnlearner:
         t0 = time.perf_counter()
         cfg = self.config
         pools = {}
-        if cfg.x0_from in ("forget", "forget+anchor") or cfg.localization == "static":
+        if cfg.x0_from in ("forget", "forget+anchor") or cfg.localization == "static" or cfg.adv_prefix:
             pools["forget"] = self.sample_x0(self.emb_forget, cfg.x0_per_prompt)
         if cfg.x0_from in ("anchor", "forget+anchor"):
             pools["anchor"] = self.sample_x0(self.emb_anchor, cfg.x0_per_prompt)
@@ -325,11 +342,57 @@ class TrustUnlearner:
             use_anchor = torch.rand(n, generator=self.generator, device=self.device) < 0.5
             x0 = torch.where(use_anchor.view(-1, 1, 1, 1), self.pools["anchor"][i, j], x0)
         noisy, t, noise = self._noisy(x0)
-        return _Batch(noisy, t, self.emb_forget[i], x0, noise, self.emb_anchor[i])
+        cond = self.emb_forget[i]
+        k = round(cfg.adv_fraction * n) if self.emb_forget_adv is not None else 0
+        if k:  # the last k rows see the forget prompt behind the adversary's prefix
+            cond = torch.cat([cond[:n - k], self.emb_forget_adv[i[n - k:]]])
+        return _Batch(noisy, t, cond, x0, noise, self.emb_anchor[i])
+
+    def refresh_adversary(self) -> None:
+        """AdvUnlearn's inner loop, made cheap: one soft prefix shared by all forget prompts,
+        warm-started across refreshes, takes `adv_steps` Adam steps that *minimize the current
+        model's diffusion loss* on images of the concept (what an UnlearnDiffAtk attacker does);
+        the forget prompts are then re-encoded behind it, and a fraction of every forget batch is
+        mapped to the anchors from there. Under torch.distributed the prefix gradient is averaged,
+        so every rank holds the same prefix."""
+        from .softprompt import encode_with_prefix, prefixed_ids, random_prefix
+
+        cfg = self.config
+        te, tok = self.pipe.text_encoder, self.pipe.tokenizer
+        t0 = time.perf_counter()
+        if self.adv_prefix is None:
+            self.adv_prefix = random_prefix(te, cfg.adv_prefix, self.generator).to(te.device)
+            self.adv_optimizer = torch.optim.Adam([self.adv_prefix], lr=cfg.adv_lr)
+        ids = prefixed_ids(tok, self.prompts.forget, cfg.adv_prefix).to(te.device)
+        pool = self.pools["forget"]
+        prefix = self.adv_prefix.requires_grad_(True)
+        for _ in range(cfg.adv_steps):
+            n = cfg.batch_size
+            i = torch.randint(0, pool.shape[0], (n,), generator=self.generator, device=self.device)
+            j = torch.randint(0, pool.shape[1], (n,), generator=self.generator, device=self.device)
+            x0 = pool[i, j]
+            noisy, t, noise = self._noisy(x0)
+            target = objectives.diffusion_target(x0, noise, t, self.alphas_cumprod, self.prediction_type)
+            cond = encode_with_prefix(te, ids[i.to(ids.device)], prefix).to(self.device, self.dtype)
+            (g,) = torch.autograd.grad(objectives.mse(self.pred(noisy, t, cond), target), [prefix])
+            distributed.average_([g])
+            if _all_finite([g]):
+                prefix.grad = g
+                self.adv_optimizer.step()
+            prefix.grad = None
+        prefix.requires_grad_(False)
+        with torch.no_grad():
+            self.emb_forget_adv = torch.cat([encode_with_prefix(te, ids[k:k + 256], prefix)
+                                             for k in range(0, ids.shape[0], 256)]).to(self.device, self.dtype)
+        self.adv_seconds += time.perf_counter() - t0
 
     def _retain_batch(self, n: int) -> _Batch:
         pool = self.pools["retain"]
         i = torch.randint(0, pool.shape[0], (n,), generator=self.generator, device=self.device)
+        k = round(self.config.retain_neighbors * n) if self._neighbors.numel() else 0
+        if k:  # the first k draws come from the concept's neighbours (A without B, B without A)
+            pick = torch.randint(0, self._neighbors.numel(), (k,), generator=self.generator, device=self.device)
+            i[:k] = self._neighbors[pick]
         j = torch.randint(0, pool.shape[1], (n,), generator=self.generator, device=self.device)
         x0 = pool[i, j]
         noisy, t, noise = self._noisy(x0)
@@ -505,6 +568,9 @@ class TrustUnlearner:
         self.prepare()
         cfg = self.config
         t0 = time.perf_counter()
+        if cfg.adv_prefix and self.step_count % cfg.adv_interval == 0:
+            self.refresh_adversary()
+        t_adv = time.perf_counter() - t0
         fb = self._forget_batch(cfg.batch_size)
         use_retain = cfg.retain_objective != "none" and cfg.alpha > 0
         rb = self._retain_batch(cfg.retain_batch_size) if use_retain else None
@@ -519,7 +585,8 @@ class TrustUnlearner:
         loss_r = self.retain_loss(rb.noisy, rb.t, rb.cond, target=r_target, x0=rb.x0, noise=rb.noise) if rb else None
         t1 = time.perf_counter()
         stats = self.update(loss_f, loss_r)
-        stats["time_forward"] = t1 - t0
+        stats["time_forward"] = t1 - t0 - t_adv
+        stats["time_adversary"] = t_adv
         stats["seconds"] = time.perf_counter() - t0
         self.seconds += stats["seconds"]
         self.history.steps.append(stats)

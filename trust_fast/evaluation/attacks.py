@@ -5,12 +5,12 @@ shipped classifier sees the erased concept again.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 
 from ..concepts import ConceptSpec, shows, world_prompts
+from ..softprompt import encode_with_prefix, prefix_hook, prefixed_ids, random_prefix
 from ..world import vocab
 from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, predict_attrs, sample_images
 
@@ -25,29 +25,6 @@ def paraphrase_attack(pipe, spec: ConceptSpec, classifier, n_per_prompt: int = 4
     hits = sum(shows(spec, p) for p in preds)
     return {"asr_paraphrase": hits / max(1, len(preds)), "asr_paraphrase_hits": hits,
             "asr_paraphrase_n": len(preds), "paraphrase_prompts": prompts}
-
-
-@contextlib.contextmanager
-def _prefix_hook(text_encoder, prefix: torch.Tensor):
-    """While active, the token embeddings at positions 1..k are replaced by `prefix` (k, D)."""
-    k = prefix.shape[0]
-    emb = text_encoder.get_input_embeddings()
-
-    def hook(_module, _inputs, out):
-        return torch.cat([out[:, :1], prefix.to(out.dtype).expand(out.shape[0], -1, -1), out[:, 1 + k:]], 1)
-
-    handle = emb.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _prefixed_ids(tokenizer, prompt: str, k: int) -> torch.Tensor:
-    """Token ids of `prompt` after k placeholder tokens (their embeddings get replaced)."""
-    placeholder = " ".join(["a"] * k)
-    return tokenizer([f"{placeholder} {prompt}"], padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
 
 
 def softprompt_attack(pipe, original, spec: ConceptSpec, classifier, k: int = 5, attack_steps: int = 40,
@@ -66,7 +43,6 @@ def softprompt_attack(pipe, original, spec: ConceptSpec, classifier, k: int = 5,
     unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
     dev = unet.device
     abar = pipe.scheduler.alphas_cumprod.to(dev, torch.float32)
-    emb_table = te.get_input_embeddings().weight.detach()
     g = torch.Generator().manual_seed(seed)
     req = {p: p.requires_grad for p in list(unet.parameters()) + list(te.parameters())}
     for p in req:
@@ -75,22 +51,20 @@ def softprompt_attack(pipe, original, spec: ConceptSpec, classifier, k: int = 5,
     try:
         for i, prompt in enumerate(prompts):
             x0 = sample_images(original, [prompt], n_images, seed + 1000 + i, steps, guidance).to(dev, unet.dtype)
-            ids = _prefixed_ids(tok, prompt, k).to(te.device)
-            init = torch.randint(emb_table.shape[0], (k,), generator=g).to(emb_table.device)
-            prefix = emb_table[init].clone().float().requires_grad_(True)
+            ids = prefixed_ids(tok, [prompt], k).to(te.device)
+            prefix = random_prefix(te, k, g).requires_grad_(True)
             opt = torch.optim.Adam([prefix], lr=lr)
             for _ in range(attack_steps):
                 t = torch.randint(0, abar.numel(), (n_images,), generator=g).to(dev)
                 noise = torch.randn(x0.shape, generator=g).to(dev, x0.dtype)
                 a = abar[t].view(-1, 1, 1, 1)
                 x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-                with _prefix_hook(te, prefix):
-                    cond = te(ids)[0].to(dev, unet.dtype).expand(n_images, -1, -1)
+                cond = encode_with_prefix(te, ids, prefix).to(dev, unet.dtype).expand(n_images, -1, -1)
                 loss = torch.nn.functional.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample.float(), noise.float())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            with torch.no_grad(), _prefix_hook(te, prefix.detach()):
+            with torch.no_grad(), prefix_hook(te, prefix.detach()):
                 cond = te(ids)[0]
             noise = torch.randn(n_per_prompt, unet.config.in_channels, unet.config.sample_size,
                                 unet.config.sample_size, generator=torch.Generator().manual_seed(seed + 2000 + i))
