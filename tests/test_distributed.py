@@ -82,3 +82,36 @@ def test_two_gloo_ranks_select_the_same_rows_and_end_identical(tmp_path):
         assert r["after"] < 0.7 * r["before"], (r["before"], r["after"])
     assert "ranks selected different rows at step 99" in r0["mismatch"] and r1["mismatch"]
     print(f"2-rank DDP unlearning test: {seconds:.1f} s")
+
+
+def test_cli_unlearn_under_torchrun_two_ranks(tmp_path):
+    """`torchrun --nproc_per_node 2 -m trust_fast.cli unlearn ...`: both ranks train, end with
+    bit-identical weights (report.weights_sha256 is checked across ranks before saving), rank 0
+    alone writes the pipeline and the report."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "trust_fast.cli", "unlearn", "--concept", "red", "--steps", "4",
+           "--x0-per-prompt", "1", "--x0-steps", "2", "--batch-size", "8", "--no-eval", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 4
+    assert len(report["weights_sha256"]) == 64
+    assert report["mean_selected_rows"] > 0
+    # the saved weights are the ones both ranks agreed on
+    from trust_fast import distributed as tfd
+    from trust_fast.world import load_pipeline
+
+    pipe = load_pipeline(str(out), "cpu")
+    names = report["config"]["targets"]
+    from trust_fast.localize import find_targets
+
+    params = [p for t in find_targets(pipe.unet, names) for p in t.params]
+    assert tfd.weights_digest(params) == report["weights_sha256"]
+    # one copy of the table and the "wrote" line: only rank 0 printed
+    assert r.stdout.count("wrote the unlearned pipeline") == 1

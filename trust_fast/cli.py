@@ -223,14 +223,33 @@ def cmd_unlearn(args) -> int:
         retain = read_prompt_file(args.retain_prompts, "retain prompts") if args.retain_prompts else None
         prompts = user_prompts(spec, read_prompt_file(args.forget_prompts, "forget prompts"), retain, args.anchor)
     cfg = _unlearning_config(args)
-    pipe = load_pipeline(args.model)
-    unlearner, report, _ = _unlearn(pipe, spec, cfg, prompts, world=world and prompts is None and not args.no_eval,
-                                    n_per_prompt=args.n_per_prompt, eval_seed=args.seed, eval_every=args.eval_every,
-                                    resume=args.resume, checkpoint_dir=checkpoint_dir if args.checkpoint_every else None,
-                                    checkpoint_every=args.checkpoint_every)
-    unlearner.save(args.out)
-    report["model"] = args.model
-    write_json_atomic(report, os.path.join(args.out, "report.json"))
+    from . import distributed
+
+    # under torchrun / accelerate launch: every rank trains (gradients averaged before localization),
+    # rank 0 alone evaluates, saves and reports
+    launched = distributed.init_from_env()
+    try:
+        lead = distributed.rank() == 0
+        pipe = load_pipeline(args.model)
+        unlearner, report, _ = _unlearn(pipe, spec, cfg, prompts,
+                                        world=world and prompts is None and not args.no_eval and lead,
+                                        n_per_prompt=args.n_per_prompt, eval_seed=args.seed,
+                                        eval_every=args.eval_every, progress=lead, resume=args.resume,
+                                        checkpoint_dir=checkpoint_dir if args.checkpoint_every else None,
+                                        checkpoint_every=args.checkpoint_every)
+        digests = distributed.gather_digests(unlearner.params)
+        if len(set(digests)) > 1:
+            raise distributed.RankMismatchError(f"ranks ended with different weights: {digests}")
+        if lead:
+            unlearner.save(args.out)
+            report.update(model=args.model, world_size=distributed.world_size(), weights_sha256=digests[0])
+            write_json_atomic(report, os.path.join(args.out, "report.json"))
+        distributed.barrier()
+    finally:
+        if launched:
+            distributed.shutdown()
+    if not lead:
+        return 0
     from .evaluation import format_table
 
     if "ua_before" in report:
@@ -396,10 +415,12 @@ def _add_patch_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import RankMismatchError
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RankMismatchError) as e:
         if args.debug:
             raise
         print(f"trust-fast: error: {e}", file=sys.stderr)

@@ -10,6 +10,8 @@ is a no-op, so single-process code pays nothing.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
 
 import torch
@@ -112,5 +114,61 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-__all__ = ["active", "rank", "world_size", "average_", "rows_checksum", "check_same_rows", "any_rank",
+def init_from_env() -> bool:
+    """Join the process group that `torchrun` or `accelerate launch` describe in the environment
+    (WORLD_SIZE > 1, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL when CUDA is available (each
+    process on GPU LOCAL_RANK), gloo otherwise. Returns True when this call created the group (the
+    caller then destroys it with :func:`shutdown`); False for a single process or a group that
+    already exists."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise ValueError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {name} is not set: launch with "
+                             "torchrun or accelerate launch, which set all of them")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def weights_digest(tensors: Sequence[Tensor]) -> str:
+    """SHA-256 of the tensors' bytes, in order: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def gather_digests(tensors: Sequence[Tensor]) -> list[str]:
+    """Every rank's :func:`weights_digest` (rank order), on every rank; one entry outside a group."""
+    digest = weights_digest(tensors)
+    if not active():
+        return [digest]
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, digest)
+    return out
+
+
+__all__ = ["init_from_env", "shutdown", "barrier", "weights_digest", "gather_digests", "active", "rank", "world_size", "average_", "rows_checksum", "check_same_rows", "any_rank",
            "RankMismatchError"]
