@@ -234,3 +234,42 @@ def test_adversarial_prefix_lowers_the_attack_loss_and_enters_forget_batches(unt
     load_checkpoint(v, str(tmp_path))
     assert torch.equal(v.adv_prefix, u.adv_prefix) and torch.equal(v.emb_forget_adv, u.emb_forget_adv)
     assert v.adv_optimizer.state_dict()["state"][0]["step"] == u.adv_optimizer.state_dict()["state"][0]["step"]
+
+
+def test_finalize_resets_rows_updated_fewer_than_min_row_updates(untrained_world, tmp_path):
+    u = TrustUnlearner(fresh(untrained_world), "red", TrustConfig(steps=6, min_row_updates=3, **SMALL))
+    for _ in range(6):
+        u.step()
+    trained = [p.detach().clone() for p in u.params]
+    pos = {id(p): k for k, p in enumerate(u.params)}
+    counts = {}
+    for t in u.targets:
+        rows, n = u.optimizer.row_updates(t.weight)
+        counts[t.name] = dict(zip(rows.tolist(), n.tolist()))
+    assert any(c < 3 for cs in counts.values() for c in cs.values())   # the test means something
+    assert any(c >= 3 for cs in counts.values() for c in cs.values())
+    info = u.finalize()
+    assert info["rows_reset"] == sum(c < 3 for cs in counts.values() for c in cs.values())
+    for t in u.targets:
+        k = pos[id(t.weight)]
+        for r in range(t.rows):
+            c = counts[t.name].get(r, 0)
+            expect = u.theta0[k][r] if c < 3 else trained[k][r]
+            assert torch.equal(t.weight[r], expect), (t.name, r, c)
+    assert u.finalize() is info                      # idempotent
+    assert u.report()["finalized"]["rows_kept"] == info["rows_kept"]
+    u.step()
+    assert u.finalized is None                       # a new step reopens the edit
+
+
+def test_run_and_save_finalize_and_dense_methods_are_untouched(untrained_world, tmp_path):
+    u = TrustUnlearner(fresh(untrained_world), "red", TrustConfig(steps=3, min_row_updates=2, **SMALL))
+    u.run()
+    assert u.finalized is not None and u.finalized["min_row_updates"] == 2
+    e = TrustUnlearner(fresh(untrained_world), "red", methods.config("esd", steps=2, **SMALL))
+    e.run()
+    before = [p.detach().clone() for p in e.params]
+    assert e.finalize()["rows_reset"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, e.params))
+    with pytest.raises(ValueError, match="min_row_updates"):
+        TrustConfig(min_row_updates=0).validate()

@@ -115,7 +115,7 @@ def _unlearning_config(args):
 
     overrides = {"seed": args.seed}
     for name in ("steps", "hessian", "lr", "xi", "max_fraction", "alpha", "lam", "loc_interval", "batch_size",
-                 "x0_per_prompt", "x0_steps"):
+                 "x0_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -372,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="weight of the retain loss")
     p.add_argument("--lam", type=float, default=None, help="weight of the Hessian penalty")
     p.add_argument("--loc-interval", type=int, default=None, help="re-localize every N steps (default 1)")
+    p.add_argument("--retain-neighbors", type=float, default=None,
+                   help="A+B, A|B: fraction of retain batches drawn from A-without-B and B-without-A (default 0.5)")
+    p.add_argument("--adv-prefix", type=int, default=None, metavar="K",
+                   help="train against an adversarial soft prefix of K tokens (default 0: off)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--x0-per-prompt", type=int, default=None, help="data-free images cached per prompt (default 2)")
     p.add_argument("--x0-steps", type=int, default=None, help="DDIM steps that sample them (default 10)")

@@ -154,6 +154,16 @@ class MaskedAdamW(torch.optim.Optimizer):
         st["row_of_slot"][used:need] = fresh
         st["num_slots"] = need
 
+    def row_updates(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, counts): every row of `p` that was ever selected and how many steps updated it
+        (its slot's step count). Empty tensors for a parameter never selected."""
+        st = self.state.get(p)
+        if not st or "num_slots" not in st:
+            empty = torch.zeros(0, dtype=torch.int64, device=p.device)
+            return empty, empty
+        n = st["num_slots"]
+        return st["row_of_slot"][:n].clone(), st["step"][:n].to(torch.int64)
+
     def state_bytes(self) -> int:
         """Bytes held by optimizer state tensors (moments, step counts, slot tables)."""
         return sum(
