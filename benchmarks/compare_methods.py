@@ -83,7 +83,7 @@ def run_one(concept: str, method: str, steps: int | None, seed: int, eval_every:
             "optimizer_state_bytes": u.state_bytes()["optimizer_state_bytes"],
             "evals": u.history.evals, "final": {k: v for k, v in final.items() if k != "softprompt"},
             "phases": {k: sum(s.get(k, 0.0) for s in rep["history"]) for k in rep["history"][0] if k.startswith("time_")},
-            "pool_seconds": u.pool_seconds, "config": rep.get("config")}
+            "pool_seconds": u.pool_seconds, "config": rep.get("config"), "threads": torch.get_num_threads()}
 
 
 def fmt(v) -> str:
@@ -159,9 +159,10 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=None, help="override every method's step count")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--n-per-prompt", type=int, default=4)
     ap.add_argument("--softprompt-steps", type=int, default=40)
+    ap.add_argument("--jobs", type=int, default=1, help="runs side by side (each then uses one thread)")
     ap.add_argument("--one", nargs=2, metavar=("CONCEPT", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -171,23 +172,41 @@ def main() -> int:
         with open(args.json_out, "w") as f:
             json.dump(row, f)
         return 0
-    rows = []
-    for concept in args.concepts.split(","):
-        for method in args.methods.split(","):
+    runs = [(c, m) for c in args.concepts.split(",") for m in args.methods.split(",")]
+    os.makedirs(RESULTS, exist_ok=True)
+    env = dict(os.environ)
+    if args.jobs > 1:  # runs side by side: one thread each, so they do not fight over the cores
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    pending, running, done = list(runs), [], {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(runs), desc="compare")
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            concept, method = pending.pop(0)
             out = os.path.join(RESULTS, f".run_{method}_{concept.replace('|', '_if_')}.json")
-            os.makedirs(RESULTS, exist_ok=True)
             cmd = [sys.executable, __file__, "--one", concept, method, "--json-out", out, "--seed", str(args.seed),
                    "--eval-every", str(args.eval_every), "--n-per-prompt", str(args.n_per_prompt),
                    "--softprompt-steps", str(args.softprompt_steps)] + (["--steps", str(args.steps)] if args.steps else [])
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True)
+            running.append((concept, method, out, time.perf_counter(),
+                            subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)))
+        time.sleep(1.0)
+        for item in list(running):
+            concept, method, out, t0, proc = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode != 0:
+                raise SystemExit(f"run {concept} / {method} failed with exit code {proc.returncode}")
             with open(out) as f:
-                rows.append(json.load(f))
+                r = done[(concept, method)] = json.load(f)
             os.unlink(out)
-            r = rows[-1]
-            print(f"{concept:12s} {method:6s} ua {r['ua']:.3f} retain {r['retain_acc']:.3f} "
-                  f"to-0.05 {fmt(r['secs_to_ua05'])} s, total {r['seconds']:.1f} s (run {time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+            bar.update(1)
+            bar.write(f"{concept:12s} {method:6s} ua {r['ua']:.3f} retain {r['retain_acc']:.3f} "
+                      f"to-0.05 {fmt(r['secs_to_ua05'])} s, total {r['seconds']:.1f} s "
+                      f"(run {time.perf_counter() - t0:.0f} s)")
+    bar.close()
+    rows = [done[k] for k in runs]
     write_outputs(rows, "python benchmarks/compare_methods.py " + " ".join(sys.argv[1:]))
     print(markdown(rows))
     return 0
