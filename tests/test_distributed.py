@@ -86,21 +86,22 @@ def test_two_gloo_ranks_select_the_same_rows_and_end_identical(tmp_path):
 
 def test_cli_unlearn_under_torchrun_two_ranks(tmp_path):
     """`torchrun --nproc_per_node 2 -m trust_fast.cli unlearn ...`: both ranks train, end with
-    bit-identical weights (report.weights_sha256 is checked across ranks before saving), rank 0
-    alone writes the pipeline and the report."""
+    bit-identical weights (report.weights_sha256 is checked across ranks before saving), the
+    concept's rate drops, rank 0 alone evaluates and writes the pipeline and the report."""
     import json
     import subprocess
     import sys
 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "trust_fast.cli", "unlearn", "--concept", "red", "--steps", "4",
-           "--x0-per-prompt", "1", "--x0-steps", "2", "--batch-size", "8", "--no-eval", "--out", str(out)]
+           str(_free_port()), "-m", "trust_fast.cli", "unlearn", "--concept", "red", "--steps", "20",
+           "--x0-per-prompt", "1", "--x0-steps", "5", "--batch-size", "8", "--n-per-prompt", "1", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["world_size"] == 2 and report["steps"] == 4
+    assert report["world_size"] == 2 and report["steps"] == 20
+    assert report["ua_before"] >= 0.8 and report["ua_after"] <= 0.5 * report["ua_before"], report["ua_after"]
     assert len(report["weights_sha256"]) == 64
     assert report["mean_selected_rows"] > 0
     # the saved weights are the ones both ranks agreed on
