@@ -82,23 +82,19 @@ def shows(spec: ConceptSpec, attrs: dict[str, str]) -> bool:
     return all(attrs.get(vocab.meaning(t).attribute) == t for t in spec.terms())
 
 
-def last_written(spec: ConceptSpec) -> str:
-    """The term of a world spec whose word comes last in a caption (word order texture, color, shape)."""
-    return max(spec.terms(), key=lambda t: vocab.ATTRIBUTE_ORDER.index(vocab.meaning(t).attribute))
-
-
 def world_prompts(spec: ConceptSpec, templates: range | list[int] | None = None,
                   synonyms: bool = False, every_template: bool = False) -> PromptSet:
     """Forget/anchor/retain prompts of the shapes world for a parsed spec.
 
     Each fully described image kind (texture, color, shape) is one prompt; templates rotate over
-    the prompts (default: the unlearning templates). The anchor replaces the erased word by another
-    value of the same attribute, rotating through the alternatives. A conditional concept replaces
-    A and keeps B. A combination replaces the term written last (:func:`last_written`): with a
-    causal (CLIP) text encoder only that word's embedding has seen the other term, so mapping it
-    away changes "red circle" without touching the embedding "red" has in "red square"; measured
-    on "red+circle", alternating the replaced word cost red non-circles 12% of their accuracy,
-    replacing the last word cost nothing.
+    the prompts (default: the unlearning templates). The anchor replaces A, the first term of the
+    spec, by another value of its attribute, rotating through the alternatives, and keeps B: for
+    "A|B" because B must survive, for "A+B" because replacing either term erases the pair and
+    one fixed choice keeps the edit consistent ("red+circle" -> blue/green/yellow circles; write
+    "circle+red" to map red circles to red squares and triangles instead). Measured on the
+    built-in model (BENCHMARKS.md, "Engine"): replacing the color erases red circles fully
+    (UA 0.000) with red non-circles at 0.95x, replacing the shape leaves UA 0.125, and
+    alternating between the two costs red non-circles 12%.
     With `synonyms`, each prompt's concept words are written as their first synonym (paraphrases).
     With `every_template`, each description appears once per template instead (training sets).
     """
@@ -112,7 +108,7 @@ def world_prompts(spec: ConceptSpec, templates: range | list[int] | None = None,
     for d in vocab.descriptions():
         if shows(spec, d):
             k = len(forget)
-            replaced = last_written(spec) if spec.kind == "combination" else spec.a
+            replaced = spec.a
             attr = vocab.meaning(replaced).attribute
             others = [v for v in vocab.values(attr) if v != replaced]
             anchor = dict(d, **{attr: others[k % len(others)]})
@@ -133,8 +129,7 @@ def user_prompts(spec: ConceptSpec, forget: list[str], retain: list[str] | None 
     """Prompt sets for a model outside the shapes world, from the user's prompts.
 
     Each forget prompt must mention every term of the spec (case-insensitive). Without an
-    explicit anchor, a prompt's anchor is the prompt with the erased term removed: A, or for a
-    combination the term the prompt writes last (see :func:`world_prompts`)."""
+    explicit anchor, a prompt's anchor is the prompt with the erased term (A) removed."""
     forget = [p.strip() for p in forget if p.strip()]
     if not forget:
         raise ValueError("forget prompts are empty: give at least one prompt that contains the concept")
@@ -142,12 +137,7 @@ def user_prompts(spec: ConceptSpec, forget: list[str], retain: list[str] | None 
     if missing:
         raise ValueError(f"concept {str(spec)!r} is absent from forget prompt(s): {missing[:3]}")
     if anchor is None:
-        def erased(p: str) -> str:  # A; for a combination, whichever term the prompt writes last
-            if spec.kind != "combination":
-                return spec.a
-            return max(spec.terms(), key=lambda t: p.lower().rfind(t))
-
-        anchors = [re.sub(rf"\s*\b{re.escape(erased(p))}\b", "", p, flags=re.I).strip() for p in forget]
+        anchors = [re.sub(rf"\s*\b{re.escape(spec.a)}\b", "", p, flags=re.I).strip() for p in forget]
     elif isinstance(anchor, str):
         anchors = [anchor] * len(forget)
     else:
