@@ -98,7 +98,8 @@ def markdown(rows: list[dict]) -> str:
     cols = ["concept", "method", "ua", "retain_acc", "fd", "asr_paraphrase", "asr_softprompt", "secs_to_ua05",
             "seconds", "train_mem_mb"]
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    return head + "".join("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |\n" for r in rows)
+    cell = lambda v: fmt(v).replace("|", "\\|")  # noqa: E731  ("red|circle" inside a table)
+    return head + "".join("| " + " | ".join(cell(r.get(c)) for c in cols) + " |\n" for r in rows)
 
 
 def write_outputs(rows: list[dict], command: str) -> None:
