@@ -50,6 +50,9 @@ def test_unlearn_a_stable_diffusion_directory_from_prompt_files(tmp_path, capsys
                  "--out", str(tmp_path / "o")]) == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["steps"] == 2 and report["config"]["hessian"] == "hvp" and "ua_before" not in report
+    # 2 steps cannot update a row 3 times: finalize restores every row, and the CLI says so
+    assert report["finalized"]["rows_kept"] == 0 and report["finalized"]["rows_ever_updated"] > 0
+    assert "warning: no row was updated 3 times" in capsys.readouterr().err
     assert json.loads((tmp_path / "o" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
 
 

@@ -115,7 +115,7 @@ def _unlearning_config(args):
 
     overrides = {"seed": args.seed}
     for name in ("steps", "hessian", "lr", "xi", "max_fraction", "alpha", "lam", "loc_interval", "batch_size",
-                 "x0_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix"):
+                 "x0_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix", "min_row_updates"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -260,6 +260,11 @@ def cmd_unlearn(args) -> int:
     keys = ["steps", "seconds", "mean_selected_rows", "mean_selected_fraction", "trainable_params",
             "optimizer_state_bytes"]
     print(format_table([(f"{report['method']} {report['concept']}", report)], keys))
+    fin = report.get("finalized") or {}
+    if fin.get("rows_ever_updated") and not fin.get("rows_kept"):
+        print(f"warning: no row was updated {fin['min_row_updates']} times, so finalize returned every row to its "
+              "original weights and the model is unchanged; run more --steps or lower --min-row-updates",
+              file=sys.stderr)
     print(f"wrote the unlearned pipeline and report.json to {args.out}")
     return 0
 
@@ -374,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loc-interval", type=int, default=None, help="re-localize every N steps (default 1)")
     p.add_argument("--retain-neighbors", type=float, default=None,
                    help="A+B, A|B: fraction of retain batches drawn from A-without-B and B-without-A (default 0.5)")
+    p.add_argument("--min-row-updates", type=int, default=None, metavar="N",
+                   help="at the end, rows updated fewer than N times return to their original weights (default 3)")
     p.add_argument("--adv-prefix", type=int, default=None, metavar="K",
                    help="train against an adversarial soft prefix of K tokens (default 0: off)")
     p.add_argument("--batch-size", type=int, default=None)
