@@ -66,8 +66,8 @@ class TrustConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     adv_prefix: int = 0                # adversarial soft prefix of this many tokens (0: off)
-    adv_steps: int = 5                 # Adam steps on the prefix per refresh (it is warm-started)
-    adv_interval: int = 10             # refresh the adversarial prefix every this many steps
+    adv_steps: int = 10                # Adam steps on the prefix per refresh (it is warm-started)
+    adv_interval: int = 5              # refresh the adversarial prefix every this many steps
     adv_lr: float = 0.01
     adv_fraction: float = 0.5          # fraction of a forget batch conditioned on the prefixed prompts
     x0_per_prompt: int = 2             # cached data-free images per prompt
