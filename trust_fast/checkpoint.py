@@ -11,23 +11,17 @@ same base model, which a fingerprint of the frozen target weights checks.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict
 
 import torch
 
+from . import distributed
+
 FILE = "checkpoint.pt"
 FORMAT = "trust_fast.checkpoint/1"
 # fields that may differ between the run and its resumption (more steps, other progress output)
 _FREE_FIELDS = ("steps",)
-
-
-def _digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _config(unlearner) -> dict:
@@ -46,7 +40,7 @@ def save_checkpoint(unlearner, directory: str) -> str:
         "concept": str(u.concept) if u.concept is not None else None,
         "config": _config(u),
         "names": list(u._names),
-        "base_digest": _digest(base) if base is not None else None,
+        "base_digest": distributed.weights_digest(base) if base is not None else None,
         "params": [p.detach().cpu().clone() for p in u.params],
         "optimizer": u.optimizer.state_dict(),
         "localizer_rows": (None if u.localizer is None or u.localizer.rows is None
@@ -75,8 +69,6 @@ def save_checkpoint(unlearner, directory: str) -> str:
 def checkpoint_file(directory: str) -> str:
     """This process's checkpoint file: one per rank under torch.distributed (ranks draw different
     batches, so their generators and data-free caches differ)."""
-    from . import distributed
-
     name = FILE if distributed.world_size() == 1 else f"checkpoint-rank{distributed.rank()}.pt"
     return os.path.join(directory, name)
 
@@ -110,7 +102,7 @@ def load_checkpoint(unlearner, directory: str) -> int:
                          "resume with the same options")
     if state["names"] != u._names:
         raise ValueError(f"checkpoint {path!r} has other target parameters than this model")
-    if u.theta0 is not None and state["base_digest"] != _digest(u.theta0):
+    if u.theta0 is not None and state["base_digest"] != distributed.weights_digest(u.theta0):
         raise ValueError(f"checkpoint {path!r} was made from another base model (target weights differ)")
 
     for p, v in zip(u.params, state["params"]):

@@ -170,5 +170,5 @@ def gather_digests(tensors: Sequence[Tensor]) -> list[str]:
     return out
 
 
-__all__ = ["init_from_env", "shutdown", "barrier", "weights_digest", "gather_digests", "active", "rank", "world_size", "average_", "rows_checksum", "check_same_rows", "any_rank",
-           "RankMismatchError"]
+__all__ = ["active", "rank", "world_size", "average_", "rows_checksum", "check_same_rows", "any_rank",
+           "RankMismatchError", "init_from_env", "shutdown", "barrier", "weights_digest", "gather_digests"]

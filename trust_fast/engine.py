@@ -253,6 +253,7 @@ class TrustUnlearner:
         self.adv_prefix: Tensor | None = None      # the adversary's soft prefix (k, D), float32
         self.adv_optimizer: torch.optim.Adam | None = None
         self.emb_forget_adv: Tensor | None = None  # forget prompts encoded behind it
+        self._adv_ids: Tensor | None = None
         self.adv_seconds = 0.0
         self.step_count = 0
         self.seconds = 0.0
@@ -365,7 +366,9 @@ class TrustUnlearner:
         if self.adv_prefix is None:
             self.adv_prefix = random_prefix(te, cfg.adv_prefix, self.generator).to(te.device)
             self.adv_optimizer = torch.optim.Adam([self.adv_prefix], lr=cfg.adv_lr)
-        ids = prefixed_ids(tok, self.prompts.forget, cfg.adv_prefix).to(te.device)
+        if self._adv_ids is None:  # the prompts never change: tokenize them once
+            self._adv_ids = prefixed_ids(tok, self.prompts.forget, cfg.adv_prefix).to(te.device)
+        ids = self._adv_ids
         pool = self.pools["forget"]
         prefix = self.adv_prefix.requires_grad_(True)
         for _ in range(cfg.adv_steps):
