@@ -4,9 +4,10 @@ Each (concept, method) runs in its own subprocess so that its peak memory is its
 run, UA and retain accuracy are evaluated on a schedule (small sample, evaluation time excluded
 from the clock); `secs_to_ua05` is the method's own wall-clock (data-free image cache + steps) at
 the first evaluation with UA <= 0.05. At the end: the full report (UA, retain, fd, paraphrase and
-soft-prompt attacks) on the default evaluation sample.
+soft-prompt attacks) on the default evaluation sample. Methods: trust (TrustConfig defaults),
+trust-adv (the same with its opt-in adversarial prefix, adv_prefix=5), salun, esd.
 
-    python benchmarks/compare_methods.py                       # all 5 concepts x 3 methods
+    python benchmarks/compare_methods.py                       # all 5 concepts x 4 methods
     python benchmarks/compare_methods.py --concepts red --methods trust,esd
 
 Writes benchmarks/results/compare.csv, compare.json, compare.png, the per-run history plots, and the
@@ -26,7 +27,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 CONCEPTS = ["red", "circle", "striped", "red+circle", "red|circle"]
-METHODS = ["trust", "salun", "esd"]
+METHODS = ["trust", "trust-adv", "salun", "esd"]
+# named configurations beside the registered methods: TRUST with its opt-in adversarial prefix
+VARIANTS = {"trust-adv": ("trust", {"adv_prefix": 5})}
 COLUMNS = ["concept", "method", "ua", "retain_acc", "retain_before", "fd", "fd_self", "asr_paraphrase",
            "asr_softprompt", "secs_to_ua05", "seconds", "steps", "peak_rss_mb", "train_mem_mb", "trainable_params",
            "mean_selected_rows", "optimizer_state_bytes"]
@@ -53,7 +56,8 @@ def run_one(concept: str, method: str, steps: int | None, seed: int, eval_every:
     reference = load_pipeline("shapes")
     before = evaluate(reference, spec, classifier, n_per_prompt=n_per_prompt, seed=seed)
     pipe = load_pipeline("shapes")
-    cfg = config(method, seed=seed, **({"steps": steps} if steps else {}))
+    base, extra = VARIANTS.get(method, (method, {}))
+    cfg = config(base, seed=seed, **extra, **({"steps": steps} if steps else {}))
     rss0 = _rss_mb()
     u = TrustUnlearner(pipe, concept=spec, config=cfg)
 
@@ -174,6 +178,11 @@ def main() -> int:
             json.dump(row, f)
         return 0
     runs = [(c, m) for c in args.concepts.split(",") for m in args.methods.split(",")]
+    from trust_fast.methods import METHODS as REGISTERED
+
+    unknown = sorted({m for _, m in runs} - set(REGISTERED) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(list(REGISTERED) + list(VARIANTS))}")
     os.makedirs(RESULTS, exist_ok=True)
     env = dict(os.environ)
     if args.jobs > 1:  # runs side by side: one thread each, so they do not fight over the cores
