@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ops_table import timed_together  # noqa: E402
 from sd15_shapes import HARDCODED_A, HARDCODED_B  # noqa: E402
 
 from trust_fast.optim import MaskedAdamW  # noqa: E402
@@ -66,15 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "masked_contiguous": contiguous.step,
         "fused_on_fraction": torch.optim.AdamW(small, lr=1e-5, fused=True).step,
     }
-    for fn in contenders.values():  # warm-up: state allocation, first touch
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(args.repeats):
-        for k, fn in contenders.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: m for k, (m, _) in timed_together(contenders, args.repeats).items()}
     n_sel = sum(k * (s.numel() // s.shape[0]) for k, s in zip(counts, params))
     print(f"set {args.set}: {len(shapes)} tensors, {sum(p.numel() for p in params):,} weights; "
           f"{args.fraction:.0%} of rows = {n_sel:,} elements; {args.threads} thread(s), {args.repeats} repeats")

@@ -20,12 +20,12 @@ def compare():
 def test_every_compared_method_is_a_valid_configuration(compare):
     from trust_fast.methods import config
 
+    cfgs = {}
     for name in compare.METHODS:
         base, extra = compare.VARIANTS.get(name, (name, {}))
-        cfg = config(base, **extra)
-        cfg.validate()
-        assert cfg.method == base
-    adv = config(*compare.VARIANTS["trust-adv"][:1], **compare.VARIANTS["trust-adv"][1])
+        cfgs[name] = config(base, **extra)
+        cfgs[name].validate()
+    adv = cfgs["trust-adv"]
     assert adv.adv_prefix == 5 and config("trust").adv_prefix == 0
     assert adv.replace(adv_prefix=0) == config("trust")  # the variant differs in the adversary only
 
