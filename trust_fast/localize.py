@@ -14,7 +14,16 @@ from torch import Tensor, nn
 
 from . import ops
 
-DEFAULT_TARGETS: tuple[str, ...] = ("*attn2.to_q", "*attn2.to_k", "*attn2.to_v")
+#: The modules of the paper's reviewed version: the cross-attention projections, where the prompt's
+#: tokens are read.
+ATTN2_QKV_TARGETS: tuple[str, ...] = ("*attn2.to_q", "*attn2.to_k", "*attn2.to_v")
+#: TRUST's default: the cross-attention projections and the feed-forward layers of the same
+#: transformer blocks (GEGLU projection and output).  Editing only q/k/v changes how the
+#: concept's words are read, and optimized prefix embeddings find another way in (soft-prompt
+#: ASR 0.94-0.96 on circle and striped in the shapes world); neurons in the feed-forward layers
+#: also carry what is drawn, and selecting among them too brought that ASR to 0.09 (circle) and
+#: 0.40-0.42 (striped) at no cost in retain accuracy (BENCHMARKS.md, "Engine").
+DEFAULT_TARGETS: tuple[str, ...] = ATTN2_QKV_TARGETS + ("*ff.net.0.proj", "*ff.net.2")
 
 
 @dataclass

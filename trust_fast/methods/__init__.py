@@ -2,7 +2,7 @@
 
 | method | trains | localization | forget objective | retain | optimizer |
 | --- | --- | --- | --- | --- | --- |
-| trust | attn2 to_q/to_k/to_v | dynamic rows, z > xi every step | anchor mapping (frozen) | self-distillation + Hessian | MaskedAdamW |
+| trust | attn2 to_q/to_k/to_v + ff.net.0.proj/ff.net.2 | dynamic rows, z > xi every step | anchor mapping (frozen) | self-distillation + Hessian | MaskedAdamW |
 | salun | whole UNet | static top-50% weight mask, once | current model on a pseudo prompt | diffusion loss x 0.5 | Adam, grad *= mask |
 | esd | all of attn2 (esd-x) | none (dense) | negative guidance, eta 1 | none | Adam |
 """
