@@ -30,6 +30,14 @@ CONCEPTS = ["red", "circle", "striped", "red+circle", "red|circle"]
 METHODS = ["trust", "trust-adv", "salun", "esd"]
 # named configurations beside the registered methods: TRUST with its opt-in adversarial prefix
 VARIANTS = {"trust-adv": ("trust", {"adv_prefix": 5})}
+
+
+def method_config(name: str, **overrides):
+    """The TrustConfig a compared method runs with: a registered method or a named variant."""
+    from trust_fast.methods import config
+
+    base, extra = VARIANTS.get(name, (name, {}))
+    return config(base, **extra, **overrides)
 COLUMNS = ["concept", "method", "ua", "retain_acc", "retain_before", "fd", "fd_self", "asr_paraphrase",
            "asr_softprompt", "secs_to_ua05", "seconds", "steps", "peak_rss_mb", "train_mem_mb", "trainable_params",
            "mean_selected_rows", "optimizer_state_bytes"]
@@ -47,7 +55,6 @@ def run_one(concept: str, method: str, steps: int | None, seed: int, eval_every:
     from trust_fast import TrustUnlearner
     from trust_fast.concepts import parse_concept
     from trust_fast.evaluation import evaluate, full_report
-    from trust_fast.methods import config
     from trust_fast.world import load_classifier, load_pipeline
 
     torch.manual_seed(seed)
@@ -56,8 +63,7 @@ def run_one(concept: str, method: str, steps: int | None, seed: int, eval_every:
     reference = load_pipeline("shapes")
     before = evaluate(reference, spec, classifier, n_per_prompt=n_per_prompt, seed=seed)
     pipe = load_pipeline("shapes")
-    base, extra = VARIANTS.get(method, (method, {}))
-    cfg = config(base, seed=seed, **extra, **({"steps": steps} if steps else {}))
+    cfg = method_config(method, seed=seed, **({"steps": steps} if steps else {}))
     rss0 = _rss_mb()
     u = TrustUnlearner(pipe, concept=spec, config=cfg)
 
@@ -116,16 +122,33 @@ def write_outputs(rows: list[dict], command: str) -> None:
         w.writerows(rows)
     write_json_atomic(rows, os.path.join(RESULTS, "compare.json"))
     plot(rows, os.path.join(RESULTS, "compare.png"))
-    bench = os.path.join(os.path.dirname(HERE), "BENCHMARKS.md")
-    text = open(bench).read() if os.path.exists(bench) else "# Benchmarks\n"
-    block = (f"<!-- COMPARE:BEGIN -->\nCommand: `{command}`\n\n{markdown(rows)}\n"
-             "![UA and seconds per method](benchmarks/results/compare.png)\n<!-- COMPARE:END -->")
-    if "<!-- COMPARE:BEGIN -->" in text:
-        pre, rest = text.split("<!-- COMPARE:BEGIN -->", 1)
-        text = pre + block + rest.split("<!-- COMPARE:END -->", 1)[1]
+    block = (f"{BEGIN}\nCommand: `{command}`\n\n{markdown(rows)}\n"
+             f"![UA and seconds per method](benchmarks/results/compare.png)\n{END}")
+    root = os.path.dirname(HERE)
+    replace_block(os.path.join(root, "BENCHMARKS.md"), block, "## TRUST vs SalUn vs ESD")
+    replace_block(os.path.join(root, "README.md"), block)  # its results section shows the same table
+
+
+BEGIN, END = "<!-- COMPARE:BEGIN -->", "<!-- COMPARE:END -->"
+
+
+def replace_block(path: str, block: str, heading: str | None = None) -> None:
+    """Put ``block`` between the COMPARE markers of ``path`` (atomically).  A file without the
+    markers gets it appended under ``heading``, or is left alone when no heading is given."""
+    from trust_fast.io import atomic_path
+
+    text = "# Benchmarks\n" if heading else ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    if BEGIN in text and END in text:
+        pre, rest = text.split(BEGIN, 1)
+        text = pre + block + rest.split(END, 1)[1]
+    elif heading:
+        text = text.rstrip() + f"\n\n{heading}\n\n" + block + "\n"
     else:
-        text = text.rstrip() + "\n\n## TRUST vs SalUn vs ESD\n\n" + block + "\n"
-    with atomic_path(bench, ".md") as tmp, open(tmp, "w") as f:
+        return
+    with atomic_path(path, ".md") as tmp, open(tmp, "w") as f:
         f.write(text)
 
 

@@ -22,8 +22,7 @@ def test_every_compared_method_is_a_valid_configuration(compare):
 
     cfgs = {}
     for name in compare.METHODS:
-        base, extra = compare.VARIANTS.get(name, (name, {}))
-        cfgs[name] = config(base, **extra)
+        cfgs[name] = compare.method_config(name)
         cfgs[name].validate()
     adv = cfgs["trust-adv"]
     assert adv.adv_prefix == 5 and config("trust").adv_prefix == 0
@@ -34,3 +33,20 @@ def test_unknown_method_is_refused_before_any_run(compare, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["compare_methods.py", "--concepts", "red", "--methods", "trust,fmn"])
     with pytest.raises(SystemExit, match="unknown method.*fmn"):
         compare.main()
+
+
+def test_results_block_replaces_only_the_marked_part(compare, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- COMPARE:BEGIN -->\nold table\n<!-- COMPARE:END -->\noutro\n")
+    block = "<!-- COMPARE:BEGIN -->\nnew table\n<!-- COMPARE:END -->"
+    compare.replace_block(str(readme), block)
+    assert readme.read_text() == "intro\n" + block + "\noutro\n"
+    plain = tmp_path / "other.md"  # no markers, no heading: left alone
+    plain.write_text("text\n")
+    compare.replace_block(str(plain), block)
+    assert plain.read_text() == "text\n"
+    bench = tmp_path / "BENCHMARKS.md"  # no markers, a heading: appended under it
+    bench.write_text("# Benchmarks\n")
+    compare.replace_block(str(bench), block, "## TRUST vs SalUn vs ESD")
+    assert bench.read_text() == "# Benchmarks\n\n## TRUST vs SalUn vs ESD\n\n" + block + "\n"
+    assert list(tmp_path.iterdir()) and not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
