@@ -25,7 +25,8 @@ def test_generate_writes_images_and_grid(tmp_path):
 
 def test_evaluate_reports_ua_and_retain(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert main(["evaluate", "--concept", "red", "--n-per-prompt", "1", "--steps", "10", "--out", str(out)]) == 0
+    assert main(["evaluate", "--concept", "red", "--n-per-prompt", "1", "--steps", "10", "--out", str(out),
+                 "--grids", str(tmp_path / "g")]) == 0
     report = json.loads(out.read_text())
     for key in ("ua", "retain_acc", "retain_color_acc", "retain_shape_acc", "retain_texture_acc",
                 "n_images", "seconds", "fd", "fd_self"):
@@ -35,6 +36,10 @@ def test_evaluate_reports_ua_and_retain(tmp_path, capsys):
     assert report["fd"] == pytest.approx(report["fd_self"])  # the original against itself
     assert report["n_images"] == 24
     assert "retain_acc" in capsys.readouterr().out
+    from PIL import Image  # one labelled row per prompt: original | evaluated, same noise
+
+    assert report["grids"] == ["forget.png", "retain.png"]
+    assert Image.open(tmp_path / "g" / "forget.png").height > 6 * 16 * 4  # the 6 forget prompts, 4x upscaled
 
 
 @pytest.mark.parametrize("args,message", [

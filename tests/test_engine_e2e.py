@@ -22,3 +22,13 @@ def test_trust_erases_red_and_keeps_the_rest(shapes_pipe, classifier):
     assert sum(s["selected_fraction"] for s in history) / len(history) <= 0.10
     # the shapes of the red prompts survive: they are drawn in another color, not destroyed
     assert after["forget_shape_acc"] >= 0.75 * before["forget_shape_acc"]
+    # the classifier-free report (what models outside the world get) sees the same thing without the
+    # classifier: the red prompts' images moved far more than the other prompts' images
+    from trust_fast.concepts import world_prompts
+    from trust_fast.evaluation import generic_report
+
+    prompts = world_prompts(spec)
+    free = generic_report(pipe, shapes_pipe, prompts.forget[:6], prompts.retain[::6], n_per_prompt=2, steps=15)
+    assert free["space"] == "pixel"
+    assert free["forget_change"] >= 3 * free["retain_change"], free
+    assert free["retain_change"] <= 0.5, free

@@ -35,11 +35,14 @@ def cmd_generate(args) -> int:
 
     _positive("--n", args.n)
     _positive("--steps", args.steps)
+    from .evaluation.metrics import to_pixels
+
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=False, desc="sampling")
     g = torch.Generator().manual_seed(args.seed)
     images = pipe([args.prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   generator=g, output_type="latent").images
+    images = to_pixels(pipe, images)  # latent diffusion pipelines sample VAE latents; decode them
     os.makedirs(args.out, exist_ok=True)
     from PIL import Image
 
@@ -49,30 +52,64 @@ def cmd_generate(args) -> int:
         arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         with atomic_path(os.path.join(args.out, f"{i:03d}.png"), ".png") as tmp:
             Image.fromarray(arr).save(tmp, format="PNG")
-    save_grid(images, os.path.join(args.out, "grid.png"), nrow=min(8, args.n), scale=6)
+    save_grid(images, os.path.join(args.out, "grid.png"), nrow=min(8, args.n), scale=max(1, 96 // images.shape[-1]))
     print(f"wrote {args.n} images and grid.png to {args.out}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .concepts import parse_concept
+    from .concepts import parse_concept, read_prompt_file
     from .evaluation import format_table, full_report
     from .io import write_json_atomic
     from .world import is_world_model, load_pipeline
 
     _positive("--n-per-prompt", args.n_per_prompt)
-    spec = parse_concept(args.concept)
-    if not is_world_model(args.model):
-        raise UserError(f"evaluate needs the shapes-world classifier; {args.model!r} is not a shapes-world model")
-    pipe = load_pipeline(args.model)
-    reference = None if args.reference == "none" else load_pipeline(args.reference)
-    report = full_report(pipe, spec, reference, args.attack, n_per_prompt=args.n_per_prompt, seed=args.seed,
-                         steps=args.steps, guidance=args.guidance)
+    _positive("--softprompt-steps", args.softprompt_steps)
+    if args.grids:
+        _check_writable_dir("--grids", args.grids)
+    world = is_world_model(args.model)
+    spec = parse_concept(args.concept, world=world)
+    if world and not args.forget_prompts:
+        if args.retain_prompts:
+            raise UserError("--retain-prompts goes with --forget-prompts (the shapes world has its own prompts)")
+        reference_name = args.reference or "shapes"
+        pipe = load_pipeline(args.model)
+        reference = None if reference_name == "none" else load_pipeline(reference_name)
+        report = full_report(pipe, spec, reference, args.attack, n_per_prompt=args.n_per_prompt, seed=args.seed,
+                             steps=args.steps, guidance=args.guidance, softprompt_steps=args.softprompt_steps,
+                             grids=args.grids)
+        keys = [k for k in report if k.endswith("acc") or k in ("ua", "fd", "fd_self", "asr_paraphrase",
+                                                                 "asr_softprompt")] + ["n_images", "seconds"]
+    else:
+        # no classifier judges these images: compare with the original model, prompt by prompt
+        from .concepts import user_prompts
+        from .evaluation.generic import generic_report
+
+        if not args.forget_prompts:
+            raise UserError(f"{args.model!r} is not a shapes-world model: give --forget-prompts (and --retain-prompts)")
+        reference_name = args.reference or ("shapes" if world else None)
+        if reference_name in (None, "none"):
+            raise UserError(f"{args.model!r} has no classifier to judge it: give --reference, the original model "
+                            "it was unlearned from")
+        if args.n_per_prompt < 2:
+            raise UserError(f"--n-per-prompt must be >= 2 outside the shapes world, got {args.n_per_prompt}")
+        retain = read_prompt_file(args.retain_prompts, "retain prompts") if args.retain_prompts else []
+        prompts = user_prompts(spec, read_prompt_file(args.forget_prompts, "forget prompts"), retain)
+        pipe = load_pipeline(args.model)
+        reference = load_pipeline(reference_name)
+        report = generic_report(pipe, reference, prompts.forget, prompts.retain, args.attack,
+                                n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps,
+                                guidance=args.guidance, softprompt_steps=args.softprompt_steps, grids=args.grids)
+        report["concept"] = str(spec)
+        keys = [k for k in ("forget_change", "retain_change", "selectivity", "fd", "fd_self", "softprompt_change")
+                if k in report] + ["seconds"]
     report["model"] = args.model
-    report["reference"] = args.reference
-    keys = [k for k in report if k.endswith("acc") or k in ("ua", "fd", "fd_self", "asr_paraphrase",
-                                                             "asr_softprompt")] + ["n_images", "seconds"]
+    report["reference"] = reference_name
     print(format_table([(args.model, report)], keys))
+    for item in report.get("skipped", []):
+        print(f"skipped: {item}")
+    if args.grids:
+        print(f"wrote {', '.join(report.get('grids', []))} to {args.grids}")
     if args.out:
         write_json_atomic(report, args.out)
         print(f"wrote {args.out}")
@@ -337,15 +374,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("evaluate", help="measure a concept's presence (UA) and retain accuracy on the shapes world")
-    p.add_argument("--model", default="shapes")
+    p = sub.add_parser("evaluate", help="measure a concept's presence (UA), retain accuracy, quality and attacks; "
+                                        "outside the shapes world, how far generations moved from the original")
+    p.add_argument("--model", default="shapes", help="'shapes' (built-in) or a diffusers pipeline directory")
     p.add_argument("--concept", required=True, help="'A', 'A+B' (combination) or 'A|B' (conditional)")
     p.add_argument("--n-per-prompt", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the report as JSON here")
-    p.add_argument("--reference", default="shapes",
-                   help="original model for fd and the soft-prompt attack (default: shapes; 'none' skips them)")
+    p.add_argument("--reference", default=None,
+                   help="original model for fd, the soft-prompt attack and (outside the shapes world) every "
+                        "comparison (default: shapes for shapes-world models; 'none' skips them there)")
+    p.add_argument("--forget-prompts", help="file of prompts showing the concept (one a line; required outside the world)")
+    p.add_argument("--retain-prompts", help="file of prompts whose images must not change")
     p.add_argument("--attack", choices=["none", "paraphrase", "softprompt", "all"], default="none")
+    p.add_argument("--softprompt-steps", type=int, default=40, help="Adam steps of the soft-prompt attack")
+    p.add_argument("--grids", metavar="DIR", help="write labelled original | evaluated image grids here "
+                                                  "(forget.png, retain.png)")
     _add_sampling(p)
     p.set_defaults(fn=cmd_evaluate)
 

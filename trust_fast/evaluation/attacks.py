@@ -1,7 +1,9 @@
 """Adversarial prompt attacks on an unlearned model: paraphrases and UnlearnDiffAtk-style soft prompts.
 
 Both report an attack success rate (ASR): the fraction of attacked generations in which the
-shipped classifier sees the erased concept again.
+shipped classifier sees the erased concept again. Without a classifier (a model outside the shapes
+world) the soft-prompt attack reports how close its generations come to the original model's
+instead (:func:`trust_fast.evaluation.generic.generic_report`).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from ..concepts import ConceptSpec, shows, world_prompts
 from ..softprompt import encode_with_prefix, prefix_hook, prefixed_ids, random_prefix
 from ..world import vocab
-from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, predict_attrs, sample_images
+from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, predict_attrs, rms_distance, sample_images
 
 
 def paraphrase_attack(pipe, spec: ConceptSpec, classifier, n_per_prompt: int = 4, seed: int = 0,
@@ -27,7 +29,7 @@ def paraphrase_attack(pipe, spec: ConceptSpec, classifier, n_per_prompt: int = 4
             "asr_paraphrase_n": len(preds), "paraphrase_prompts": prompts}
 
 
-def softprompt_attack(pipe, original, spec: ConceptSpec, classifier, k: int = 5, attack_steps: int = 40,
+def softprompt_attack(pipe, original, spec: ConceptSpec | None, classifier, k: int = 5, attack_steps: int = 40,
                       lr: float = 0.01, n_images: int = 4, n_per_prompt: int = 4, seed: int = 0,
                       steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
                       prompts: list[str] | None = None) -> dict:
@@ -37,8 +39,16 @@ def softprompt_attack(pipe, original, spec: ConceptSpec, classifier, k: int = 5,
     optimize k prefix token embeddings (Adam, `lr`, `attack_steps`) to minimize the unlearned
     model's diffusion loss on those images; then sample `n_per_prompt` images from the unlearned
     model with the optimized prompt and classify them. Only the prefix is optimized; both models
-    stay unchanged."""
+    stay unchanged.
+
+    With ``classifier=None`` (then ``prompts`` is required and ``spec`` may be None) nothing is
+    classified: each attacked image is compared with the original model's image of the plain
+    prompt from the same initial noise, and ``softprompt_distance`` (mean per-image RMS distance,
+    in the space the pipeline samples in) replaces the ASR keys. An attack that brings the concept
+    back drives it toward 0."""
     t0 = time.perf_counter()
+    if classifier is None and not prompts:
+        raise ValueError("without a classifier the soft-prompt attack needs its prompts (the forget prompts)")
     prompts = prompts or world_prompts(spec).forget
     unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
     dev = unet.device
@@ -47,7 +57,7 @@ def softprompt_attack(pipe, original, spec: ConceptSpec, classifier, k: int = 5,
     req = {p: p.requires_grad for p in list(unet.parameters()) + list(te.parameters())}
     for p in req:
         p.requires_grad_(False)
-    hits, total, per_prompt = 0, 0, []
+    hits, total, per_prompt, distances = 0, 0, [], []
     try:
         for i, prompt in enumerate(prompts):
             x0 = sample_images(original, [prompt], n_images, seed + 1000 + i, steps, guidance).to(dev, unet.dtype)
@@ -70,13 +80,22 @@ def softprompt_attack(pipe, original, spec: ConceptSpec, classifier, k: int = 5,
                                 unet.config.sample_size, generator=torch.Generator().manual_seed(seed + 2000 + i))
             imgs = pipe(prompt_embeds=cond, num_images_per_prompt=n_per_prompt, num_inference_steps=steps,
                         guidance_scale=guidance, latents=noise, output_type="latent").images
+            total += n_per_prompt
+            if classifier is None:  # same noise, plain prompt, original model (sample_images draws it alike)
+                ref = sample_images(original, [prompt], n_per_prompt, seed + 2000 + i, steps, guidance)
+                d = rms_distance(imgs.float().cpu(), ref)
+                distances.append(d)
+                per_prompt.append({"prompt": prompt, "distance": d.mean().item(), "n": n_per_prompt,
+                                   "final_loss": loss.item()})
+                continue
             h = sum(shows(spec, p) for p in predict_attrs(classifier, imgs.float().cpu()))
             per_prompt.append({"prompt": prompt, "hits": h, "n": n_per_prompt, "final_loss": loss.item()})
             hits += h
-            total += n_per_prompt
     finally:
         for p, r in req.items():
             p.requires_grad_(r)
+    info = {"k": k, "steps": attack_steps, "lr": lr, "per_prompt": per_prompt, "seconds": time.perf_counter() - t0}
+    if classifier is None:
+        return {"softprompt_distance": torch.cat(distances).mean().item(), "softprompt_n": total, "softprompt": info}
     return {"asr_softprompt": hits / max(1, total), "asr_softprompt_hits": hits, "asr_softprompt_n": total,
-            "softprompt": {"k": k, "steps": attack_steps, "lr": lr, "per_prompt": per_prompt,
-                           "seconds": time.perf_counter() - t0}}
+            "softprompt": info}

@@ -30,6 +30,19 @@ def sample_images(pipe, prompts: list[str], n_per_prompt: int = 4, seed: int = 0
     return torch.cat(out) if out else noise[:0]
 
 
+@torch.no_grad()
+def to_pixels(pipe, x: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """What `sample_images` returned, as RGB images in [-1, 1] on the CPU: decoded by the pipeline's
+    VAE when it has one (latent diffusion, e.g. Stable Diffusion), else already pixels (shapes world)."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return x.float().cpu()
+    p = next(vae.parameters())
+    out = [vae.decode(x[i:i + batch_size].to(p.device, p.dtype) / vae.config.scaling_factor).sample.float().cpu()
+           for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(out).clamp(-1, 1) if out else x[:0].float().cpu()
+
+
 def predict_attrs(classifier, images: torch.Tensor) -> list[dict[str, str]]:
     """Classifier predictions as attribute -> value name, one dict per image."""
     pred = classifier.predict(images.to(next(classifier.parameters()).device))
@@ -81,6 +94,13 @@ def evaluate(pipe, spec: ConceptSpec, classifier=None, n_per_prompt: int = 4, se
     if return_images:
         return report, forget_imgs, retain_imgs
     return report
+
+
+def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image root-mean-square difference of two equally shaped image batches (N,) in float64."""
+    if a.shape != b.shape:
+        raise ValueError(f"image batches differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return (a.double() - b.double()).flatten(1).square().mean(1).sqrt()
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,8 +8,9 @@ from ..world.render import save_grid
 
 
 def before_after_grid(before: torch.Tensor, after: torch.Tensor, prompts: list[str], n_per_prompt: int,
-                      path: str, max_rows: int = 12) -> None:
-    """One row per prompt: its `n_per_prompt` images before, a blank column, then after.
+                      path: str, max_rows: int = 12, labels: tuple[str, str] = ("before", "after")) -> None:
+    """One row per prompt: its `n_per_prompt` images before, a blank column, then after (`labels`
+    names the two halves in each row's caption).
     `before`/`after` are prompt-major (len(prompts) * n_per_prompt, C, H, W) in [-1, 1], same noise."""
     if before.shape != after.shape or before.shape[0] != len(prompts) * n_per_prompt:
         raise ValueError(f"before {tuple(before.shape)} and after {tuple(after.shape)} must both hold "
@@ -21,8 +22,8 @@ def before_after_grid(before: torch.Tensor, after: torch.Tensor, prompts: list[s
     for r in range(rows):
         sl = slice(r * n_per_prompt, (r + 1) * n_per_prompt)
         tiles += [before[sl].cpu(), blank, after[sl].cpu()]
-    save_grid(torch.cat(tiles), path, nrow=2 * n_per_prompt + 1, scale=4,
-              labels=[f"{p}  (before | after)" for p in prompts[:rows]])
+    save_grid(torch.cat(tiles), path, nrow=2 * n_per_prompt + 1, scale=max(1, 64 // h),
+              labels=[f"{p}  ({labels[0]} | {labels[1]})" for p in prompts[:rows]])
 
 
 def plot_history(history: list[dict], path: str, title: str = "",

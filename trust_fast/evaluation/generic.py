@@ -1,0 +1,99 @@
+"""Evaluation without a classifier: for diffusers models outside the shapes world.
+
+Nothing can tell whether an image of a Stable Diffusion model "shows" an arbitrary concept without
+a judge model, and nothing may be downloaded. What can be measured offline is how the unlearned
+model's generations moved away from the original model's, prompt by prompt:
+
+- ``forget_change`` / ``retain_change``: both models sample every prompt from the same initial
+  noise; the per-image RMS distance between the two images, divided by ``noise_floor`` (the RMS
+  distance between two of the original model's images of the same prompt under different noise).
+  0 means the image did not change; about 1 means it changed as much as a fresh sample would.
+  Unlearning that works moves the forget prompts (high ``forget_change``) and leaves the retain
+  prompts (``retain_change`` near 0); ``selectivity`` is their ratio.
+- ``fd`` / ``fd_self``: Frechet distance of 8x8 average-pooled outputs (CLIP-free) on the retain
+  prompts, against the original's own sampling-noise floor, as in the shapes-world report.
+- soft-prompt attack: the same optimization as on the world; ``softprompt_change`` is the attacked
+  images' distance to the original model's images (same noise, plain prompt) over ``noise_floor``.
+  An attack that restores the concept pulls it down from ``forget_change`` toward ``retain_change``.
+
+Distances are measured where the pipeline samples: VAE latents for latent diffusion pipelines,
+pixels for the shapes world. Every metric that needs a classifier is listed under ``skipped``.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .attacks import softprompt_attack
+from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, quality_distance, rms_distance, sample_images, to_pixels
+
+CLASSIFIER_METRICS = ("ua", "retain_acc", "per-attribute accuracies")
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.mean()) if x.numel() else float("nan")
+
+
+def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: list[str], attack: str = "none",
+                   n_per_prompt: int = 4, seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                   softprompt_steps: int = 40, softprompt_k: int = 5, grids: str | None = None) -> dict:
+    """Classifier-free report of `pipe` against `reference` (the original model); see the module doc.
+
+    `grids`: a directory to write ``forget.png`` and ``retain.png`` into (one row per prompt: the
+    original's images | the model's, same noise)."""
+    from .report import ATTACKS
+
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, not {attack!r}")
+    if reference is None:
+        raise ValueError("a model without a classifier is evaluated against its original: give the reference model")
+    if not forget_prompts:
+        raise ValueError("forget prompts are empty: give at least one prompt that shows the concept")
+    if n_per_prompt < 2:
+        raise ValueError(f"n_per_prompt must be >= 2 (the Frechet distance needs 2 samples), got {n_per_prompt}")
+    t0 = time.perf_counter()
+    report: dict = {"space": "latent" if getattr(pipe, "vae", None) is not None else "pixel",
+                    "n_per_prompt": n_per_prompt, "seed": seed, "sampling_steps": steps, "guidance": guidance,
+                    "n_forget_prompts": len(forget_prompts), "n_retain_prompts": len(retain_prompts)}
+    sets = {"forget": forget_prompts, "retain": retain_prompts}
+    images, floors = {}, []
+    for name, prompts in sets.items():
+        if not prompts:
+            continue
+        ours = sample_images(pipe, prompts, n_per_prompt, seed, steps, guidance)
+        ref = sample_images(reference, prompts, n_per_prompt, seed, steps, guidance)
+        ref_other = sample_images(reference, prompts, n_per_prompt, seed + 1, steps, guidance)
+        images[name] = (ref, ours)
+        report[f"{name}_distance"] = _mean(rms_distance(ours, ref))
+        floors.append(rms_distance(ref, ref_other))
+    report["noise_floor"] = _mean(torch.cat(floors))
+    floor = report["noise_floor"] if report["noise_floor"] > 0 else float("nan")
+    for name in images:
+        report[f"{name}_change"] = report[f"{name}_distance"] / floor
+    if "retain" in images:
+        report["selectivity"] = report["forget_change"] / max(report["retain_change"], 1e-12)
+        report.update(quality_distance(pipe, reference, retain_prompts, None, n_per_prompt, seed, steps, guidance))
+    skipped = [f"{m} (no classifier for this model)" for m in CLASSIFIER_METRICS]
+    if not retain_prompts:
+        skipped.append("retain_change, selectivity and fd (no retain prompts given)")
+    if attack in ("paraphrase", "all"):
+        skipped.append("asr_paraphrase (paraphrases come from the shapes world's vocabulary)")
+    if attack in ("softprompt", "all"):
+        sp = softprompt_attack(pipe, reference, None, None, k=softprompt_k, attack_steps=softprompt_steps,
+                               n_per_prompt=n_per_prompt, seed=seed, steps=steps, guidance=guidance,
+                               prompts=forget_prompts)
+        report.update(sp, softprompt_change=sp["softprompt_distance"] / floor)
+        skipped.append("asr_softprompt (no classifier: softprompt_change measures the attack instead)")
+    if grids:
+        from .pictures import before_after_grid
+
+        os.makedirs(grids, exist_ok=True)
+        for name, (ref, ours) in images.items():
+            before_after_grid(to_pixels(reference, ref), to_pixels(pipe, ours), sets[name], n_per_prompt,
+                              os.path.join(grids, f"{name}.png"), labels=("original", "unlearned"))
+        report["grids"] = sorted(f"{name}.png" for name in images)
+    report["skipped"] = skipped
+    report["seconds"] = time.perf_counter() - t0
+    return report
