@@ -13,12 +13,18 @@ REPORT_KEYS = ("concept", "method", "steps", "seconds", "trainable_params", "mea
 def test_unlearn_writes_a_loadable_pipeline_and_report(tmp_path, capsys):
     out = tmp_path / "esd-red"
     assert main(["unlearn", "--concept", "red", "--method", "esd", "--steps", "2", "--n-per-prompt", "1",
-                 "--out", str(out)]) == 0
+                 "--eval-every", "1", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     for key in REPORT_KEYS:
         assert key in report, key
     assert report["method"] == "esd" and report["steps"] == 2 and len(report["history"]) == 2
     assert 0.0 <= report["ua_after"] <= 1.0 and report["trainable_params"] > 0
+    # labelled before | after grids, and UA / retain against the step (the original at step 0)
+    assert report["pictures"] == ["forget.png", "retain.png", "history.png"]
+    assert [e["step"] for e in report["evals"]] == [1, 2]
+    from PIL import Image
+
+    assert Image.open(out / "history.png").size[0] >= 600 and Image.open(out / "forget.png").mode == "RGB"
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["ua", "retain_acc"]  # the before/after table
     assert [ln.split()[0] for ln in lines[1:3]] == ["before", "after"]
@@ -60,8 +66,9 @@ def test_unlearn_a_stable_diffusion_directory_from_prompt_files(tmp_path, capsys
 def test_demo_writes_before_after_grids(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--steps", "1", "--n-per-prompt", "1", "--out", str(out)]) == 0
-    for name in ("forget_before.png", "forget_after.png", "retain_before.png", "retain_after.png", "report.json"):
+    for name in ("forget.png", "retain.png", "history.png", "report.json"):
         assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text())["pictures"] == ["forget.png", "retain.png", "history.png"]
     assert (out / "model" / "model_index.json").is_file()
     text = capsys.readouterr().out
     assert "before" in text and "after" in text and "retain_acc" in text

@@ -229,6 +229,27 @@ def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: in
     return unlearner, report, (imgs_before, imgs_after)
 
 
+def _write_pictures(out: str, spec, n_per_prompt: int, report: dict, images) -> list[str]:
+    """The world run's pictures in `out`: forget.png and retain.png (one labelled row per prompt, before |
+    after, same noise) and, when the run evaluated on a schedule, history.png (UA and retain accuracy
+    against the step, the original model at step 0). Returns the file names written."""
+    from .concepts import world_prompts
+    from .evaluation.pictures import before_after_grid, plot_history
+
+    (forget_before, retain_before), (forget_after, retain_after) = images
+    prompts = world_prompts(spec)
+    before_after_grid(forget_before, forget_after, prompts.forget, n_per_prompt, os.path.join(out, "forget.png"))
+    before_after_grid(retain_before, retain_after, prompts.retain, n_per_prompt, os.path.join(out, "retain.png"))
+    names = ["forget.png", "retain.png"]
+    evals = report.get("evals") or []
+    if evals:
+        start = {"step": 0, "ua": report["ua_before"], "retain_acc": report["retain_before"]}
+        plot_history([start, *evals], os.path.join(out, "history.png"),
+                     title=f"{report.get('method', 'trust')}: {spec} (1 image per prompt during the run)")
+        names.append("history.png")
+    return names
+
+
 def cmd_unlearn(args) -> int:
     from .concepts import parse_concept, read_prompt_file, user_prompts
     from .io import write_json_atomic
@@ -268,7 +289,7 @@ def cmd_unlearn(args) -> int:
     try:
         lead = distributed.rank() == 0
         pipe = load_pipeline(args.model)
-        unlearner, report, _ = _unlearn(pipe, spec, cfg, prompts,
+        unlearner, report, images = _unlearn(pipe, spec, cfg, prompts,
                                         world=world and prompts is None and not args.no_eval and lead,
                                         n_per_prompt=args.n_per_prompt, eval_seed=args.seed,
                                         eval_every=args.eval_every, progress=lead, resume=args.resume,
@@ -280,6 +301,8 @@ def cmd_unlearn(args) -> int:
         if lead:
             unlearner.save(args.out)
             report.update(model=args.model, world_size=distributed.world_size(), weights_sha256=digests[0])
+            if images is not None:
+                report["pictures"] = _write_pictures(args.out, spec, args.n_per_prompt, report, images)
             write_json_atomic(report, os.path.join(args.out, "report.json"))
         distributed.barrier()
     finally:
@@ -302,7 +325,8 @@ def cmd_unlearn(args) -> int:
         print(f"warning: no row was updated {fin['min_row_updates']} times, so finalize returned every row to its "
               "original weights and the model is unchanged; run more --steps or lower --min-row-updates",
               file=sys.stderr)
-    print(f"wrote the unlearned pipeline and report.json to {args.out}")
+    pictures = "".join(f", {name}" for name in report.get("pictures", []))
+    print(f"wrote the unlearned pipeline, report.json{pictures} to {args.out}")
     return 0
 
 
@@ -311,14 +335,14 @@ def cmd_demo(args) -> int:
     from .evaluation import format_table
     from .io import write_json_atomic
     from .methods import config
-    from .world import load_pipeline, save_grid
+    from .world import load_pipeline
 
     spec = parse_concept(args.concept)
     pipe = load_pipeline("shapes")
     print(f"unlearning {str(spec)!r} from the built-in shapes model with TRUST (CPU: a few minutes)")
     overrides = {"seed": args.seed, **({"steps": args.steps} if args.steps is not None else {})}
-    unlearner, report, (before, after) = _unlearn(pipe, spec, config("trust", **overrides),
-                                                  n_per_prompt=args.n_per_prompt)
+    unlearner, report, images = _unlearn(pipe, spec, config("trust", **overrides), n_per_prompt=args.n_per_prompt,
+                                         eval_every=args.eval_every)
     os.makedirs(args.out, exist_ok=True)
     rows = [("before", {"ua": report["ua_before"], "retain_acc": report["retain_before"],
                         "seconds": report["eval_before"]["seconds"]}),
@@ -326,14 +350,10 @@ def cmd_demo(args) -> int:
     print(format_table(rows, ["ua", "retain_acc", "seconds"]))
     print("ua: share of images of the concept's prompts that show it; retain_acc: other prompts drawn right;"
           " seconds: evaluation (before), unlearning (after)")
-    n = args.n_per_prompt
-    for name, (forget_imgs, retain_imgs) in (("before", before), ("after", after)):
-        save_grid(forget_imgs, os.path.join(args.out, f"forget_{name}.png"), nrow=n * 2, scale=6)
-        save_grid(retain_imgs, os.path.join(args.out, f"retain_{name}.png"), nrow=n * 3, scale=6)
+    report["pictures"] = _write_pictures(args.out, spec, args.n_per_prompt, report, images)
     unlearner.save(os.path.join(args.out, "model"))
     write_json_atomic(report, os.path.join(args.out, "report.json"))
-    print(f"wrote forget_before.png, forget_after.png, retain_before.png, retain_after.png, model/ and report.json"
-          f" to {args.out}")
+    print(f"wrote {', '.join(report['pictures'])}, model/ and report.json to {args.out}")
     return 0
 
 
@@ -450,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="unlearning steps (default: TRUST's)")
     p.add_argument("--n-per-prompt", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=10,
+                   help="evaluate (1 image per prompt) every N steps for history.png (default %(default)s; 0: off)")
     p.add_argument("--out", default="trust_fast_demo", help="output directory (default %(default)s)")
     p.set_defaults(fn=cmd_demo)
     _add_patch_commands(sub)
