@@ -123,7 +123,8 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8, scale: int = 4, la
     rows = math.ceil(n / nrow)
     x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     pad = 2
-    label_w = 0 if not labels else 8 + 7 * max(len(s) for s in labels)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 0 if not labels else 12 + int(max(measure.textlength(s) for s in labels))
     cell_h, cell_w = h * scale + pad, w * scale + pad
     canvas = Image.new("RGB", (label_w + nrow * cell_w + pad, rows * cell_h + pad), (255, 255, 255))
     for i in range(n):
