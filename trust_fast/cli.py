@@ -64,8 +64,11 @@ def cmd_evaluate(args) -> int:
     from .world import is_world_model, load_pipeline
 
     _positive("--n-per-prompt", args.n_per_prompt)
+    _positive("--steps", args.steps)
     _positive("--softprompt-steps", args.softprompt_steps)
     if args.grids:
+        if args.reference == "none":
+            raise UserError("--grids shows the reference's images beside the model's: it needs a --reference")
         _check_writable_dir("--grids", args.grids)
     world = is_world_model(args.model)
     spec = parse_concept(args.concept, world=world)
@@ -81,7 +84,8 @@ def cmd_evaluate(args) -> int:
         keys = [k for k in report if k.endswith("acc") or k in ("ua", "fd", "fd_self", "asr_paraphrase",
                                                                  "asr_softprompt")] + ["n_images", "seconds"]
     else:
-        # no classifier judges these images: compare with the original model, prompt by prompt
+        # no classifier judges these images (another model, or the user's own prompts): compare with the
+        # original model, prompt by prompt
         from .concepts import user_prompts
         from .evaluation.generic import generic_report
 
@@ -92,7 +96,7 @@ def cmd_evaluate(args) -> int:
             raise UserError(f"{args.model!r} has no classifier to judge it: give --reference, the original model "
                             "it was unlearned from")
         if args.n_per_prompt < 2:
-            raise UserError(f"--n-per-prompt must be >= 2 outside the shapes world, got {args.n_per_prompt}")
+            raise UserError(f"--n-per-prompt must be >= 2 for the classifier-free report, got {args.n_per_prompt}")
         retain = read_prompt_file(args.retain_prompts, "retain prompts") if args.retain_prompts else []
         prompts = user_prompts(spec, read_prompt_file(args.forget_prompts, "forget prompts"), retain)
         pipe = load_pipeline(args.model)
@@ -101,15 +105,15 @@ def cmd_evaluate(args) -> int:
                                 n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps,
                                 guidance=args.guidance, softprompt_steps=args.softprompt_steps, grids=args.grids)
         report["concept"] = str(spec)
-        keys = [k for k in ("forget_change", "retain_change", "selectivity", "fd", "fd_self", "softprompt_change")
-                if k in report] + ["seconds"]
+        keys = [k for k in ("forget_change", "retain_change", "selectivity", "fd", "fd_self", "softprompt_change",
+                            "softprompt_change_original", "softprompt_recovery") if k in report] + ["seconds"]
     report["model"] = args.model
     report["reference"] = reference_name
     print(format_table([(args.model, report)], keys))
     for item in report.get("skipped", []):
         print(f"skipped: {item}")
-    if args.grids:
-        print(f"wrote {', '.join(report.get('grids', []))} to {args.grids}")
+    if report.get("grids"):
+        print(f"wrote {', '.join(report['grids'])} to {args.grids}")
     if args.out:
         write_json_atomic(report, args.out)
         print(f"wrote {args.out}")
@@ -301,8 +305,12 @@ def cmd_unlearn(args) -> int:
         if lead:
             unlearner.save(args.out)
             report.update(model=args.model, world_size=distributed.world_size(), weights_sha256=digests[0])
-            if images is not None:
-                report["pictures"] = _write_pictures(args.out, spec, args.n_per_prompt, report, images)
+            if images is not None:  # pictures are extras: a failure there must not cost the run its report
+                try:
+                    report["pictures"] = _write_pictures(args.out, spec, args.n_per_prompt, report, images)
+                except (OSError, ValueError, RuntimeError) as e:
+                    report["pictures_error"] = f"{type(e).__name__}: {e}"
+                    print(f"warning: could not write the pictures: {report['pictures_error']}", file=sys.stderr)
             write_json_atomic(report, os.path.join(args.out, "report.json"))
         distributed.barrier()
     finally:

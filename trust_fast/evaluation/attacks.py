@@ -14,7 +14,8 @@ import torch
 from ..concepts import ConceptSpec, shows, world_prompts
 from ..softprompt import encode_with_prefix, prefix_hook, prefixed_ids, random_prefix
 from ..world import vocab
-from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, predict_attrs, rms_distance, sample_images
+from .metrics import (DEFAULT_GUIDANCE, DEFAULT_STEPS, initial_noise, predict_attrs, rms_distance, sample_from_noise,
+                      sample_images)
 
 
 def paraphrase_attack(pipe, spec: ConceptSpec, classifier, n_per_prompt: int = 4, seed: int = 0,
@@ -47,6 +48,9 @@ def softprompt_attack(pipe, original, spec: ConceptSpec | None, classifier, k: i
     in the space the pipeline samples in) replaces the ASR keys. An attack that brings the concept
     back drives it toward 0."""
     t0 = time.perf_counter()
+    if attack_steps < 1 or k < 1 or n_images < 1 or n_per_prompt < 1:
+        raise ValueError(f"attack_steps, k, n_images and n_per_prompt must be >= 1, got {attack_steps}, {k}, "
+                         f"{n_images}, {n_per_prompt}")
     if classifier is None and not prompts:
         raise ValueError("without a classifier the soft-prompt attack needs its prompts (the forget prompts)")
     prompts = prompts or world_prompts(spec).forget
@@ -76,19 +80,19 @@ def softprompt_attack(pipe, original, spec: ConceptSpec | None, classifier, k: i
                 opt.step()
             with torch.no_grad(), prefix_hook(te, prefix.detach()):
                 cond = te(ids)[0]
-            noise = torch.randn(n_per_prompt, unet.config.in_channels, unet.config.sample_size,
-                                unet.config.sample_size, generator=torch.Generator().manual_seed(seed + 2000 + i))
-            imgs = pipe(prompt_embeds=cond, num_images_per_prompt=n_per_prompt, num_inference_steps=steps,
-                        guidance_scale=guidance, latents=noise, output_type="latent").images
+            # the noise (initial and per step) that sample_images(.., [prompt], n_per_prompt, s) uses
+            s = seed + 2000 + i
+            imgs = sample_from_noise(pipe, initial_noise(pipe, n_per_prompt, s), s, steps, guidance,
+                                     prompt_embeds=cond, num_images_per_prompt=n_per_prompt)
             total += n_per_prompt
-            if classifier is None:  # same noise, plain prompt, original model (sample_images draws it alike)
-                ref = sample_images(original, [prompt], n_per_prompt, seed + 2000 + i, steps, guidance)
-                d = rms_distance(imgs.float().cpu(), ref)
+            if classifier is None:  # same noise, plain prompt, original model
+                ref = sample_images(original, [prompt], n_per_prompt, s, steps, guidance)
+                d = rms_distance(imgs, ref)
                 distances.append(d)
                 per_prompt.append({"prompt": prompt, "distance": d.mean().item(), "n": n_per_prompt,
                                    "final_loss": loss.item()})
                 continue
-            h = sum(shows(spec, p) for p in predict_attrs(classifier, imgs.float().cpu()))
+            h = sum(shows(spec, p) for p in predict_attrs(classifier, imgs))
             per_prompt.append({"prompt": prompt, "hits": h, "n": n_per_prompt, "final_loss": loss.item()})
             hits += h
     finally:

@@ -14,7 +14,11 @@ model's generations moved away from the original model's, prompt by prompt:
   prompts, against the original's own sampling-noise floor, as in the shapes-world report.
 - soft-prompt attack: the same optimization as on the world; ``softprompt_change`` is the attacked
   images' distance to the original model's images (same noise, plain prompt) over ``noise_floor``.
-  An attack that restores the concept pulls it down from ``forget_change`` toward ``retain_change``.
+  The prefix itself changes an image, so the same attack is also run on the original model:
+  ``softprompt_change_original`` is where a fully restored concept would land. An attack that
+  restores the concept pulls ``softprompt_change`` down from ``forget_change`` toward it;
+  ``softprompt_recovery`` = (forget_change - softprompt_change) / (forget_change -
+  softprompt_change_original) is that pull as a fraction (0: the attack restores nothing, 1: all).
 
 Distances are measured where the pipeline samples: VAE latents for latent diffusion pipelines,
 pixels for the shapes world. Every metric that needs a classifier is listed under ``skipped``.
@@ -30,6 +34,16 @@ from .attacks import softprompt_attack
 from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, quality_distance, rms_distance, sample_images, to_pixels
 
 CLASSIFIER_METRICS = ("ua", "retain_acc", "per-attribute accuracies")
+
+
+def check_comparable(pipe, reference) -> None:
+    """Paired comparisons need the same starting-noise shape and the same sampler in both models."""
+    a, b = pipe.unet.config, reference.unet.config
+    mine = (a.in_channels, a.sample_size, type(pipe.scheduler).__name__)
+    theirs = (b.in_channels, b.sample_size, type(reference.scheduler).__name__)
+    if mine != theirs:
+        raise ValueError(f"the model and its reference sample differently (in_channels, sample_size, scheduler): "
+                         f"{mine} vs {theirs}; evaluate a model against the original it was unlearned from")
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -53,6 +67,10 @@ def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: l
         raise ValueError("forget prompts are empty: give at least one prompt that shows the concept")
     if n_per_prompt < 2:
         raise ValueError(f"n_per_prompt must be >= 2 (the Frechet distance needs 2 samples), got {n_per_prompt}")
+    if steps < 1 or softprompt_steps < 1 or softprompt_k < 1:
+        raise ValueError(f"steps, softprompt_steps and softprompt_k must be >= 1, got {steps}, {softprompt_steps}, "
+                         f"{softprompt_k}")
+    check_comparable(pipe, reference)
     t0 = time.perf_counter()
     report: dict = {"space": "latent" if getattr(pipe, "vae", None) is not None else "pixel",
                     "n_per_prompt": n_per_prompt, "seed": seed, "sampling_steps": steps, "guidance": guidance,
@@ -75,16 +93,21 @@ def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: l
     if "retain" in images:
         report["selectivity"] = report["forget_change"] / max(report["retain_change"], 1e-12)
         report.update(quality_distance(pipe, reference, retain_prompts, None, n_per_prompt, seed, steps, guidance))
-    skipped = [f"{m} (no classifier for this model)" for m in CLASSIFIER_METRICS]
+    skipped = [f"{m} (needs a classifier; none judges these prompts)" for m in CLASSIFIER_METRICS]
     if not retain_prompts:
         skipped.append("retain_change, selectivity and fd (no retain prompts given)")
     if attack in ("paraphrase", "all"):
         skipped.append("asr_paraphrase (paraphrases come from the shapes world's vocabulary)")
     if attack in ("softprompt", "all"):
-        sp = softprompt_attack(pipe, reference, None, None, k=softprompt_k, attack_steps=softprompt_steps,
-                               n_per_prompt=n_per_prompt, seed=seed, steps=steps, guidance=guidance,
-                               prompts=forget_prompts)
-        report.update(sp, softprompt_change=sp["softprompt_distance"] / floor)
+        kw = dict(k=softprompt_k, attack_steps=softprompt_steps, n_per_prompt=n_per_prompt, seed=seed, steps=steps,
+                  guidance=guidance, prompts=forget_prompts)
+        sp = softprompt_attack(pipe, reference, None, None, **kw)
+        # the same attack on the original: how far the prefix alone moves an image whose concept is intact
+        base = softprompt_attack(reference, reference, None, None, **kw)["softprompt_distance"]
+        report.update(sp, softprompt_change=sp["softprompt_distance"] / floor, softprompt_change_original=base / floor)
+        span = report["forget_change"] - report["softprompt_change_original"]
+        report["softprompt_recovery"] = ((report["forget_change"] - report["softprompt_change"]) / span
+                                         if span > 0 else float("nan"))
         skipped.append("asr_softprompt (no classifier: softprompt_change measures the attack instead)")
     if grids:
         from .pictures import before_after_grid
@@ -92,7 +115,7 @@ def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: l
         os.makedirs(grids, exist_ok=True)
         for name, (ref, ours) in images.items():
             before_after_grid(to_pixels(reference, ref), to_pixels(pipe, ours), sets[name], n_per_prompt,
-                              os.path.join(grids, f"{name}.png"), labels=("original", "unlearned"))
+                              os.path.join(grids, f"{name}.png"), labels=("original", "evaluated"))
         report["grids"] = sorted(f"{name}.png" for name in images)
     report["skipped"] = skipped
     report["seconds"] = time.perf_counter() - t0

@@ -12,34 +12,62 @@ DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 1.5
 
 
+def initial_noise(pipe, n: int, seed: int) -> torch.Tensor:
+    """The (n, C, H, W) float32 CPU starting noise that `sample_images` gives n images from `seed`."""
+    size = pipe.unet.config.sample_size
+    return torch.randn(n, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def sample_from_noise(pipe, noise: torch.Tensor, seed: int, steps: int, guidance: float, **prompt_kw) -> torch.Tensor:
+    """Sample from the given starting noise; `seed` also seeds the sampler's per-step noise (ancestral and
+    DDPM schedulers), so two models called with the same noise and seed are compared image by image.
+    `prompt_kw`: `prompt=[...]` or `prompt_embeds=...` (with `num_images_per_prompt`)."""
+    unet = pipe.unet
+    return pipe(**prompt_kw, num_inference_steps=steps, guidance_scale=guidance,
+                latents=noise.to(unet.device, unet.dtype), generator=torch.Generator().manual_seed(seed),
+                output_type="latent").images.float().cpu()
+
+
 @torch.no_grad()
 def sample_images(pipe, prompts: list[str], n_per_prompt: int = 4, seed: int = 0, steps: int = DEFAULT_STEPS,
                   guidance: float = DEFAULT_GUIDANCE, batch_size: int = 256) -> torch.Tensor:
-    """Images (len(prompts) * n_per_prompt, C, H, W) in [-1, 1], prompt-major.
+    """Images (len(prompts) * n_per_prompt, C, H, W) in [-1, 1] (or latents), prompt-major, float32 on the CPU.
 
-    The initial noise is drawn once from `seed` for the whole list, so image i gets the same noise
-    whatever the model: before/after comparisons differ only by the model."""
+    The initial noise is drawn once from `seed` for the whole list, and every batch's sampler noise
+    from `seed` and the batch's index, so image i gets the same noise whatever the model: before/after
+    comparisons differ only by the model."""
     all_prompts = [p for p in prompts for _ in range(n_per_prompt)]
-    size = pipe.unet.config.sample_size
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(all_prompts), pipe.unet.config.in_channels, size, size, generator=g)
-    out = []
-    for i in range(0, len(all_prompts), batch_size):
-        out.append(pipe(all_prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                        latents=noise[i:i + batch_size], output_type="latent").images.float().cpu())
+    noise = initial_noise(pipe, len(all_prompts), seed)
+    out = [sample_from_noise(pipe, noise[i:i + batch_size], seed + i, steps, guidance,
+                             prompt=all_prompts[i:i + batch_size])
+           for i in range(0, len(all_prompts), batch_size)]
     return torch.cat(out) if out else noise[:0]
 
 
 @torch.no_grad()
 def to_pixels(pipe, x: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """What `sample_images` returned, as RGB images in [-1, 1] on the CPU: decoded by the pipeline's
-    VAE when it has one (latent diffusion, e.g. Stable Diffusion), else already pixels (shapes world)."""
+    VAE when it has one (latent diffusion, e.g. Stable Diffusion), else already pixels (shapes world).
+    Honours the VAE's `scaling_factor`, `shift_factor` (when set) and `force_upcast` (fp16 VAEs that
+    overflow decode in float32, then go back to their dtype)."""
     vae = getattr(pipe, "vae", None)
     if vae is None:
         return x.float().cpu()
     p = next(vae.parameters())
-    out = [vae.decode(x[i:i + batch_size].to(p.device, p.dtype) / vae.config.scaling_factor).sample.float().cpu()
-           for i in range(0, x.shape[0], batch_size)]
+    device, own_dtype = p.device, p.dtype  # (vae.to() changes p in place)
+    cfg = vae.config
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    upcast = own_dtype == torch.float16 and getattr(cfg, "force_upcast", False)
+    dtype = torch.float32 if upcast else own_dtype
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        out = [vae.decode(x[i:i + batch_size].to(device, dtype) / cfg.scaling_factor + shift).sample.float().cpu()
+               for i in range(0, x.shape[0], batch_size)]
+    finally:
+        if upcast:
+            vae.to(own_dtype)
     return torch.cat(out).clamp(-1, 1) if out else x[:0].float().cpu()
 
 
