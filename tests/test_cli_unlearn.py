@@ -60,6 +60,11 @@ def test_unlearn_a_stable_diffusion_directory_from_prompt_files(tmp_path, capsys
     assert report["finalized"]["rows_kept"] == 0 and report["finalized"]["rows_ever_updated"] > 0
     assert "warning: no row was updated 3 times" in capsys.readouterr().err
     assert json.loads((tmp_path / "o" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    # evaluated against the original (reloaded from --model) without a classifier, with its grids
+    free = report["eval_vs_original"]
+    assert free["forget_change"] == free["retain_change"] == 0.0  # finalize restored every row: unchanged
+    assert report["pictures"] == ["forget.png", "retain.png"] and (tmp_path / "o" / "forget.png").is_file()
+    assert any(s.startswith("ua ") for s in free["skipped"])
 
 
 @pytest.mark.slow

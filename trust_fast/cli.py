@@ -254,6 +254,17 @@ def _write_pictures(out: str, spec, n_per_prompt: int, report: dict, images) -> 
     return names
 
 
+def _evaluate_against_original(pipe, model: str, prompts, args) -> dict:
+    """The classifier-free report of an unlearned pipeline against its original (reloaded from `model`),
+    with labelled original | unlearned grids written into the output directory."""
+    from .evaluation.generic import generic_report
+    from .world import load_pipeline
+
+    reference = load_pipeline(model, device=str(pipe.unet.device))
+    return generic_report(pipe, reference, prompts.forget, prompts.retain, n_per_prompt=max(2, args.n_per_prompt),
+                          seed=args.seed, grids=args.out)
+
+
 def cmd_unlearn(args) -> int:
     from .concepts import parse_concept, read_prompt_file, user_prompts
     from .io import write_json_atomic
@@ -305,12 +316,17 @@ def cmd_unlearn(args) -> int:
         if lead:
             unlearner.save(args.out)
             report.update(model=args.model, world_size=distributed.world_size(), weights_sha256=digests[0])
-            if images is not None:  # pictures are extras: a failure there must not cost the run its report
-                try:
+            # pictures and the classifier-free evaluation are extras: a failure there must not cost the
+            # run its report
+            try:
+                if images is not None:
                     report["pictures"] = _write_pictures(args.out, spec, args.n_per_prompt, report, images)
-                except (OSError, ValueError, RuntimeError) as e:
-                    report["pictures_error"] = f"{type(e).__name__}: {e}"
-                    print(f"warning: could not write the pictures: {report['pictures_error']}", file=sys.stderr)
+                elif prompts is not None and not args.no_eval:
+                    report["eval_vs_original"] = _evaluate_against_original(pipe, args.model, prompts, args)
+                    report["pictures"] = report["eval_vs_original"].get("grids", [])
+            except (OSError, ValueError, RuntimeError) as e:
+                report["pictures_error"] = f"{type(e).__name__}: {e}"
+                print(f"warning: could not evaluate or draw the result: {report['pictures_error']}", file=sys.stderr)
             write_json_atomic(report, os.path.join(args.out, "report.json"))
         distributed.barrier()
     finally:
@@ -325,6 +341,10 @@ def cmd_unlearn(args) -> int:
                         **{k: report[f"eval_{name}"][k] for k in _NEIGHBOR_KEYS if k in report[f"eval_{name}"]}})
                 for name in ("before", "after")]
         print(format_table(rows, list(rows[0][1])))
+    if "eval_vs_original" in report:
+        free = report["eval_vs_original"]
+        print(format_table([("vs original", free)], [k for k in ("forget_change", "retain_change", "selectivity",
+                                                                "fd", "fd_self") if k in free]))
     keys = ["steps", "seconds", "mean_selected_rows", "mean_selected_fraction", "trainable_params",
             "optimizer_state_bytes"]
     print(format_table([(f"{report['method']} {report['concept']}", report)], keys))
@@ -464,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt of the before/after evaluation")
     p.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate (1 image per prompt) every N steps into report.json's evals")
-    p.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation (shapes world)")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the evaluation (shapes world: before/after UA and retain; prompt files: the "
+                        "classifier-free report against the original and its grids)")
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="write a checkpoint every N steps (atomic; default 0: none)")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoint)")
