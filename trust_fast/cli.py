@@ -256,7 +256,7 @@ def _write_pictures(out: str, spec, n_per_prompt: int, report: dict, images) -> 
 
 def _evaluate_against_original(pipe, model: str, prompts, args) -> dict:
     """The classifier-free report of an unlearned pipeline against its original (reloaded from `model`),
-    with labelled original | unlearned grids written into the output directory."""
+    with labelled original | evaluated grids written into the output directory."""
     from .evaluation.generic import generic_report
     from .world import load_pipeline
 
