@@ -18,7 +18,8 @@ class UserError(ValueError):
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     from .evaluation.metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps of the model's own scheduler (default %(default)s)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help="sampling steps of the model's own scheduler (default %(default)s)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                    help="classifier-free guidance scale (default %(default)s; the shapes world wants low guidance)")
 
