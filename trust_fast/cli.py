@@ -239,13 +239,12 @@ def _write_pictures(out: str, spec, n_per_prompt: int, report: dict, images) -> 
     after, same noise) and, when the run evaluated on a schedule, history.png (UA and retain accuracy
     against the step, the original model at step 0). Returns the file names written."""
     from .concepts import world_prompts
-    from .evaluation.pictures import before_after_grid, plot_history
+    from .evaluation.pictures import plot_history, write_grids
 
     (forget_before, retain_before), (forget_after, retain_after) = images
     prompts = world_prompts(spec)
-    before_after_grid(forget_before, forget_after, prompts.forget, n_per_prompt, os.path.join(out, "forget.png"))
-    before_after_grid(retain_before, retain_after, prompts.retain, n_per_prompt, os.path.join(out, "retain.png"))
-    names = ["forget.png", "retain.png"]
+    names = write_grids(out, {"forget": (prompts.forget, forget_before, forget_after),
+                              "retain": (prompts.retain, retain_before, retain_after)}, n_per_prompt)
     evals = report.get("evals") or []
     if evals:
         start = {"step": 0, "ua": report["ua_before"], "retain_acc": report["retain_before"]}

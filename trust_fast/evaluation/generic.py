@@ -11,7 +11,9 @@ model's generations moved away from the original model's, prompt by prompt:
   Unlearning that works moves the forget prompts (high ``forget_change``) and leaves the retain
   prompts (``retain_change`` near 0); ``selectivity`` is their ratio.
 - ``fd`` / ``fd_self``: Frechet distance of 8x8 average-pooled outputs (CLIP-free) on the retain
-  prompts, against the original's own sampling-noise floor, as in the shapes-world report.
+  prompts, against the original's own sampling-noise floor, as in the shapes-world report (from the
+  same samples as the change: the model's and the original's images from one noise, the original's
+  from another).
 - soft-prompt attack: the same optimization as on the world; ``softprompt_change`` is the attacked
   images' distance to the original model's images (same noise, plain prompt) over ``noise_floor``.
   The prefix itself changes an image, so the same attack is also run on the original model:
@@ -25,13 +27,12 @@ pixels for the shapes world. Every metric that needs a classifier is listed unde
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
 from .attacks import softprompt_attack
-from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, quality_distance, rms_distance, sample_images, to_pixels
+from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, fd_from_images, rms_distance, sample_images, to_pixels
 
 CLASSIFIER_METRICS = ("ua", "retain_acc", "per-attribute accuracies")
 
@@ -83,7 +84,7 @@ def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: l
         ours = sample_images(pipe, prompts, n_per_prompt, seed, steps, guidance)
         ref = sample_images(reference, prompts, n_per_prompt, seed, steps, guidance)
         ref_other = sample_images(reference, prompts, n_per_prompt, seed + 1, steps, guidance)
-        images[name] = (ref, ours)
+        images[name] = (ref, ours, ref_other)
         report[f"{name}_distance"] = _mean(rms_distance(ours, ref))
         floors.append(rms_distance(ref, ref_other))
     report["noise_floor"] = _mean(torch.cat(floors))
@@ -92,7 +93,7 @@ def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: l
         report[f"{name}_change"] = report[f"{name}_distance"] / floor
     if "retain" in images:
         report["selectivity"] = report["forget_change"] / max(report["retain_change"], 1e-12)
-        report.update(quality_distance(pipe, reference, retain_prompts, None, n_per_prompt, seed, steps, guidance))
+        report.update(fd_from_images(images["retain"][1], images["retain"][0], images["retain"][2]))
     skipped = [f"{m} (needs a classifier; none judges these prompts)" for m in CLASSIFIER_METRICS]
     if not retain_prompts:
         skipped.append("retain_change, selectivity and fd (no retain prompts given)")
@@ -110,13 +111,11 @@ def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: l
                                          if span > 0 else float("nan"))
         skipped.append("asr_softprompt (no classifier: softprompt_change measures the attack instead)")
     if grids:
-        from .pictures import before_after_grid
+        from .pictures import write_grids
 
-        os.makedirs(grids, exist_ok=True)
-        for name, (ref, ours) in images.items():
-            before_after_grid(to_pixels(reference, ref), to_pixels(pipe, ours), sets[name], n_per_prompt,
-                              os.path.join(grids, f"{name}.png"), labels=("original", "evaluated"))
-        report["grids"] = sorted(f"{name}.png" for name in images)
+        pixels = {name: (sets[name], to_pixels(reference, ref), to_pixels(pipe, ours))
+                  for name, (ref, ours, _) in images.items()}
+        report["grids"] = write_grids(grids, pixels, n_per_prompt, labels=("original", "evaluated"))
     report["skipped"] = skipped
     report["seconds"] = time.perf_counter() - t0
     return report

@@ -159,9 +159,15 @@ def quality_distance(pipe, reference, prompts: list[str], classifier=None, n_per
     """fd: Frechet distance between the model's and the reference's generations on `prompts`, with
     different noise; fd_self: the reference against itself with the same two noises (the sampling-
     noise floor; fd equals it for an unchanged model)."""
-    ours = image_features(sample_images(pipe, prompts, n_per_prompt, seed + 11, steps, guidance), classifier)
-    ref_a = image_features(sample_images(reference, prompts, n_per_prompt, seed + 11, steps, guidance), classifier)
-    ref_b = image_features(sample_images(reference, prompts, n_per_prompt, seed + 12, steps, guidance), classifier)
+    return fd_from_images(sample_images(pipe, prompts, n_per_prompt, seed + 11, steps, guidance),
+                          sample_images(reference, prompts, n_per_prompt, seed + 11, steps, guidance),
+                          sample_images(reference, prompts, n_per_prompt, seed + 12, steps, guidance), classifier)
+
+
+def fd_from_images(ours: torch.Tensor, ref_a: torch.Tensor, ref_b: torch.Tensor, classifier=None) -> dict:
+    """fd = FD(ours, ref_b) and fd_self = FD(ref_a, ref_b), where ours and ref_a share their noise and
+    ref_b has other noise (see quality_distance)."""
+    ours, ref_a, ref_b = (image_features(x, classifier) for x in (ours, ref_a, ref_b))
     return {"fd": frechet_distance(ours, ref_b), "fd_self": frechet_distance(ref_a, ref_b), "fd_n": ours.shape[0],
             "fd_features": "classifier-penultimate" if classifier is not None else "pooled-8x8"}
 

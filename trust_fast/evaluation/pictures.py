@@ -26,6 +26,18 @@ def before_after_grid(before: torch.Tensor, after: torch.Tensor, prompts: list[s
               labels=[f"{p}  ({labels[0]} | {labels[1]})" for p in prompts[:rows]])
 
 
+def write_grids(directory: str, sets: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]], n_per_prompt: int,
+                labels: tuple[str, str] = ("before", "after")) -> list[str]:
+    """``{directory}/{name}.png`` for each ``name: (prompts, before, after)`` (see before_after_grid);
+    returns the file names written."""
+    import os
+
+    os.makedirs(directory, exist_ok=True)
+    for name, (prompts, before, after) in sets.items():
+        before_after_grid(before, after, prompts, n_per_prompt, os.path.join(directory, f"{name}.png"), labels=labels)
+    return [f"{name}.png" for name in sets]
+
+
 def plot_history(history: list[dict], path: str, title: str = "",
                  keys: tuple[str, ...] = ("ua", "retain_acc")) -> None:
     """Line plot of the given metrics against `step` for the history entries that carry them."""

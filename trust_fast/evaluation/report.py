@@ -1,7 +1,6 @@
 """One evaluation report: concept metrics, quality distance and attacks, as `trust-fast evaluate` prints it."""
 from __future__ import annotations
 
-import os
 import time
 
 from ..concepts import ConceptSpec, world_prompts
@@ -31,17 +30,14 @@ def full_report(pipe, spec: ConceptSpec, reference=None, attack: str = "none", c
     if grids and reference is None:
         skipped.append("grids (no reference model)")
     elif grids:
-        from .pictures import before_after_grid
+        from .pictures import write_grids
 
-        os.makedirs(grids, exist_ok=True)
         prompts = world_prompts(spec)
         # evaluate() samples the forget prompts from `seed` and the retain prompts from `seed + 1`
-        for name, plist, ours, s in (("forget", prompts.forget, forget_imgs, seed),
-                                     ("retain", prompts.retain, retain_imgs, seed + 1)):
-            ref = sample_images(reference, plist, n_per_prompt, s, steps, guidance)
-            before_after_grid(ref, ours, plist, n_per_prompt, os.path.join(grids, f"{name}.png"),
-                              labels=("original", "evaluated"))
-        report["grids"] = ["forget.png", "retain.png"]
+        sets = {name: (plist, sample_images(reference, plist, n_per_prompt, s, steps, guidance), ours)
+                for name, plist, ours, s in (("forget", prompts.forget, forget_imgs, seed),
+                                             ("retain", prompts.retain, retain_imgs, seed + 1))}
+        report["grids"] = write_grids(grids, sets, n_per_prompt, labels=("original", "evaluated"))
     if reference is not None:
         report.update(quality_distance(pipe, reference, world_prompts(spec).retain, classifier,
                                        n_per_prompt, seed, steps, guidance))
