@@ -209,3 +209,127 @@ def test_set_rows_and_penalty_errors():
         MaskedAdamW([w], lr=-1.0)
     with pytest.raises(ValueError, match="betas"):
         MaskedAdamW([w], betas=(1.0, 0.9))
+
+
+# ---------------------------------------------------------------------------
+# repeated steps on one row set: the op's per-tensor checks run once, then the kernel directly
+
+
+def _count_checks(monkeypatch) -> list[int]:
+    from trust_fast.ops import reference
+
+    calls = [0]
+    real = reference.check_masked_adamw
+
+    def counting(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(reference, "check_masked_adamw", counting)
+    return calls
+
+
+def test_repeated_steps_check_once_and_match_the_checked_path(backend, monkeypatch):
+    """Same rows, several steps: new gradient tensors and in-place ones, with a penalty on one param.
+    The direct kernel call gives bit for bit what the op (checks every step) gives."""
+    w, b = _layer()
+    w_slow, b_slow = (torch.nn.Parameter(t.detach().clone()) for t in (w, b))
+    fast, slow = MaskedAdamW([w, b], **HP), MaskedAdamW([w_slow, b_slow], **HP)
+    slow._update = lambda *a, **k: ops.masked_adamw_(*a, **k)  # not the op itself: every step goes through it
+    h, p0 = torch.rand(7), w.detach().clone()
+    for opt, (ww, bb) in ((fast, (w, b)), (slow, (w_slow, b_slow))):
+        opt.set_rows({ww: torch.tensor([1, 4, 6]), bb: torch.tensor([0, 4])})
+        opt.set_penalty({ww: (h, p0)}, 0.3)
+    checks = _count_checks(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(5):
+        gw, gb = torch.randn(w.shape, generator=gen), torch.randn(b.shape, generator=gen)
+        for ww, bb in ((w, b), (w_slow, b_slow)):
+            if step % 2 == 0 or ww.grad is None:  # zero_grad(set_to_none=True): new tensors
+                ww.grad, bb.grad = gw.clone(), gb.clone()
+            else:  # gradients accumulated into the same tensors
+                ww.grad.copy_(gw)
+                bb.grad.copy_(gb)
+        fast.step()
+        slow.step()
+        assert torch.equal(w.detach(), w_slow.detach()) and torch.equal(b.detach(), b_slow.detach())
+    # two kernel calls per step (with and without the penalty); the fast optimizer checked each once
+    assert checks[0] == 2 + 2 * 5
+
+
+def test_direct_steps_still_catch_what_the_op_catches(monkeypatch):
+    w, b = _layer()
+    opt = MaskedAdamW([w, b], **HP)
+    opt.set_rows({w: torch.tensor([0, 2]), b: torch.tensor([0, 2])})
+    w.grad, b.grad = torch.randn(w.shape), torch.randn(b.shape)
+    opt.step()
+    checks = _count_checks(monkeypatch)
+    w.grad = w.grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    w.grad = None  # a param without a gradient is skipped, through the op
+    before = w.detach().clone()
+    opt.step()
+    assert torch.equal(w.detach(), before) and checks[0] == 1
+    w.grad = torch.randn(w.shape)
+    opt.step()  # through the op: checks the tensors again
+    opt.step()  # directly
+    assert checks[0] == 2
+    opt.param_groups[0]["lr"] = float("nan")  # the scalar checks run on every step
+    with pytest.raises(ValueError, match="lr must be finite"):
+        opt.step()
+    assert checks[0] == 2
+
+
+def test_rows_are_copied_by_set_rows():
+    w, b = _layer()
+    opt = MaskedAdamW([w], **HP)
+    rows = torch.tensor([1, 3])
+    opt.set_rows({w: rows})
+    rows[0] = 5  # the caller's tensor, changed after the call
+    w.grad = torch.randn(w.shape)
+    before = w.detach().clone()
+    opt.step()
+    changed = (w.detach() != before).flatten(1).any(1).nonzero().flatten().tolist()
+    assert changed == [1, 3]
+
+
+def test_direct_steps_follow_the_backend_of_the_moment(monkeypatch):
+    w, _ = _layer()
+    opt = MaskedAdamW([w], **HP)
+    opt.set_rows({w: torch.tensor([0, 1])})
+    w.grad = torch.randn(w.shape)
+    ref = ops.registry.get_backend("reference")
+    ran = []
+    real = ref.kernels["masked_adamw_"]
+    monkeypatch.setitem(ref.kernels, "masked_adamw_", lambda *a: (ran.append(1), real(*a)))
+    with ops.use_backend("cpp"):
+        opt.step()
+        opt.step()
+    assert ran == []
+    with ops.use_backend("reference"):
+        opt.step()
+    assert ran == [1]
+
+
+def test_dispatch_modes_see_every_step():
+    """Under a TorchDispatchMode (as torch.compile's tracing and functionalization use) the op is dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    w, _ = _layer()
+    opt = MaskedAdamW([w], **HP)
+    opt.set_rows({w: torch.tensor([0, 1])})
+    w.grad = torch.randn(w.shape)
+    opt.step()  # checked: later steps would go directly to the kernel
+    with Log() as log:
+        opt.step()
+    assert any("trust_fast.masked_adamw_" in n for n in log.names), log.names

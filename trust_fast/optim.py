@@ -12,6 +12,7 @@ when the row was selected, would give (within float32 rounding).
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
@@ -19,7 +20,9 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .ops.reference import check_indices, rows_of, row_width
+from .ops.library import is_plain_tensor, plain_eager_mode
+from .ops.reference import check_indices, check_masked_adamw_scalars, rows_of, row_width
+from .ops.registry import kernel_for
 
 _GROWTH = 1.25
 
@@ -61,6 +64,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._lam = 0.0
         # kernel arguments of the current rows and penalty, rebuilt when either changes
         self._args: list[list[tuple[list[Tensor], list[list[Tensor]], dict]]] = []
+        # per kernel call: the gradients the op last checked with its tensors (None: not checked yet)
+        self._checked_grads: list[list[list[Tensor] | None]] = []
         self._args_stale = True
         # with compile, the kernel call runs as one torch.compile graph (the op traced by its fake)
         self._update = ops.masked_adamw_
@@ -88,9 +93,8 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"rows: parameter #{i} of shape {tuple(p.shape)} is not in this optimizer")
             if not isinstance(r, Tensor):
                 raise TypeError(f"rows: value #{i} must be a tensor of row indices, got {type(r).__name__}")
-            if r.dtype != torch.int64 or r.device != p.device:
-                r = r.to(device=p.device, dtype=torch.int64)
-            new[p] = r
+            # a private copy: changing the caller's tensor later does not change the rows set here
+            new[p] = r.to(device=p.device, dtype=torch.int64, copy=True)
             by_device.setdefault(p.device, []).append(p)
         for device, ps in by_device.items():
             check_indices("rows[param]", [new[p] for p in ps], [rows_of(p) for p in ps], device)
@@ -236,13 +240,19 @@ class MaskedAdamW(torch.optim.Optimizer):
                 loss = closure()
         if self._args_stale:
             self._args = [self._step_args(g) for g in self.param_groups]
+            self._checked_grads = [[None] * len(calls) for calls in self._args]
             self._args_stale = False
-        for group, calls in zip(self.param_groups, self._args):
+        direct = self._update is ops.masked_adamw_ and plain_eager_mode()
+        for gi, (group, calls) in enumerate(zip(self.param_groups, self._args)):
             beta1, beta2 = group["betas"]
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-            for params, state, extra in calls:
+            for ci, (params, state, extra) in enumerate(calls):
                 grads = [p.grad for p in params]
-                if any(g is None for g in grads):  # params without a gradient this step are skipped
+                if direct and self._grads_checked(gi, ci, params, grads):
+                    self._run_checked(params, grads, state, hyper, extra)
+                    continue
+                subset = any(g is None for g in grads)
+                if subset:  # params without a gradient this step are skipped
                     keep = [i for i, g in enumerate(grads) if g is not None]
                     if not keep:
                         continue
@@ -252,4 +262,42 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if any(g.is_sparse for g in grads):
                     raise RuntimeError("MaskedAdamW does not support sparse gradients")
                 self._update(params, grads, *state, **hyper, **extra)
+                # the op checked every tensor of this call: later steps may skip to the kernel
+                plain = not subset and all(is_plain_tensor(t) for t in params) and all(is_plain_tensor(g) for g in grads)
+                self._checked_grads[gi][ci] = grads if plain else None
         return loss
+
+    def _grads_checked(self, gi: int, ci: int, params: list[Tensor], grads: list) -> bool:
+        """Whether call ``ci`` of group ``gi`` may run its kernel without the op's checks.
+
+        Its params and state passed the op's checks on an earlier step (they are
+        this optimizer's own tensors, rebuilt with every set_rows).  The gradients
+        must be those same tensors, or new ones (``zero_grad(set_to_none=True)``)
+        of their params' shape, dtype and device, dense and plain.
+        """
+        known = self._checked_grads[gi][ci]
+        if known is None:
+            return False
+        if all(map(operator.is_, grads, known)):
+            return True
+        for p, g in zip(params, grads):
+            if not (
+                is_plain_tensor(g)
+                and g.layout == torch.strided
+                and g.shape == p.shape
+                and g.dtype == p.dtype
+                and g.device == p.device
+            ):
+                return False
+        self._checked_grads[gi][ci] = grads
+        return True
+
+    @staticmethod
+    def _run_checked(params, grads, state, hyper, extra) -> None:
+        """The backend kernel on already checked tensors (the op's path minus its per-tensor checks)."""
+        lr, beta1, beta2 = float(hyper["lr"]), float(hyper["beta1"]), float(hyper["beta2"])
+        eps, weight_decay, lam = float(hyper["eps"]), float(hyper["weight_decay"]), float(extra.get("lam", 0.0))
+        hess, ref_params = extra.get("hess"), extra.get("ref_params")
+        check_masked_adamw_scalars(lr, beta1, beta2, eps, weight_decay, lam, hess, ref_params)
+        kernel = kernel_for("masked_adamw_", params[0].device)
+        kernel(params, grads, *state, lr, beta1, beta2, eps, weight_decay, hess, ref_params, lam)

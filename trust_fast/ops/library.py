@@ -75,15 +75,27 @@ def can_route_directly(*tensor_lists: Sequence[Tensor]) -> bool:
     tensors, functionalization), a functorch transform or with tensor
     subclasses the op goes through ``torch.ops`` so that they see it.
     """
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._are_functorch_transforms_active():
+    if not plain_eager_mode():
         return False
     for ts in tensor_lists:
         for t in ts:
             if type(t) not in _PLAIN_TENSOR_TYPES:
                 return False
     return True
+
+
+def plain_eager_mode() -> bool:
+    """No torch.compile tracing, dispatch mode or functorch transform is active."""
+    return not (
+        torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
+def is_plain_tensor(t) -> bool:
+    """A plain Tensor or Parameter (no subclass that would have to see the op)."""
+    return type(t) in _PLAIN_TENSOR_TYPES
 
 
 # ----------------------------------------------------------------------------

@@ -271,6 +271,19 @@ def _grads_ok(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
     return True
 
 
+def check_masked_adamw_scalars(lr, beta1, beta2, eps, weight_decay, lam, hess, ref_params) -> None:
+    """The checks of ``masked_adamw_``'s scalar arguments (and of hess/ref_params going together)."""
+    for n, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("lam", lam)):
+        _check_finite(n, v)
+    for n, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            _fail(ValueError, f"{n} must be in [0, 1), got {b}")
+    if eps < 0:
+        _fail(ValueError, f"eps must be >= 0, got {eps}")
+    if (hess is None) != (ref_params is None):
+        _fail(ValueError, "hess and ref_params must be given together (the penalty is lam*hess*(param - ref_param))")
+
+
 def check_masked_adamw(*args) -> None:
     """Check the arguments of ``masked_adamw_`` (:class:`AdamWArgs` order).
 
@@ -282,15 +295,7 @@ def check_masked_adamw(*args) -> None:
     a = AdamWArgs(*args)
     params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots = a[:7]
     hess, ref_params = a.hess, a.ref_params
-    for n, v in (("lr", a.lr), ("eps", a.eps), ("weight_decay", a.weight_decay), ("lam", a.lam)):
-        _check_finite(n, v)
-    for n, b in (("beta1", a.beta1), ("beta2", a.beta2)):
-        if not 0.0 <= b < 1.0:
-            _fail(ValueError, f"{n} must be in [0, 1), got {b}")
-    if a.eps < 0:
-        _fail(ValueError, f"eps must be >= 0, got {a.eps}")
-    if (hess is None) != (ref_params is None):
-        _fail(ValueError, "hess and ref_params must be given together (the penalty is lam*hess*(param - ref_param))")
+    check_masked_adamw_scalars(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.lam, hess, ref_params)
     if params and isinstance(params, (list, tuple)) and isinstance(params[0], Tensor) and _adam_checked_before(a):
         return
     for n, xs in zip(a._fields[:7], a[:7]):
