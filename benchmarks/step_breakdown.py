@@ -1,0 +1,130 @@
+"""Where a 5% MaskedAdamW step over set a spends its time, layer by layer, against AdamW(fused).
+
+The #4 target is a MaskedAdamW step on 5% of the rows >= 10x faster than
+torch.optim.AdamW(fused=True) over all of them.  This times, on the same
+tensors (set a's shapes, a random sorted 5% of each tensor's rows; slots 0..k-1
+as a first selection gives them) and in one process:
+
+- ``adamw_fused``: torch.optim.AdamW(fused=True).step() over every weight;
+- ``masked_step``: MaskedAdamW.step() (torch.optim's step wrapper, the
+  optimizer's Python, the backend kernel);
+- ``public_op``: trust_fast.ops.masked_adamw_ on the optimizer's tensors (argument
+  checks through their cache, the dispatcher);
+- ``native_op``: torch.ops.trust_fast.masked_adamw_native_, the C++ kernel behind the
+  dispatcher;
+- ``cpp_loop``: the row update of benchmarks/row_access.cpp called through ctypes
+  on raw pointers: the same arithmetic and next-row prefetch, no tensors, no
+  dispatcher, no Python per tensor (compiled here with g++; skipped without it).
+
+Before every timed call a 256 MB buffer is read, as a training step's forward
+and backward evict the caches (and the Python objects) between two optimizer
+steps.  Medians of ``--repeats`` interleaved calls; ``fused/x`` = AdamW(fused)
+time / contender time.
+
+    python benchmarks/step_breakdown.py --repeats 31
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from sd15_shapes import HARDCODED_A  # noqa: E402
+
+from trust_fast import ops  # noqa: E402
+from trust_fast.ops import _native  # noqa: E402
+from trust_fast.optim import MaskedAdamW  # noqa: E402
+
+
+def build_cpp_loop(workdir: str):
+    """ctypes handle of row_access.cpp's row_access_update, or None (with the reason printed)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        print("cpp_loop skipped: no C++ compiler")
+        return None
+    lib = os.path.join(workdir, "librow_access.so")
+    cmd = [cxx, "-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-DROW_ACCESS_LIB", "-shared", "-fPIC",
+           os.path.join(HERE, "row_access.cpp"), "-o", lib]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"cpp_loop skipped: {' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+        return None
+    return ctypes.CDLL(lib).row_access_update
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fraction", type=float, default=0.05)
+    ap.add_argument("--repeats", type=int, default=31)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if not 0 < args.fraction <= 1 or args.repeats < 1:
+        raise SystemExit("--fraction must be in (0, 1] and --repeats >= 1")
+    reason = _native.load()
+    if reason is not None:
+        raise SystemExit(f"the C++ extension is needed: {reason}")
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in HARDCODED_A]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    counts = [max(1, round(args.fraction * s[0])) for s in HARDCODED_A]
+    opt = MaskedAdamW(params, lr=1e-5)
+    opt.set_rows({p: torch.randperm(p.shape[0], generator=gen)[:k].sort().values for p, k in zip(params, counts)})
+    opt.step()  # allocates the slots and checks the tensors once
+    ((ps, state, _),) = opt._args[0]
+    exp_avgs, exp_avg_sqs, steps, rows, slots = state
+    grads = [p.grad for p in ps]
+    if not all(torch.equal(s, torch.arange(len(s))) for s in slots):
+        raise SystemExit("expected slots 0..k-1 for a first selection")
+    hyper = (1e-5, 0.9, 0.999, 1e-8, 0.0)
+    native = torch.ops.trust_fast.masked_adamw_native_
+    fused = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    fused.step()
+    fns = {
+        "adamw_fused": fused.step,
+        "masked_step": opt.step,
+        "public_op": lambda: ops.masked_adamw_(ps, grads, *state, lr=hyper[0]),
+        "native_op": lambda: native(ps, grads, *state, *hyper, None, None, 0.0),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        loop = build_cpp_loop(tmp)
+        if loop is not None:
+            n = len(ps)
+            fp = ctypes.POINTER(ctypes.c_float)
+            ptrs = lambda ts: (fp * n)(*[ctypes.cast(t.data_ptr(), fp) for t in ts])  # noqa: E731
+            cargs = (ctypes.c_int64(n), ptrs(ps), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs),
+                     (ctypes.c_int64 * n)(*[p.numel() // p.shape[0] for p in ps]),
+                     (ctypes.c_int64 * n)(*[r.numel() for r in rows]),
+                     (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(r.data_ptr(), ctypes.POINTER(ctypes.c_int64)) for r in rows]))
+            fns["cpp_loop"] = lambda: loop(*cargs)
+        flush = torch.ones(64 << 20)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(args.repeats):
+            for k, fn in fns.items():
+                float(flush.sum())
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n_sel = sum(k * (p.numel() // p.shape[0]) for k, p in zip(counts, params))
+    print(f"set a: {len(params)} tensors, {sum(p.numel() for p in params):,} weights; {args.fraction:.0%} of rows = "
+          f"{n_sel:,} elements; {args.threads} thread(s), medians of {args.repeats}, caches flushed before each call")
+    print(f"{'contender':12s} {'median ms':>10s} {'min ms':>8s} {'fused/x':>8s}")
+    for k, v in times.items():
+        print(f"{k:12s} {med[k]:10.3f} {min(v):8.3f} {med['adamw_fused'] / med[k]:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
