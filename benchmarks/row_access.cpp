@@ -58,6 +58,17 @@ struct Tensor {
 
 constexpr int64_t kBlock = 64;
 
+// Requests the lines of elements [b, e) of the next row (as csrc/ops_cpu.cpp does, one
+// block ahead of the update); p is requested for writing when the row is updated.
+template <bool kWrite>
+inline void prefetch_block(const float* next_p, const float* next_g, int64_t b, int64_t e) {
+  if (next_p == nullptr) return;
+  for (int64_t i = b; i < e; i += 16) {
+    __builtin_prefetch(next_p + i, kWrite ? 1 : 0, 3);
+    __builtin_prefetch(next_g + i, 0, 3);
+  }
+}
+
 // AdamW on one row (torch.optim.AdamW's arithmetic, fixed hyperparameters).
 template <bool kPrefetch>
 void update_row(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v, int64_t c,
@@ -65,12 +76,7 @@ void update_row(float* __restrict p, const float* __restrict g, float* __restric
   const float decay = 0.99999f, one_m_b1 = 0.1f, beta2 = 0.999f, one_m_b2 = 0.001f, eps = 1e-8f, step = 1e-5f;
   for (int64_t b = 0; b < c; b += kBlock) {
     const int64_t e = std::min(b + kBlock, c);
-    if (kPrefetch && next_p != nullptr) {
-      for (int64_t i = b; i < e; i += 16) {
-        __builtin_prefetch(next_p + i, 1, 3);
-        __builtin_prefetch(next_g + i, 0, 3);
-      }
-    }
+    if (kPrefetch) prefetch_block<true>(next_p, next_g, b, e);
 #pragma omp simd
     for (int64_t i = b; i < e; ++i) {
       const float x = p[i], gi = g[i];
@@ -89,12 +95,7 @@ float read_row(const float* __restrict p, const float* __restrict g, int64_t c, 
   float acc = 0.f;
   for (int64_t b = 0; b < c; b += kBlock) {
     const int64_t e = std::min(b + kBlock, c);
-    if (kPrefetch && next_p != nullptr) {
-      for (int64_t i = b; i < e; i += 16) {
-        __builtin_prefetch(next_p + i, 0, 3);
-        __builtin_prefetch(next_g + i, 0, 3);
-      }
-    }
+    if (kPrefetch) prefetch_block<false>(next_p, next_g, b, e);
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = b; i < e; ++i) acc += p[i] + g[i];
   }

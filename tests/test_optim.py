@@ -333,3 +333,27 @@ def test_dispatch_modes_see_every_step():
     with Log() as log:
         opt.step()
     assert any("trust_fast.masked_adamw_" in n for n in log.names), log.names
+
+
+def test_setting_the_same_rows_again_keeps_direct_steps(monkeypatch):
+    """A loop that re-localizes every k steps hands the same rows to set_rows in between."""
+    w, b = _layer()
+    opt = MaskedAdamW([w, b], **HP)
+    rows = {w: torch.tensor([1, 4]), b: torch.tensor([1, 4])}
+    opt.set_rows(rows)
+    checks = _count_checks(monkeypatch)
+    for _ in range(3):
+        w.grad, b.grad = torch.randn(w.shape), torch.randn(b.shape)
+        opt.set_rows({p: r.clone() for p, r in rows.items()})  # equal rows, new tensors
+        opt.step()
+    assert checks[0] == 1
+    opt.set_rows({w: torch.tensor([1, 5]), b: torch.tensor([1, 4])})  # changed: checked again
+    before = w.detach().clone()
+    opt.step()
+    assert checks[0] == 2
+    changed = (w.detach() != before).flatten(1).any(1).nonzero().flatten().tolist()
+    assert changed == [1, 5]
+    opt.load_state_dict(opt.state_dict())  # clears the rows: setting them again is not a no-op
+    opt.set_rows({w: torch.tensor([1, 5]), b: torch.tensor([1, 4])})
+    opt.step()
+    assert checks[0] == 3

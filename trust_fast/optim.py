@@ -39,6 +39,12 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     A 1-D bias is given the same row indices as its weight.  Parameters may be
     float32, float16 or bfloat16; state and math are float32.
+
+    The first step after :meth:`set_rows` or :meth:`set_penalty` goes through the
+    op ``trust_fast.ops.masked_adamw_``, which checks every tensor.  Later steps
+    on the same rows check only the gradients and the hyperparameters and call
+    the backend kernel directly (in eager mode, with plain tensors), which cuts
+    the host cost of a step by 8-19% (BENCHMARKS.md).
     """
 
     def __init__(
@@ -83,8 +89,11 @@ class MaskedAdamW(torch.optim.Optimizer):
         """Set the rows the next :meth:`step` updates: {param: int LongTensor (n,) of row indices}.
 
         Rows must be in range and unique.  A param absent from ``rows`` is not
-        updated.  Rows selected for the first time get fresh zero state.
+        updated.  Rows selected for the first time get fresh zero state.  Setting
+        the rows already set changes nothing (the next step stays a direct one).
         """
+        if self._same_rows(rows):
+            return
         owned = self._owned()
         new: dict[Tensor, Tensor] = {}
         by_device: dict[torch.device, list[Tensor]] = {}
@@ -102,6 +111,17 @@ class MaskedAdamW(torch.optim.Optimizer):
             self._ensure_slots(p, r)
         self._rows = new
         self._args_stale = True
+
+    def _same_rows(self, rows: Mapping[Tensor, Tensor]) -> bool:
+        """Whether ``rows`` names the params of the current rows, in order, with equal int64 rows."""
+        if len(rows) != len(self._rows) or not self._rows:
+            return False
+        for (p, r), (q, old) in zip(rows.items(), self._rows.items()):
+            if p is not q or not isinstance(r, Tensor) or r.dtype != torch.int64 or r.device != old.device:
+                return False
+            if r.shape != old.shape or not torch.equal(r, old):
+                return False
+        return True
 
     def set_penalty(self, penalty: Mapping[Tensor, tuple[Tensor, Tensor]], lam: float) -> None:
         """Fuse the Hessian-diagonal penalty ``lam * h * (p - p0)`` into the gradient of updated rows.
