@@ -22,6 +22,7 @@ from sd15_shapes import stored_shapes, summary  # noqa: E402
 
 import trust_fast.ops as ops  # noqa: E402
 from trust_fast.ops.registry import get_backend  # noqa: E402
+from trust_fast.optim import MaskedAdamW  # noqa: E402
 
 # A dry run on a CPU (--device cpu, TRITON_INTERPRET=1) exercises this script with cpp/triton.
 DEV = torch.device("cuda")
@@ -149,6 +150,22 @@ def ms_of(fn) -> float:
     return statistics.median(times)
 
 
+def masked_step(set_name, dtype, backend, frac, params, grads, rows, nbytes, fused_ms, record) -> None:
+    """Times MaskedAdamW.step() (after its first, checked step the kernel is called directly)."""
+    try:
+        ps = [torch.nn.Parameter(p) for p in params]  # the same storage as params
+        for p, g in zip(ps, grads):
+            p.grad = g
+        opt = MaskedAdamW(ps, lr=1e-5)
+        opt.set_rows(dict(zip(ps, rows)))
+        with ops.use_backend(backend):
+            opt.step()
+            ms = ms_of(opt.step)
+        record(set_name, dtype, "masked_adamw_step", backend, frac, ms, nbytes, fused_ms)
+    except Exception as exc:  # a failure here must not cost the rest of the device run
+        print(f"  masked_adamw_step {backend} {frac}: FAILED {type(exc).__name__}: {exc}", flush=True)
+
+
 def bench(sets: list[str], out_csv: Path) -> None:
     rows_out = []
     copy_src = torch.empty(256 * 1024 * 1024 if DEV.type == "cuda" else 1 << 20, device=DEV)  # 1 GiB on a GPU
@@ -218,6 +235,7 @@ def bench(sets: list[str], out_csv: Path) -> None:
                         kern = get_backend(b).kernels.get("masked_adamw_")
                         ms = ms_of(lambda: kern(*args, 1e-5, 0.9, 0.999, 1e-8, 0.0, None, None, 0.0))
                         record(set_name, dtype, "masked_adamw_kern", b, frac, ms, nbytes, fused_ms)
+                    masked_step(set_name, dtype, b, frac, params, grads, rows, nbytes, fused_ms, record)
                 del ms_state, vs_state, steps, slots, args
                 torch.cuda.empty_cache()
             diags = [torch.zeros(p.shape, device=DEV) for p in params]

@@ -43,3 +43,27 @@ def test_step_breakdown_times_every_layer(capsys):
     for name in ("adamw_fused", "masked_step", "public_op", "native_op", "cpp_loop"):
         line = next(l for l in text.splitlines() if l.startswith(name + " "))
         assert float(line.split()[-1]) > 0, line
+
+
+def test_gpu_bench_dry_run_on_cpu_records_the_optimizer_step(tmp_path):
+    """benchmarks/gpu_bench.py --device cpu: the device script's code paths, on tiny stand-ins."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    from trust_fast.ops import _native
+
+    if _native.load() is not None:
+        pytest.skip("needs the C++ extension")
+    out = tmp_path / "gpu_bench.csv"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "gpu_bench.py"), "--bench", "--device", "cpu", "--sets", "a",
+         "--backends", "cpp", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "FAILED" not in res.stdout
+    rows = list(csv.DictReader(out.open()))
+    steps = {(r["impl"], r["fraction"]) for r in rows if r["op"] == "masked_adamw_step"}
+    assert steps == {(b, f) for b in ("reference", "cpp") for f in ("0.01", "0.05", "0.25", "1.0")}
