@@ -67,3 +67,13 @@ def test_gpu_bench_dry_run_on_cpu_records_the_optimizer_step(tmp_path):
     rows = list(csv.DictReader(out.open()))
     steps = {(r["impl"], r["fraction"]) for r in rows if r["op"] == "masked_adamw_step"}
     assert steps == {(b, f) for b in ("reference", "cpp") for f in ("0.01", "0.05", "0.25", "1.0")}
+
+
+def test_triton_plan_host_reports_every_column(capsys):
+    pytest.importorskip("triton")
+    assert _load("triton_plan_host").main(["--repeats", "2", "--sets", "a"]) == 0
+    lines = [l.split() for l in capsys.readouterr().out.splitlines() if l[:2] in ("a ", "b ")]
+    assert [l[0] for l in lines] == ["a"] and all(float(x) > 0 for l in lines for x in l[2:])
+    import trust_fast.kernels.masked_adamw as K
+
+    assert not isinstance(K._masked_adamw_kernel, _load("triton_plan_host")._NoLaunch)  # the kernel is restored

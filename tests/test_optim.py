@@ -357,3 +357,29 @@ def test_setting_the_same_rows_again_keeps_direct_steps(monkeypatch):
     opt.set_rows({w: torch.tensor([1, 5]), b: torch.tensor([1, 4])})
     opt.step()
     assert checks[0] == 3
+
+
+def test_triton_plan_follows_moved_tensors_and_new_hyperparameters():
+    """The triton backend's prepared launches (reused across direct steps) re-read the params' and
+    gradients' addresses and the hyperparameters on every call."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1 (this run has a GPU)")
+    w, b = _layer()
+    w_slow, b_slow = (torch.nn.Parameter(t.detach().clone()) for t in (w, b))
+    fast, slow = MaskedAdamW([w, b], **HP), MaskedAdamW([w_slow, b_slow], **HP)
+    slow._update = lambda *a, **k: ops.masked_adamw_(*a, **k)
+    for opt, ww, bb in ((fast, w, b), (slow, w_slow, b_slow)):
+        opt.set_rows({ww: torch.tensor([0, 3, 5]), bb: torch.tensor([2])})
+    gen = torch.Generator().manual_seed(5)
+    with ops.use_backend("triton"):
+        for step in range(4):
+            gw, gb = torch.randn(w.shape, generator=gen), torch.randn(b.shape, generator=gen)
+            for ww, bb in ((w, b), (w_slow, b_slow)):
+                ww.grad, bb.grad = gw.clone(), gb.clone()
+                if step == 2:  # the param's storage moves (as after .to() and back, or a reload)
+                    ww.data = ww.data.clone()
+            for opt in (fast, slow):
+                opt.param_groups[0]["lr"] = HP["lr"] * (step + 1)  # a schedule
+                opt.step()
+            assert torch.equal(w.detach(), w_slow.detach()) and torch.equal(b.detach(), b_slow.detach())
+    assert fast._plans[0][0] is not None  # the direct steps ran through a prepared plan

@@ -70,8 +70,10 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._lam = 0.0
         # kernel arguments of the current rows and penalty, rebuilt when either changes
         self._args: list[list[tuple[list[Tensor], list[list[Tensor]], dict]]] = []
-        # per kernel call: the gradients the op last checked with its tensors (None: not checked yet)
+        # per kernel call: the gradients the op last checked with its tensors (None: not checked yet),
+        # and the backend's prepared launches for its tensors (backends that offer them: triton)
         self._checked_grads: list[list[list[Tensor] | None]] = []
+        self._plans: list[list[tuple | None]] = []
         self._args_stale = True
         # with compile, the kernel call runs as one torch.compile graph (the op traced by its fake)
         self._update = ops.masked_adamw_
@@ -261,6 +263,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         if self._args_stale:
             self._args = [self._step_args(g) for g in self.param_groups]
             self._checked_grads = [[None] * len(calls) for calls in self._args]
+            self._plans = [[None] * len(calls) for calls in self._args]
             self._args_stale = False
         direct = self._update is ops.masked_adamw_ and plain_eager_mode()
         for gi, (group, calls) in enumerate(zip(self.param_groups, self._args)):
@@ -269,7 +272,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             for ci, (params, state, extra) in enumerate(calls):
                 grads = [p.grad for p in params]
                 if direct and self._grads_checked(gi, ci, params, grads):
-                    self._run_checked(params, grads, state, hyper, extra)
+                    self._run_checked(gi, ci, params, grads, state, hyper, extra)
                     continue
                 subset = any(g is None for g in grads)
                 if subset:  # params without a gradient this step are skipped
@@ -312,12 +315,23 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._checked_grads[gi][ci] = grads
         return True
 
-    @staticmethod
-    def _run_checked(params, grads, state, hyper, extra) -> None:
-        """The backend kernel on already checked tensors (the op's path minus its per-tensor checks)."""
+    def _run_checked(self, gi: int, ci: int, params, grads, state, hyper, extra) -> None:
+        """The backend kernel on already checked tensors (the op's path minus its per-tensor checks).
+
+        A backend kernel with a ``prepare`` (triton) gets its launches prepared once
+        per row set, for this call's state, rows, slots and penalty.
+        """
         lr, beta1, beta2 = float(hyper["lr"]), float(hyper["beta1"]), float(hyper["beta2"])
         eps, weight_decay, lam = float(hyper["eps"]), float(hyper["weight_decay"]), float(extra.get("lam", 0.0))
         hess, ref_params = extra.get("hess"), extra.get("ref_params")
         check_masked_adamw_scalars(lr, beta1, beta2, eps, weight_decay, lam, hess, ref_params)
         kernel = kernel_for("masked_adamw_", params[0].device)
-        kernel(params, grads, *state, lr, beta1, beta2, eps, weight_decay, hess, ref_params, lam)
+        prepare = getattr(kernel, "prepare", None)
+        if prepare is None:
+            kernel(params, grads, *state, lr, beta1, beta2, eps, weight_decay, hess, ref_params, lam)
+            return
+        plan = self._plans[gi][ci]
+        if plan is None or plan[0] is not kernel:
+            plan = (kernel, prepare(params, *state, hess, ref_params))
+            self._plans[gi][ci] = plan
+        plan[1](params, grads, lr, beta1, beta2, eps, weight_decay, lam)
