@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = [torch.zeros(r.numel()) for r in rows]
             slots = [torch.arange(r.numel()) for r in rows]
             hyper = (1e-5, 0.9, 0.999, 1e-8, 0.0)
-            plan = K.prepare_masked_adamw(params, ms, vs, steps, rows, slots)
+            plan = K.MaskedAdamWPlan(params, ms, vs, steps, rows, slots)
             calls = {
                 "stateless": lambda i: K.masked_adamw_(params, grads[0], ms, vs, steps, rows, slots, *hyper, None, None, 0.0),
                 "same": lambda i: plan(params, grads[0], *hyper, 0.0),

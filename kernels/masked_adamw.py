@@ -195,11 +195,6 @@ class MaskedAdamWPlan:
             launch.run(params, grads, self._hyper, self.device)
 
 
-def prepare_masked_adamw(params, exp_avgs, exp_avg_sqs, steps, rows, slots, hess=None, ref_params=None):
-    """A :class:`MaskedAdamWPlan` for these (already checked) tensors."""
-    return MaskedAdamWPlan(params, exp_avgs, exp_avg_sqs, steps, rows, slots, hess, ref_params)
-
-
 def masked_adamw_(*args) -> None:
     """Triton backend of ``trust_fast::masked_adamw_`` (arguments in ``AdamWArgs`` order, already checked)."""
     a = AdamWArgs(*args)
@@ -207,4 +202,5 @@ def masked_adamw_(*args) -> None:
     plan(a.params, a.grads, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.lam)
 
 
-masked_adamw_.prepare = prepare_masked_adamw
+# MaskedAdamW's direct step prepares one plan per row set: prepare(params, *state, hess, ref_params)
+masked_adamw_.prepare = MaskedAdamWPlan
