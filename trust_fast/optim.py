@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import ops
 from .ops.library import is_plain_tensor, plain_eager_mode
-from .ops.reference import check_indices, check_masked_adamw_scalars, rows_of, row_width
+from .ops.reference import check_indices, check_masked_adamw_scalars, grads_match_params, rows_of, row_width
 from .ops.registry import kernel_for
 
 _GROWTH = 1.25
@@ -303,15 +303,9 @@ class MaskedAdamW(torch.optim.Optimizer):
             return False
         if all(map(operator.is_, grads, known)):
             return True
-        for p, g in zip(params, grads):
-            if not (
-                is_plain_tensor(g)
-                and g.layout == torch.strided
-                and g.shape == p.shape
-                and g.dtype == p.dtype
-                and g.device == p.device
-            ):
-                return False
+        if not (grads_match_params(params, grads)
+                and all(is_plain_tensor(g) and g.layout == torch.strided for g in grads)):
+            return False
         self._checked_grads[gi][ci] = grads
         return True
 

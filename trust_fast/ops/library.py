@@ -77,11 +77,7 @@ def can_route_directly(*tensor_lists: Sequence[Tensor]) -> bool:
     """
     if not plain_eager_mode():
         return False
-    for ts in tensor_lists:
-        for t in ts:
-            if type(t) not in _PLAIN_TENSOR_TYPES:
-                return False
-    return True
+    return all(is_plain_tensor(t) for ts in tensor_lists for t in ts)
 
 
 def plain_eager_mode() -> bool:

@@ -247,7 +247,7 @@ def _adam_checked_before(a: AdamWArgs) -> bool:
         return False
     if all(ref() is g for ref, g in zip(grad_refs, grads)):
         return True
-    if not _grads_ok(a.params, grads):
+    if not grads_match_params(a.params, grads):
         return False
     _mark_adam_checked(a)
     return True
@@ -264,7 +264,8 @@ def _mark_adam_checked(a: AdamWArgs) -> None:
         pass
 
 
-def _grads_ok(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+def grads_match_params(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+    """Every gradient is a tensor of its param's shape, dtype and device."""
     for p, g in zip(params, grads):
         if not (isinstance(g, Tensor) and g.shape == p.shape and g.dtype == p.dtype and g.device == p.device):
             return False
