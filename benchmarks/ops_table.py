@@ -51,14 +51,18 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     return timed_together({"f": fn}, repeats)["f"]
 
 
-def timed_together(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
+def timed_together(fns: dict[str, Callable[[], object]], repeats: int,
+                   before: Callable[[], object] | None = None) -> dict[str, tuple[float, float]]:
     """(median, min) ms of each function, calls interleaved round-robin so that load from
-    other processes on a shared machine hits every contender alike."""
+    other processes on a shared machine hits every contender alike.  ``before`` (untimed)
+    runs ahead of every timed call, e.g. to flush the caches."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             times[k].append((time.perf_counter() - t0) * 1e3)

@@ -29,16 +29,15 @@ import argparse
 import ctypes
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from ops_table import timed_together  # noqa: E402
 from sd15_shapes import HARDCODED_A  # noqa: E402
 
 from trust_fast import ops  # noqa: E402
@@ -109,20 +108,14 @@ def main(argv: list[str] | None = None) -> int:
                      (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(r.data_ptr(), ctypes.POINTER(ctypes.c_int64)) for r in rows]))
             fns["cpp_loop"] = lambda: loop(*cargs)
         flush = torch.ones(64 << 20)
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(args.repeats):
-            for k, fn in fns.items():
-                float(flush.sum())
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        res = timed_together(fns, args.repeats, before=lambda: float(flush.sum()))
+    med = {k: m for k, (m, _) in res.items()}
     n_sel = sum(k * (p.numel() // p.shape[0]) for k, p in zip(counts, params))
     print(f"set a: {len(params)} tensors, {sum(p.numel() for p in params):,} weights; {args.fraction:.0%} of rows = "
           f"{n_sel:,} elements; {args.threads} thread(s), medians of {args.repeats}, caches flushed before each call")
     print(f"{'contender':12s} {'median ms':>10s} {'min ms':>8s} {'fused/x':>8s}")
-    for k, v in times.items():
-        print(f"{k:12s} {med[k]:10.3f} {min(v):8.3f} {med['adamw_fused'] / med[k]:8.2f}")
+    for k, (m, lo) in res.items():
+        print(f"{k:12s} {m:10.3f} {lo:8.3f} {med['adamw_fused'] / m:8.2f}")
     return 0
 
 

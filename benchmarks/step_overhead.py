@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ops_table import timed_together  # noqa: E402
+
 from trust_fast import ops  # noqa: E402
 from trust_fast.optim import MaskedAdamW  # noqa: E402
 
@@ -63,20 +63,6 @@ def contenders(n_tensors: int) -> dict:
     }
 
 
-def timed(fns: dict, repeats: int, flush: torch.Tensor | None) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            if flush is not None:
-                float(flush.sum())
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e6)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sets", nargs="+", choices=sorted(SETS), default=sorted(SETS))
@@ -93,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'set':4s} {'tensors':>7s} {'cache':5s} " + " ".join(f"{k:>18s}" for k in contenders(1)))
     for s in args.sets:
         fns = contenders(SETS[s])
-        for cache, fl in (("warm", None), ("cold", flush)):
-            med = timed(fns, args.repeats if fl is None else max(1, args.repeats // 4), fl)
+        for cache, before in (("warm", None), ("cold", lambda: float(flush.sum()))):
+            res = timed_together(fns, args.repeats if before is None else max(1, args.repeats // 4), before)
+            med = {k: ms * 1e3 for k, (ms, _) in res.items()}  # us
             print(f"{s:4s} {SETS[s]:7d} {cache:5s} " + " ".join(f"{med[k]:18.1f}" for k in fns))
             rows += [dict(set=s, tensors=SETS[s], cache=cache, contender=k, median_us=f"{v:.1f}") for k, v in med.items()]
     if args.out:

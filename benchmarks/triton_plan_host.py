@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ops_table import timed_together  # noqa: E402
 from sd15_shapes import HARDCODED_A, HARDCODED_B  # noqa: E402
 
 
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     real = K._masked_adamw_kernel
     K._masked_adamw_kernel = _NoLaunch()
     try:
-        print(f"host ms per masked_adamw_ call, triton backend, launch replaced by a no-op; medians of {args.repeats}")
+        print(f"host ms per masked_adamw_ call, triton backend, launch replaced by a no-op; medians of {args.repeats}, interleaved")
         print(f"{'set':4s} {'tensors':>7s} {'stateless':>10s} {'plan, same grads':>17s} {'plan, new grads':>16s}")
         for name in args.sets:
             shapes = HARDCODED_A if name == "a" else HARDCODED_B
@@ -61,21 +60,15 @@ def main(argv: list[str] | None = None) -> int:
             steps = [torch.zeros(r.numel()) for r in rows]
             slots = [torch.arange(r.numel()) for r in rows]
             hyper = (1e-5, 0.9, 0.999, 1e-8, 0.0)
-            plan = K.MaskedAdamWPlan(params, ms, vs, steps, rows, slots)
+            # one plan per contender: interleaved, a shared plan would see the gradients move every call
+            plan_same, plan_new = (K.MaskedAdamWPlan(params, ms, vs, steps, rows, slots) for _ in range(2))
+            flips = iter(range(1 << 62))
             calls = {
-                "stateless": lambda i: K.masked_adamw_(params, grads[0], ms, vs, steps, rows, slots, *hyper, None, None, 0.0),
-                "same": lambda i: plan(params, grads[0], *hyper, 0.0),
-                "new": lambda i: plan(params, grads[i % 2], *hyper, 0.0),
+                "stateless": lambda: K.masked_adamw_(params, grads[0], ms, vs, steps, rows, slots, *hyper, None, None, 0.0),
+                "same": lambda: plan_same(params, grads[0], *hyper, 0.0),
+                "new": lambda: plan_new(params, grads[next(flips) % 2], *hyper, 0.0),
             }
-            med = {}
-            for k, fn in calls.items():
-                fn(1)
-                ts = []
-                for i in range(args.repeats):
-                    t0 = time.perf_counter()
-                    fn(i)
-                    ts.append((time.perf_counter() - t0) * 1e3)
-                med[k] = statistics.median(ts)
+            med = {k: m for k, (m, _) in timed_together(calls, args.repeats).items()}
             print(f"{name:4s} {len(shapes):7d} {med['stateless']:10.3f} {med['same']:17.3f} {med['new']:16.3f}")
     finally:
         K._masked_adamw_kernel = real
