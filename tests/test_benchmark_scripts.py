@@ -40,9 +40,12 @@ def test_step_breakdown_times_every_layer(capsys):
         pytest.skip("needs the C++ extension")
     assert _load("step_breakdown").main(["--repeats", "1"]) == 0
     text = capsys.readouterr().out
-    for name in ("adamw_fused", "masked_step", "public_op", "native_op", "cpp_loop"):
+    for name in ("adamw_fused", "masked_step", "public_op", "native_op", "empty_native", "optim_wrapper",
+                 "grads_list", "cpp_loop"):
         line = next(l for l in text.splitlines() if l.startswith(name + " "))
         assert float(line.split()[-1]) > 0, line
+    ceilings = [l for l in text.splitlines() if l.startswith("ceiling of ")]
+    assert len(ceilings) == 2 and all(l.endswith("x") and float(l.split()[-1][:-1]) > 0 for l in ceilings), ceilings
 
 
 def test_gpu_bench_dry_run_on_cpu_records_the_optimizer_step(tmp_path):
