@@ -109,10 +109,24 @@ at::Tensor row_saliency_cpu(at::TensorList tensors, std::optional<at::TensorList
   return out;
 }
 
-inline int64_t index_at(const at::Tensor& idx, int64_t k) {
-  return idx.scalar_type() == at::kInt ? static_cast<int64_t>(idx.const_data_ptr<int32_t>()[k])
-                                       : idx.const_data_ptr<int64_t>()[k];
-}
+// An int32 or int64 index vector read through raw pointers: the row loops look up
+// two indices per row, and a tensor call per lookup (dtype check, storage) cost
+// about 5% of a 5% AdamW step.
+class Indices {
+ public:
+  explicit Indices(const at::Tensor& idx) {
+    if (idx.scalar_type() == at::kInt) {
+      i32_ = idx.const_data_ptr<int32_t>();
+    } else {
+      i64_ = idx.const_data_ptr<int64_t>();
+    }
+  }
+  int64_t operator[](int64_t k) const { return i32_ != nullptr ? static_cast<int64_t>(i32_[k]) : i64_[k]; }
+
+ private:
+  const int32_t* i32_ = nullptr;
+  const int64_t* i64_ = nullptr;
+};
 
 // Scalars rounded to float32 once, from double like torch.optim.AdamW does
 // (1 - beta computed in double: 1 - float(0.9) is not float(0.1)).
@@ -233,14 +247,15 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       // rows selected together mostly share a step count: reuse the bias corrections
       float last_step = -1.f;
       double bc1 = 1.0, bc2 = 1.0;
-      int64_t r = wu.begin < wu.end ? index_at(rows[t], wu.begin) : 0;
-      int64_t s = wu.begin < wu.end ? index_at(slots[t], wu.begin) : 0;
+      const Indices row_at(rows[t]), slot_at(slots[t]);
+      int64_t r = wu.begin < wu.end ? row_at[wu.begin] : 0;
+      int64_t s = wu.begin < wu.end ? slot_at[wu.begin] : 0;
       for (int64_t k = wu.begin; k < wu.end; ++k) {
         NextRow next;
         int64_t r_next = -1, s_next = -1;
         if (k + 1 < wu.end) {
-          r_next = index_at(rows[t], k + 1);
-          s_next = index_at(slots[t], k + 1);
+          r_next = row_at[k + 1];
+          s_next = slot_at[k + 1];
           if (r_next != r + 1) next.p = pp + r_next * c, next.g = gp + r_next * c;
           if (s_next != s + 1) next.m = m + s_next * c, next.v = v + s_next * c;
         }
@@ -295,8 +310,9 @@ void hutchinson_diag_cpu(at::TensorList diags, at::TensorList hz, at::TensorList
     TF_DISPATCH_PARAM_TYPES(hz[t].scalar_type(), "hutchinson_diag_cpu", [&] {
       const scalar_t* hp = hz[t].const_data_ptr<scalar_t>();
       const scalar_t* zp = z[t].const_data_ptr<scalar_t>();
+      const std::optional<Indices> row_at = rows ? std::optional<Indices>(Indices((*rows)[t])) : std::nullopt;
       for (int64_t k = wu.begin; k < wu.end; ++k) {
-        const int64_t r = rows ? index_at((*rows)[t], k) : k;
+        const int64_t r = row_at ? (*row_at)[k] : k;
         const scalar_t* hr = hp + r * c;
         const scalar_t* zr = zp + r * c;
         if (per_row) {
