@@ -10,7 +10,6 @@ needed) and reports achieved bandwidth against a measured device-to-device copy.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd15_shapes import stored_shapes, summary  # noqa: E402
 
 import trust_fast.ops as ops  # noqa: E402
+from trust_fast.io import write_csv_atomic  # noqa: E402
 from trust_fast.ops.registry import get_backend  # noqa: E402
 from trust_fast.optim import MaskedAdamW  # noqa: E402
 
@@ -246,11 +246,7 @@ def bench(sets: list[str], out_csv: Path) -> None:
                 record(set_name, dtype, "hutchinson_diag", b, 1.0, ms, n_params * (2 * es + 8))
             del params, grads, diags, z
             torch.cuda.empty_cache()
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with out_csv.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows_out[0]))
-        w.writeheader()
-        w.writerows(rows_out)
+    write_csv_atomic(rows_out, str(out_csv))
     print(f"wrote {out_csv}")
     # which GPU backend is faster, op by op (geometric mean of time ratios cuda / triton)
     import math

@@ -22,7 +22,6 @@ prints a table.  Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import os
 import platform
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd15_shapes import unet_shapes, summary  # noqa: E402
 
 import trust_fast.ops as ops  # noqa: E402
+from trust_fast.io import write_csv_atomic  # noqa: E402
 from trust_fast.optim import MaskedAdamW  # noqa: E402
 
 FIELDS = [
@@ -185,13 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         for s in args.sets:
             rows += bench_set(s, shapes[s], threads, args.repeats, args.fractions)
             gc.collect()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not (args.append and args.out.exists())
-    with args.out.open("w" if new else "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    write_csv_atomic([{k: r[k] for k in FIELDS} for r in rows], str(args.out), append=args.append)
     print_table(rows)
     print(f"wrote {args.out}")
 

@@ -23,7 +23,6 @@ optimizer steps.  Medians of ``--repeats`` calls, contenders interleaved.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ops_table import timed_together  # noqa: E402
 
 from trust_fast import ops  # noqa: E402
+from trust_fast.io import write_csv_atomic  # noqa: E402
 from trust_fast.optim import MaskedAdamW  # noqa: E402
 
 SETS = {"a": 48, "b": 160, "c": 282}
@@ -85,12 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s:4s} {SETS[s]:7d} {cache:5s} " + " ".join(f"{med[k]:18.1f}" for k in fns))
             rows += [dict(set=s, tensors=SETS[s], cache=cache, contender=k, median_us=f"{v:.1f}") for k, v in med.items()]
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, args.out)
+        write_csv_atomic(rows, args.out)
         print(f"wrote {args.out}")
     return 0
 

@@ -27,6 +27,30 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
         raise
 
 
+def write_csv_atomic(rows: list[dict], path: str, append: bool = False) -> None:
+    """Write dict rows (columns: the first row's keys) as CSV through a temp file.
+
+    With ``append`` the rows already in ``path`` are kept ahead of the new ones;
+    a file with other columns is refused (ValueError naming both) and left as it was."""
+    import csv
+
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    fields = list(rows[0])
+    old: list[dict] = []
+    if append and os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is not None and list(reader.fieldnames) != fields:
+                raise ValueError(f"{path} has columns {reader.fieldnames}, the new rows {fields}: write to another file")
+            old = list(reader)
+    with atomic_path(str(path), ".csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(old)
+        w.writerows(rows)
+
+
 def write_json_atomic(obj, path: str) -> None:
     with atomic_path(path, ".json") as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
