@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -32,8 +33,6 @@ def write_csv_atomic(rows: list[dict], path: str, append: bool = False) -> None:
 
     With ``append`` the rows already in ``path`` are kept ahead of the new ones;
     a file with other columns is refused (ValueError naming both) and left as it was."""
-    import csv
-
     if not rows:
         raise ValueError(f"no rows to write to {path}")
     fields = list(rows[0])
