@@ -12,6 +12,9 @@ selected), so that the time is the host's:
 - ``masked_step_via_op``: the same optimizer with every step through the
   public op ``trust_fast.ops.masked_adamw_`` (its argument checks, the
   dispatcher), as every step ran before the direct call;
+- ``masked_relocalize``: ``set_rows`` with another of 4 row sets, then
+  ``step()``: what the engine's default (re-localizing every step) costs once
+  every row set has its slots;
 - ``adamw_fused``, ``adamw_foreach``: torch.optim.AdamW over the same tensors.
 
 ``warm``: back-to-back calls.  ``cold``: a 256 MB buffer is read before each
@@ -23,6 +26,7 @@ optimizer steps.  Medians of ``--repeats`` calls, contenders interleaved.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -55,9 +59,23 @@ def contenders(n_tensors: int) -> dict:
         opt.set_rows({p: torch.tensor([3]) for p in ps})
         return opt.step
 
+    def relocalize():
+        ps = params()
+        opt = MaskedAdamW(ps, lr=1e-5)
+        sets = itertools.cycle([{p: torch.tensor([r]) for p in ps} for r in (1, 3, 5, 7)])
+
+        def step():
+            opt.set_rows(next(sets))
+            opt.step()
+
+        for _ in range(4):  # every row set gets its slots
+            step()
+        return step
+
     return {
         "masked_step": masked(False),
         "masked_step_via_op": masked(True),
+        "masked_relocalize": relocalize(),
         "adamw_fused": torch.optim.AdamW(params(), lr=1e-5, fused=True).step,
         "adamw_foreach": torch.optim.AdamW(params(), lr=1e-5, foreach=True).step,
     }

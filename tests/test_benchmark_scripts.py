@@ -21,7 +21,7 @@ def test_step_overhead_writes_every_contender(tmp_path, capsys):
     assert _load("step_overhead").main(["--sets", "a", "--repeats", "2", "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert {(r["cache"], r["contender"]) for r in rows} == {
-        (c, k) for c in ("warm", "cold") for k in ("masked_step", "masked_step_via_op", "adamw_fused", "adamw_foreach")
+        (c, k) for c in ("warm", "cold") for k in ("masked_step", "masked_step_via_op", "masked_relocalize", "adamw_fused", "adamw_foreach")
     }
     assert all(float(r["median_us"]) > 0 for r in rows)
     assert not (tmp_path / "overhead.csv.tmp").exists()

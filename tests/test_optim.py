@@ -383,3 +383,52 @@ def test_triton_plan_follows_moved_tensors_and_new_hyperparameters():
                 opt.step()
             assert torch.equal(w.detach(), w_slow.detach()) and torch.equal(b.detach(), b_slow.detach())
     assert fast._plans[0][0] is not None  # the direct steps ran through a prepared plan
+
+
+def test_set_rows_waits_for_the_device_a_fixed_number_of_times(monkeypatch):
+    """On a GPU every data-dependent op (a boolean index, nonzero, item, tolist) waits for the device.
+    set_rows looks for the rows selected for the first time in all params together, so its count of
+    such ops does not grow with the number of params (the engine sets new rows every step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    waits = {aten.nonzero.default, aten.masked_select.default, aten._local_scalar_dense.default,
+             aten.equal.default, aten.is_nonzero.default}
+    seen: list[str] = []
+
+    class CountWaits(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            bool_index = func is aten.index.Tensor and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+            if func in waits or bool_index:
+                seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    real_tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        seen.append("tolist")
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+    def waits_of_set_rows(n_params: int) -> list[int]:
+        ps = [torch.nn.Parameter(torch.randn(6, 3)) for _ in range(n_params)]
+        opt = MaskedAdamW(ps, lr=0.1)
+        counts = []
+        # first selection, a mix of new and known rows, known rows only, the same rows again, fewer params
+        for rows in ([0, 2], [2, 5], [5, 0], [5, 0], None):
+            arg = {p: torch.tensor([1, 4]) for p in ps[:1]} if rows is None else {p: torch.tensor(rows) for p in ps}
+            seen.clear()
+            with CountWaits():
+                opt.set_rows(arg)
+            counts.append(len(seen))
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        return counts
+
+    few, many = waits_of_set_rows(2), waits_of_set_rows(12)
+    assert few == many, (few, many)
+    # at most: comparing with the rows already set, the index check, counting the new rows
+    assert max(many) <= 3 and many[3] == 1, many

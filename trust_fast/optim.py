@@ -66,6 +66,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._rows: dict[Tensor, Tensor] = {}
+        self._slots: dict[Tensor, Tensor] = {}  # slot of each row in _rows (from set_rows)
         self._penalty: dict[Tensor, tuple[Tensor, Tensor]] = {}
         self._lam = 0.0
         # kernel arguments of the current rows and penalty, rebuilt when either changes
@@ -107,23 +108,29 @@ class MaskedAdamW(torch.optim.Optimizer):
             # a private copy: changing the caller's tensor later does not change the rows set here
             new[p] = r.to(device=p.device, dtype=torch.int64, copy=True)
             by_device.setdefault(p.device, []).append(p)
+        slots: dict[Tensor, Tensor] = {}
         for device, ps in by_device.items():
             check_indices("rows[param]", [new[p] for p in ps], [rows_of(p) for p in ps], device)
-        for p, r in new.items():
-            self._ensure_slots(p, r)
+            slots.update(zip(ps, self._assign_slots(ps, [new[p] for p in ps])))
         self._rows = new
+        self._slots = slots
         self._args_stale = True
 
     def _same_rows(self, rows: Mapping[Tensor, Tensor]) -> bool:
         """Whether ``rows`` names the params of the current rows, in order, with equal int64 rows."""
         if len(rows) != len(self._rows) or not self._rows:
             return False
+        by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
         for (p, r), (q, old) in zip(rows.items(), self._rows.items()):
             if p is not q or not isinstance(r, Tensor) or r.dtype != torch.int64 or r.device != old.device:
                 return False
-            if r.shape != old.shape or not torch.equal(r, old):
+            if r.shape != old.shape:
                 return False
-        return True
+            news, olds = by_device.setdefault(r.device, ([], []))
+            news.append(r)
+            olds.append(old)
+        # one comparison per device (on a GPU, one wait), not one per param
+        return all(torch.equal(torch.cat(news), torch.cat(olds)) for news, olds in by_device.values())
 
     def set_penalty(self, penalty: Mapping[Tensor, tuple[Tensor, Tensor]], lam: float) -> None:
         """Fuse the Hessian-diagonal penalty ``lam * h * (p - p0)`` into the gradient of updated rows.
@@ -153,19 +160,49 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- state
 
-    def _ensure_slots(self, p: Tensor, rows: Tensor) -> None:
+    def _assign_slots(self, ps: list[Tensor], rows: list[Tensor]) -> list[Tensor]:
+        """Slots of ``rows[i]`` in ``ps[i]``'s state (one device), giving rows selected for the first
+        time fresh zero slots in the order given.
+
+        Finding the new rows of all params together costs one host sync (on a GPU), not one per
+        param: the engine sets new rows every step."""
+        for p in ps:
+            if not self.state[p]:
+                self._init_state(p)
+        slots = [self.state[p]["slot_of_row"][r] for p, r in zip(ps, rows)]
+        counts = [r.numel() for r in rows]
+        total = sum(counts)
+        if total == 0:
+            return slots
+        device = rows[0].device
+        unseen = torch.cat(slots) < 0
+        seg = torch.repeat_interleave(torch.arange(len(ps), device=device), torch.tensor(counts, device=device),
+                                      output_size=total)
+        n_new = torch.zeros(len(ps), dtype=torch.int64, device=device).index_add_(0, seg, unseen.long()).tolist()
+        if not any(n_new):
+            return slots
+        # positions of the unseen rows, in order (a stable sort puts them first; their count is known)
+        pos = torch.sort((~unseen).to(torch.uint8), stable=True).indices[: sum(n_new)]
+        fresh = torch.cat(rows)[pos].split(n_new)
+        for i, (p, f) in enumerate(zip(ps, fresh)):
+            if f.numel():
+                self._add_slots(p, f)
+                slots[i] = self.state[p]["slot_of_row"][rows[i]]
+        return slots
+
+    def _init_state(self, p: Tensor) -> None:
         st = self.state[p]
-        if not st:
-            st["slot_of_row"] = torch.full((rows_of(p),), -1, dtype=torch.int32, device=p.device)
-            st["row_of_slot"] = torch.zeros(0, dtype=torch.int64, device=p.device)
-            st["exp_avg"] = torch.zeros(0, row_width(p), dtype=torch.float32, device=p.device)
-            st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
-            st["step"] = torch.zeros(0, dtype=torch.float32, device=p.device)
-            st["num_slots"] = 0
-        fresh = rows[st["slot_of_row"][rows] < 0]
+        st["slot_of_row"] = torch.full((rows_of(p),), -1, dtype=torch.int32, device=p.device)
+        st["row_of_slot"] = torch.zeros(0, dtype=torch.int64, device=p.device)
+        st["exp_avg"] = torch.zeros(0, row_width(p), dtype=torch.float32, device=p.device)
+        st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+        st["step"] = torch.zeros(0, dtype=torch.float32, device=p.device)
+        st["num_slots"] = 0
+
+    def _add_slots(self, p: Tensor, fresh: Tensor) -> None:
+        """Fresh zero slots for the rows ``fresh`` of ``p`` (none of them has a slot yet)."""
+        st = self.state[p]
         n_new = fresh.numel()
-        if n_new == 0:
-            return
         used = st["num_slots"]
         need = used + n_new
         cap = st["step"].numel()
@@ -218,6 +255,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         for sg, g in zip(saved_groups, self.param_groups):
             g.update({k: v for k, v in sg.items() if k != "params"})
         self._rows = {}
+        self._slots = {}
         self._args_stale = True
 
     # -------------------------------------------------------------------- step
@@ -236,7 +274,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 continue
             st = self.state[p]
             n = st["num_slots"]
-            item = (p, st["exp_avg"][:n], st["exp_avg_sq"][:n], st["step"][:n], rows, st["slot_of_row"][rows])
+            item = (p, st["exp_avg"][:n], st["exp_avg_sq"][:n], st["step"][:n], rows, self._slots[p])
             (penal if (p in self._penalty and self._lam != 0.0) else plain).append(item)
         calls = []
         for items, with_penalty in ((plain, False), (penal, True)):
