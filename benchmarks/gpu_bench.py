@@ -17,7 +17,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd15_shapes import stored_shapes, summary  # noqa: E402
+from sd15_shapes import random_rows, stored_shapes, summary  # noqa: E402
 
 import trust_fast.ops as ops  # noqa: E402
 from trust_fast.io import write_csv_atomic  # noqa: E402
@@ -218,7 +218,7 @@ def bench(sets: list[str], out_csv: Path) -> None:
                     del opt, ps
                     torch.cuda.empty_cache()
             for frac in (0.01, 0.05, 0.25, 1.0):
-                rows = [torch.randperm(s[0], device=DEV)[: max(1, round(frac * s[0]))].sort().values for s in shapes]
+                rows = [random_rows(s[0], frac, device=DEV) for s in shapes]
                 n_sel = sum(r.numel() for r in rows)
                 sel_elems = sum(r.numel() * (p.numel() // p.shape[0]) for r, p in zip(rows, params))
                 ms_state = [torch.zeros(r.numel(), p.numel() // p.shape[0], device=DEV) for r, p in zip(rows, params)]

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd15_shapes import unet_shapes, summary  # noqa: E402
+from sd15_shapes import random_rows, summary, unet_shapes  # noqa: E402
 
 import trust_fast.ops as ops  # noqa: E402
 from trust_fast.io import write_csv_atomic  # noqa: E402
@@ -135,8 +135,7 @@ def bench_set(name: str, shapes: list[tuple[int, ...]], threads: int, repeats: i
     masked: dict[float, MaskedAdamW] = {}
     set_ms: dict[float, tuple[float, float]] = {}
     for frac in fractions:
-        rows = {p: torch.randperm(p.shape[0], generator=gen)[: max(1, round(frac * p.shape[0]))].sort().values
-                for p in params}
+        rows = {p: random_rows(p.shape[0], frac, gen) for p in params}
         opt = MaskedAdamW(params, lr=1e-5)
         set_ms[frac] = timed(lambda: opt.set_rows(rows), repeats)
         masked[frac] = opt

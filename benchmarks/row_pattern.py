@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ops_table import timed_together  # noqa: E402
-from sd15_shapes import HARDCODED_A, HARDCODED_B  # noqa: E402
+from sd15_shapes import HARDCODED_A, HARDCODED_B, random_rows, row_count  # noqa: E402
 
 from trust_fast.optim import MaskedAdamW  # noqa: E402
 
@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         return params
 
     params = with_grads([torch.randn(s, generator=gen) * 0.02 for s in shapes])
-    counts = [max(1, round(args.fraction * s[0])) for s in shapes]
+    counts = [row_count(s[0], args.fraction) for s in shapes]
 
     def masked(rows_of):
         opt = MaskedAdamW(params, lr=1e-5)
         opt.set_rows({p: rows_of(p, k) for p, k in zip(params, counts)})
         return opt
 
-    scattered = masked(lambda p, k: torch.randperm(p.shape[0], generator=gen)[:k].sort().values)
+    scattered = masked(lambda p, k: random_rows(p.shape[0], args.fraction, gen))
     contiguous = masked(lambda p, k: torch.arange(k))
     small = with_grads([torch.randn(k, *s[1:], generator=gen) * 0.02 for k, s in zip(counts, shapes)])
     contenders = {

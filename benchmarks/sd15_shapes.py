@@ -90,6 +90,18 @@ def stored_shapes() -> dict[str, list[tuple[int, ...]]]:
     return {k: [tuple(s) for s in v] for k, v in raw.items()}
 
 
+def row_count(n_rows: int, fraction: float) -> int:
+    """Rows a benchmark selects at ``fraction`` of ``n_rows``: at least one."""
+    return max(1, round(fraction * n_rows))
+
+
+def random_rows(n_rows: int, fraction: float, generator=None, device=None):
+    """A random, ascending ``row_count(n_rows, fraction)`` of ``range(n_rows)``: the benchmarks' row sets."""
+    import torch
+
+    return torch.randperm(n_rows, generator=generator, device=device)[: row_count(n_rows, fraction)].sort().values
+
+
 def summary(shapes: list[tuple[int, ...]]) -> tuple[int, int]:
     """(parameters, output rows) of a list of weight shapes."""
     params = 0

@@ -50,7 +50,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from ops_table import timed_together  # noqa: E402
-from sd15_shapes import HARDCODED_A, HARDCODED_B  # noqa: E402
+from sd15_shapes import HARDCODED_A, HARDCODED_B, random_rows, row_count  # noqa: E402
 
 from trust_fast import ops  # noqa: E402
 from trust_fast.ops import _native  # noqa: E402
@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
-    counts = [max(1, round(args.fraction * s[0])) for s in shapes]
+    counts = [row_count(s[0], args.fraction) for s in shapes]
     opt = MaskedAdamW(params, lr=1e-5)
-    opt.set_rows({p: torch.randperm(p.shape[0], generator=gen)[:k].sort().values for p, k in zip(params, counts)})
+    opt.set_rows({p: random_rows(p.shape[0], args.fraction, gen) for p in params})
     opt.step()  # allocates the slots and checks the tensors once
     ((ps, state, _),) = opt._args[0]
     exp_avgs, exp_avg_sqs, steps, rows, slots = state

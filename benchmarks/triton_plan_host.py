@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ops_table import timed_together  # noqa: E402
-from sd15_shapes import HARDCODED_A, HARDCODED_B  # noqa: E402
+from sd15_shapes import HARDCODED_A, HARDCODED_B, random_rows  # noqa: E402
 
 
 class _NoLaunch:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             gen = torch.Generator().manual_seed(0)
             params = [torch.zeros(s) for s in shapes]
             grads = [[torch.zeros(s) for s in shapes] for _ in range(2)]  # two gradient sets: new tensors each step
-            rows = [torch.randperm(s[0], generator=gen)[: max(1, round(args.fraction * s[0]))].sort().values for s in shapes]
+            rows = [random_rows(s[0], args.fraction, gen) for s in shapes]
             ms = [torch.zeros(r.numel(), p.numel() // p.shape[0]) for r, p in zip(rows, params)]
             vs = [torch.zeros_like(m) for m in ms]
             steps = [torch.zeros(r.numel()) for r in rows]

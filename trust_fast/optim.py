@@ -122,9 +122,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             return False
         by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
         for (p, r), (q, old) in zip(rows.items(), self._rows.items()):
-            if p is not q or not isinstance(r, Tensor) or r.dtype != torch.int64 or r.device != old.device:
-                return False
-            if r.shape != old.shape:
+            if (p is not q or not isinstance(r, Tensor) or r.dtype != torch.int64 or r.device != old.device
+                    or r.shape != old.shape):
                 return False
             news, olds = by_device.setdefault(r.device, ([], []))
             news.append(r)

@@ -1,6 +1,8 @@
 """Pictures of results: labelled before/after image grids and history plots (PNG, written atomically)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..io import atomic_path
@@ -30,8 +32,6 @@ def write_grids(directory: str, sets: dict[str, tuple[list[str], torch.Tensor, t
                 labels: tuple[str, str] = ("before", "after")) -> list[str]:
     """``{directory}/{name}.png`` for each ``name: (prompts, before, after)`` (see before_after_grid);
     returns the file names written."""
-    import os
-
     os.makedirs(directory, exist_ok=True)
     for name, (prompts, before, after) in sets.items():
         before_after_grid(before, after, prompts, n_per_prompt, os.path.join(directory, f"{name}.png"), labels=labels)
