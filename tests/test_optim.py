@@ -211,6 +211,41 @@ def test_set_rows_and_penalty_errors():
         MaskedAdamW([w], betas=(1.0, 0.9))
 
 
+def _changed_rows(before: torch.Tensor, after: torch.Tensor) -> list[int]:
+    return (after != before).reshape(before.shape[0], -1).any(1).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("rows, dtype", [([0.9, 2.7], torch.float32), ([0.0, 2.0], torch.float64),
+                                         ([True, False, True, False, False, False, False], torch.bool)])
+def test_set_rows_refuses_non_integer_rows(rows, dtype):
+    """Float rows were truncated ([0.9, 2.7] updated rows 0 and 2) and a bool mask was read as the
+    indices 0 and 1: both are refused, naming the parameter by its place in the optimizer."""
+    w, b = _layer()
+    opt = MaskedAdamW([w, b], **HP)
+    opt.set_rows({w: torch.tensor([4]), b: torch.tensor([4])})
+    with pytest.raises(TypeError) as err:
+        opt.set_rows({b: torch.tensor(rows, dtype=dtype)})
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "parameter #1 of shape (7,)" in msg and str(dtype) in msg and "mask.nonzero().flatten()" in msg
+    w.grad, b.grad = torch.randn(w.shape), torch.randn(b.shape)
+    before_w, before_b = w.detach().clone(), b.detach().clone()
+    opt.step()  # the refused call changed nothing: the rows set before are updated
+    assert _changed_rows(before_w, w.detach()) == [4] and _changed_rows(before_b, b.detach()) == [4]
+
+
+def test_set_rows_takes_any_integer_dtype():
+    w, b = _layer()
+    opt = MaskedAdamW([w, b], **HP)
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        opt.set_rows({w: torch.tensor([2, 5], dtype=dtype)})
+        w.grad = torch.randn(w.shape)
+        before = w.detach().clone()
+        opt.step()
+        assert _changed_rows(before, w.detach()) == [2, 5], dtype
+
+
+
 # ---------------------------------------------------------------------------
 # repeated steps on one row set: the op's per-tensor checks run once, then the kernel directly
 

@@ -85,26 +85,36 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ inputs
 
-    def _owned(self) -> set[int]:
-        return {id(p) for g in self.param_groups for p in g["params"]}
+    def _positions(self) -> dict[int, int]:
+        """Position of each param in the optimizer's param list (groups in order), by ``id``."""
+        return {id(p): k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     def set_rows(self, rows: Mapping[Tensor, Tensor]) -> None:
-        """Set the rows the next :meth:`step` updates: {param: int LongTensor (n,) of row indices}.
+        """Set the rows the next :meth:`step` updates: {param: integer tensor (n,) of row indices}.
 
-        Rows must be in range and unique.  A param absent from ``rows`` is not
-        updated.  Rows selected for the first time get fresh zero state.  Setting
-        the rows already set changes nothing (the next step stays a direct one).
+        Rows must be in range and unique; any integer dtype is taken (float and
+        bool tensors are refused: for a bool mask pass ``mask.nonzero().flatten()``).
+        A param absent from ``rows`` is not updated; ``{}`` or empty index tensors
+        make the next step update nothing.  Rows selected for the first time get
+        fresh zero state.  Setting the rows already set changes nothing (the next
+        step stays a direct one).
         """
         if self._same_rows(rows):
             return
-        owned = self._owned()
+        position = self._positions()
         new: dict[Tensor, Tensor] = {}
         by_device: dict[torch.device, list[Tensor]] = {}
         for i, (p, r) in enumerate(rows.items()):
-            if id(p) not in owned:
+            if id(p) not in position:
                 raise ValueError(f"rows: parameter #{i} of shape {tuple(p.shape)} is not in this optimizer")
             if not isinstance(r, Tensor):
                 raise TypeError(f"rows: value #{i} must be a tensor of row indices, got {type(r).__name__}")
+            # errors below name the param by its place in the optimizer, as the caller built it
+            name = f"parameter #{position[id(p)]} of shape {tuple(p.shape)}"
+            if r.dtype == torch.bool or r.is_floating_point() or r.is_complex():
+                # casting would truncate floats and read a bool mask as the indices 0 and 1
+                raise TypeError(f"rows: the rows of {name} are {r.dtype}; pass an integer tensor of row indices "
+                                "(for a bool mask: mask.nonzero().flatten())")
             # a private copy: changing the caller's tensor later does not change the rows set here
             new[p] = r.to(device=p.device, dtype=torch.int64, copy=True)
             by_device.setdefault(p.device, []).append(p)
@@ -138,10 +148,10 @@ class MaskedAdamW(torch.optim.Optimizer):
         or per row ((rows,)), ``p0`` the reference weights (param shape).
         ``set_penalty({}, 0.0)`` clears it.
         """
-        owned = self._owned()
+        position = self._positions()
         new = {}
         for i, (p, (h, p0)) in enumerate(penalty.items()):
-            if id(p) not in owned:
+            if id(p) not in position:
                 raise ValueError(f"penalty: parameter #{i} of shape {tuple(p.shape)} is not in this optimizer")
             if h.shape not in (p.shape, (rows_of(p),)):
                 raise ValueError(
