@@ -244,6 +244,18 @@ def test_set_rows_takes_any_integer_dtype():
         opt.step()
         assert _changed_rows(before, w.detach()) == [2, 5], dtype
 
+def test_set_rows_refuses_non_contiguous_params():
+    """A transposed weight used to pass set_rows and fail in step() as the op's "params[0]"."""
+    w, b = _layer()
+    t = torch.nn.Parameter(torch.randn(3, 5).t())  # shape (5, 3), not contiguous
+    opt = MaskedAdamW([w, b, t], **HP)
+    with pytest.raises(ValueError) as err:
+        opt.set_rows({t: torch.tensor([0, 1])})
+    msg = str(err.value)
+    assert "\n" not in msg and "parameter #2 of shape (5, 3)" in msg and "contiguous" in msg
+    with pytest.raises(ValueError, match=r"parameter #2 of shape \(5, 3\) is not contiguous"):
+        opt.set_rows({w: torch.tensor([0]), t: torch.tensor([], dtype=torch.int64)})
+
 
 
 # ---------------------------------------------------------------------------

@@ -94,10 +94,11 @@ class MaskedAdamW(torch.optim.Optimizer):
 
         Rows must be in range and unique; any integer dtype is taken (float and
         bool tensors are refused: for a bool mask pass ``mask.nonzero().flatten()``).
-        A param absent from ``rows`` is not updated; ``{}`` or empty index tensors
-        make the next step update nothing.  Rows selected for the first time get
-        fresh zero state.  Setting the rows already set changes nothing (the next
-        step stays a direct one).
+        The params given must be contiguous (rows are updated in place).  A param
+        absent from ``rows`` is not updated; ``{}`` or empty index tensors make
+        the next step update nothing.  Rows selected for the first time get fresh
+        zero state.  Setting the rows already set changes nothing (the next step
+        stays a direct one).
         """
         if self._same_rows(rows):
             return
@@ -115,6 +116,11 @@ class MaskedAdamW(torch.optim.Optimizer):
                 # casting would truncate floats and read a bool mask as the indices 0 and 1
                 raise TypeError(f"rows: the rows of {name} are {r.dtype}; pass an integer tensor of row indices "
                                 "(for a bool mask: mask.nonzero().flatten())")
+            if not p.is_contiguous():
+                # the kernels update rows in place through flat offsets; refused here, the error names
+                # the caller's param (the op would name its position in an internal list)
+                raise ValueError(f"rows: {name} is not contiguous; MaskedAdamW updates rows in place and needs "
+                                 "contiguous params (e.g. p.data = p.data.contiguous())")
             # a private copy: changing the caller's tensor later does not change the rows set here
             new[p] = r.to(device=p.device, dtype=torch.int64, copy=True)
             by_device.setdefault(p.device, []).append(p)
