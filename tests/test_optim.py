@@ -149,6 +149,80 @@ def test_state_dict_round_trip_continues_identically(backend):
     assert torch.equal(w.detach(), w2.detach()) and torch.equal(b.detach(), b2.detach())
 
 
+def test_step_before_set_rows_raises_and_empty_rows_are_a_no_op():
+    w, b = _layer()
+    opt = MaskedAdamW([w, b], **HP)
+    w.grad, b.grad = torch.randn(w.shape), torch.randn(b.shape)
+    before_w, before_b = w.detach().clone(), b.detach().clone()
+    with pytest.raises(RuntimeError, match=r"call set_rows\(\.\.\.\) before step\(\)"):
+        opt.step()
+    for rows in ({w: torch.tensor([], dtype=torch.int64), b: torch.tensor([], dtype=torch.int32)}, {}):
+        opt.set_rows(rows)  # explicitly nothing: a legitimate no-op step
+        opt.step()
+        assert torch.equal(w.detach(), before_w) and torch.equal(b.detach(), before_b)
+
+
+def _two_steps_rows(opt, w, b, grads):
+    """Changed rows of w and b in each of two steps on the rows already set."""
+    changed = []
+    for gw, gb in grads:
+        w.grad, b.grad = gw.clone(), gb.clone()
+        before_w, before_b = w.detach().clone(), b.detach().clone()
+        opt.step()
+        changed.append((_changed_rows(before_w, w.detach()), _changed_rows(before_b, b.detach())))
+    return changed
+
+
+def test_state_dict_round_trip_keeps_the_rows(backend):
+    """load_state_dict used to clear the rows, so the next step() updated nothing."""
+    gen = torch.Generator().manual_seed(8)
+    grads = [(torch.randn(7, 3, 2, 2, generator=gen), torch.randn(7, generator=gen)) for _ in range(3)]
+    w, b = _layer()
+    opt = MaskedAdamW([w, b], **HP)
+    opt.set_rows({w: torch.tensor([1, 4]), b: torch.tensor([2])})
+    w.grad, b.grad = grads[0]
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    # into a fresh optimizer over copies of the params: the rows come back from the state dict
+    w2, b2 = (torch.nn.Parameter(t.detach().clone()) for t in (w, b))
+    opt2 = MaskedAdamW([w2, b2], lr=1.0)
+    opt2.load_state_dict(saved)
+    # into the same optimizer
+    opt.load_state_dict(copy.deepcopy(saved))
+    # a third run without the round trip, for the values
+    w3, b3 = _layer()
+    opt3 = MaskedAdamW([w3, b3], **HP)
+    opt3.set_rows({w3: torch.tensor([1, 4]), b3: torch.tensor([2])})
+    w3.grad, b3.grad = grads[0]
+    opt3.step()
+    for o, p, q in ((opt, w, b), (opt2, w2, b2), (opt3, w3, b3)):
+        assert _two_steps_rows(o, p, q, grads[1:]) == [([1, 4], [2])] * 2
+    assert torch.equal(w.detach(), w3.detach()) and torch.equal(w2.detach(), w3.detach())
+    assert torch.equal(b.detach(), b3.detach()) and torch.equal(b2.detach(), b3.detach())
+
+
+def test_load_state_dict_without_saved_rows_keeps_the_rows_set():
+    """A state dict without rows (made before they were saved) keeps the rows set, with the loaded
+    state; rows the loaded state has never seen get fresh slots."""
+    w, b = _layer()
+    opt = MaskedAdamW([w, b], **HP)
+    opt.set_rows({w: torch.tensor([0, 3])})
+    w.grad = torch.randn(w.shape)
+    opt.step()
+    saved = opt.state_dict()
+    del saved["rows"]
+    opt.set_rows({w: torch.tensor([3, 6])})  # row 6 has no slot in the saved state
+    opt.load_state_dict(saved)
+    assert _two_steps_rows(opt, w, b, [(torch.randn(w.shape), torch.randn(b.shape))]) == [([3, 6], [])]
+    rows, counts = opt.row_updates(w)
+    assert dict(zip(rows.tolist(), counts.tolist())) == {0: 1, 3: 2, 6: 1}
+    # never set rows: a round trip keeps them unset
+    fresh = MaskedAdamW([w, b], **HP)
+    fresh.load_state_dict(MaskedAdamW([w, b], **HP).state_dict())
+    with pytest.raises(RuntimeError, match=r"call set_rows\(\.\.\.\) before step\(\)"):
+        fresh.step()
+
+
 def test_bf16_state_dict_keeps_float32_state():
     w, b = _layer(torch.bfloat16)
     opt = MaskedAdamW([w, b], **HP)
@@ -400,7 +474,7 @@ def test_setting_the_same_rows_again_keeps_direct_steps(monkeypatch):
     assert checks[0] == 2
     changed = (w.detach() != before).flatten(1).any(1).nonzero().flatten().tolist()
     assert changed == [1, 5]
-    opt.load_state_dict(opt.state_dict())  # clears the rows: setting them again is not a no-op
+    opt.load_state_dict(opt.state_dict())  # new state tensors: the next step checks them again
     opt.set_rows({w: torch.tensor([1, 5]), b: torch.tensor([1, 4])})
     opt.step()
     assert checks[0] == 3

@@ -65,7 +65,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self._rows: dict[Tensor, Tensor] = {}
+        # None until set_rows: a step then would silently update nothing, so it refuses to run
+        self._rows: dict[Tensor, Tensor] | None = None
         self._slots: dict[Tensor, Tensor] = {}  # slot of each row in _rows (from set_rows)
         self._penalty: dict[Tensor, tuple[Tensor, Tensor]] = {}
         self._lam = 0.0
@@ -134,7 +135,7 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def _same_rows(self, rows: Mapping[Tensor, Tensor]) -> bool:
         """Whether ``rows`` names the params of the current rows, in order, with equal int64 rows."""
-        if len(rows) != len(self._rows) or not self._rows:
+        if not self._rows or len(rows) != len(self._rows):
             return False
         by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
         for (p, r), (q, old) in zip(rows.items(), self._rows.items()):
@@ -248,8 +249,25 @@ class MaskedAdamW(torch.optim.Optimizer):
             v.numel() * v.element_size() for st in self.state.values() for v in st.values() if isinstance(v, Tensor)
         )
 
+    def state_dict(self) -> dict:
+        """torch's state dict plus ``"rows"``: the rows set, {param index: int64 (n,)}, None before set_rows."""
+        sd = super().state_dict()
+        rows = None
+        if self._rows is not None:
+            # the indices torch's state dict gives the params
+            index = {id(p): i for g, sg in zip(self.param_groups, sd["param_groups"])
+                     for p, i in zip(g["params"], sg["params"])}
+            rows = {index[id(p)]: r.clone() for p, r in self._rows.items()}
+        sd["rows"] = rows
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore moments, per-slot step counts and slot tables (dtypes kept: state stays float32)."""
+        """Restore moments, per-slot step counts, slot tables (dtypes kept: state stays float32) and rows.
+
+        The rows come from the state dict; one without ``"rows"`` keeps the rows
+        set now (slots looked up in the loaded tables), so that a save/load round
+        trip followed by :meth:`step` updates the rows it would have updated.
+        """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -266,12 +284,20 @@ class MaskedAdamW(torch.optim.Optimizer):
         for key, st in state_dict["state"].items():
             p = id_map[key]
             state[p] = {k: (v.to(p.device).clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
+        if "rows" in state_dict:
+            saved_rows = state_dict["rows"]
+            rows = None if saved_rows is None else {id_map[k]: r.to(id_map[k].device) for k, r in saved_rows.items()}
+        else:
+            rows = self._rows
         self.state = state
         for sg, g in zip(saved_groups, self.param_groups):
             g.update({k: v for k, v in sg.items() if k != "params"})
-        self._rows = {}
+        # the slots of the rows are looked up in the loaded slot tables
+        self._rows = None
         self._slots = {}
         self._args_stale = True
+        if rows is not None:
+            self.set_rows(rows)
 
     # -------------------------------------------------------------------- step
 
@@ -308,7 +334,13 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Update the rows given to :meth:`set_rows` (they stay set until the next call)."""
+        """Update the rows given to :meth:`set_rows` (they stay set until the next call).
+
+        RuntimeError before any :meth:`set_rows`: that step would update nothing.
+        """
+        if self._rows is None:
+            raise RuntimeError("MaskedAdamW: no rows are set, so this step would update nothing; "
+                               "call set_rows(...) before step() (set_rows({}) for a step that updates nothing)")
         loss = None
         if closure is not None:
             with torch.enable_grad():
