@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import torch
 
@@ -221,6 +222,100 @@ def test_load_state_dict_without_saved_rows_keeps_the_rows_set():
     fresh.load_state_dict(MaskedAdamW([w, b], **HP).state_dict())
     with pytest.raises(RuntimeError, match=r"call set_rows\(\.\.\.\) before step\(\)"):
         fresh.step()
+
+
+def _corrupt(sd: dict, how: str) -> dict:
+    st0 = sd["state"][0]
+    cap = st0["step"].shape[0]
+    if how == "exp_avg width":
+        st0["exp_avg"] = torch.zeros(cap, 11)
+    elif how == "exp_avg dtype":
+        st0["exp_avg"] = st0["exp_avg"].double()
+    elif how == "missing exp_avg_sq":
+        del st0["exp_avg_sq"]
+    elif how == "step shape":
+        st0["step"] = torch.zeros(cap, 1)
+    elif how == "slot_of_row length":
+        sd["state"][1]["slot_of_row"] = torch.full((6,), -1, dtype=torch.int32)
+    elif how == "slot out of range":
+        st0["slot_of_row"][5] = 9
+    elif how == "row out of range":
+        st0["row_of_slot"][0] = 7
+    elif how == "tables disagree":
+        st0["slot_of_row"][4] = st0["slot_of_row"][1]  # two rows in one slot, row 4's slot unowned
+    elif how == "num_slots over capacity":
+        st0["num_slots"] = cap + 1
+    elif how == "num_slots not an int":
+        st0["num_slots"] = 2.0
+    elif how == "unknown param index":
+        sd["state"][5] = sd["state"][1]
+    elif how == "param count":
+        sd["param_groups"][0]["params"] = [0]
+    elif how == "no param_groups":
+        del sd["param_groups"]
+    elif how == "negative lr":
+        sd["param_groups"][0]["lr"] = -1.0
+    elif how == "rows out of range":
+        sd["rows"] = {0: torch.tensor([1, 7])}
+    elif how == "float rows":
+        sd["rows"] = {0: torch.tensor([1.0, 4.0])}
+    elif how == "repeated rows":
+        sd["rows"] = {1: torch.tensor([2, 2])}
+    elif how == "rows of unknown param":
+        sd["rows"] = {3: torch.tensor([0])}
+    return sd
+
+
+CORRUPTIONS = {
+    "exp_avg width": r"parameter #0 .*'exp_avg' is torch.float32 \(\d+, 11\), expected torch.float32 \(\d+, 12\)",
+    "exp_avg dtype": r"parameter #0 .*'exp_avg' is torch.float64",
+    "missing exp_avg_sq": r"parameter #0 .*'exp_avg_sq' missing",
+    "step shape": r"parameter #0 .*'step' is torch.float32 \(\d+, 1\), expected a 1-D",
+    "slot_of_row length":
+        r"parameter #1 of shape \(7,\).*'slot_of_row' is torch.int32 \(6,\), expected torch.int32 \(7,\)",
+    "slot out of range": r"parameter #0 .*'slot_of_row' holds slot 9",
+    "row out of range": r"parameter #0 .*'row_of_slot' holds row 7",
+    "tables disagree": r"parameter #0 .*'slot_of_row' and 'row_of_slot' disagree",
+    "num_slots over capacity": r"parameter #0 .*'num_slots' is \d+ but the state holds \d+ slots",
+    "num_slots not an int": r"parameter #0 .*'num_slots' must be an int",
+    "unknown param index": r"'state' has an entry for param index 5",
+    "param count": r"param group 0 has 2 params but the state_dict's has 1",
+    "no param_groups": r"'param_groups'",
+    "negative lr": r"param group 0: lr must be",
+    "rows out of range": r"rows of parameter #0 .*hold row 7, out of range \[0, 7\)",
+    "float rows": r"rows of parameter #0 .*torch.float32",
+    "repeated rows": r"rows of parameter #1 .*more than once",
+    "rows of unknown param": r"'rows' has an entry for param index 3",
+}
+
+
+@pytest.mark.parametrize("how", list(CORRUPTIONS))
+def test_load_state_dict_refuses_a_damaged_state_and_changes_nothing(how):
+    """The checkpoint loader relies on a ValueError (one line, naming what is wrong) before any change."""
+    w, b = _layer()
+    opt = MaskedAdamW([w, b], **HP)
+    opt.set_rows({w: torch.tensor([1, 4]), b: torch.tensor([2])})
+    w.grad, b.grad = torch.randn(w.shape), torch.randn(b.shape)
+    opt.step()
+    twin_w, twin_b = (torch.nn.Parameter(t.detach().clone()) for t in (w, b))
+    twin = MaskedAdamW([twin_w, twin_b], **HP)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    bad = _corrupt(copy.deepcopy(opt.state_dict()), how)
+    with pytest.raises(ValueError) as err:
+        opt.load_state_dict(bad)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert re.search(CORRUPTIONS[how], msg), msg
+    # nothing was restored: the optimizer steps exactly as its twin, on the same rows
+    assert opt.param_groups[0]["lr"] == HP["lr"]
+    gen = torch.Generator().manual_seed(9)
+    gw, gb = torch.randn(w.shape, generator=gen), torch.randn(b.shape, generator=gen)
+    w.grad, b.grad, twin_w.grad, twin_b.grad = gw, gb, gw.clone(), gb.clone()
+    before = w.detach().clone()
+    opt.step()
+    twin.step()
+    assert _changed_rows(before, w.detach()) == [1, 4]
+    assert torch.equal(w.detach(), twin_w.detach()) and torch.equal(b.detach(), twin_b.detach())
 
 
 def test_bf16_state_dict_keeps_float32_state():
