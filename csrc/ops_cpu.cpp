@@ -278,8 +278,16 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   });
 }
 
+// fresh (count == 0): store the estimate without reading d, so that a NaN/Inf start does
+// not survive (NaN * 0 is NaN); est / 1 is est, the value the running mean would give.
 template <typename T>
-TF_SIMD_CLONES void running_mean_row(float* d, const T* z, const T* hz, int64_t c, float keep, float n_seen) {
+TF_SIMD_CLONES void running_mean_row(float* d, const T* z, const T* hz, int64_t c, float keep, float n_seen,
+                                     bool fresh) {
+  if (fresh) {
+#pragma omp simd
+    for (int64_t i = 0; i < c; ++i) d[i] = to_float(z[i]) * to_float(hz[i]);
+    return;
+  }
 #pragma omp simd
   for (int64_t i = 0; i < c; ++i) {
     const float est = to_float(z[i]) * to_float(hz[i]);
@@ -302,6 +310,7 @@ void hutchinson_diag_cpu(at::TensorList diags, at::TensorList hz, at::TensorList
   }
   const float n_seen = static_cast<float>(count + 1);
   const float keep = static_cast<float>(static_cast<double>(count) / static_cast<double>(count + 1));
+  const bool fresh = count == 0;
   parallel_units(split_work(items, widths), widths, [&](const WorkUnit& wu) {
     const int64_t t = wu.tensor;
     const int64_t c = widths[t];
@@ -319,9 +328,9 @@ void hutchinson_diag_cpu(at::TensorList diags, at::TensorList hz, at::TensorList
           double acc = 0.0;
           for (int64_t i = 0; i < c; ++i) acc += static_cast<double>(to_float(zr[i]) * to_float(hr[i]));
           const float est = static_cast<float>(acc / static_cast<double>(c));
-          d[r] = d[r] * keep + est / n_seen;
+          d[r] = fresh ? est : d[r] * keep + est / n_seen;
         } else {
-          running_mean_row(d + r * c, zr, hr, c, keep, n_seen);
+          running_mean_row(d + r * c, zr, hr, c, keep, n_seen, fresh);
         }
       }
     });

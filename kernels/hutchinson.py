@@ -1,7 +1,8 @@
 """Triton Hutchinson diagonal: fold z*Hz into running-mean estimates, many tensors per launch.
 
 One program per updated row: per element ``d <- d * count/(count+1) + z*hz/(count+1)``, or
-per row with the row mean of z*hz.
+per row with the row mean of z*hz.  The first sample (count 0) stores z*hz without reading d,
+so that a NaN/Inf start does not survive (NaN * 0 is NaN).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .launch import block_and_warps, element_offsets, int64_table, prefix_starts
 @triton.jit
 def _hutchinson_kernel(
     d_base, h_base, z_base, rows_ptr, table_ptr, n_tensors, keep, n_seen,
-    TABLE: tl.constexpr, HAS_ROWS: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+    TABLE: tl.constexpr, HAS_ROWS: tl.constexpr, PER_ROW: tl.constexpr, FRESH: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # table (5, n_tensors): item start, offsets of d, hz, z, width
     k = tl.program_id(0).to(tl.int64)
@@ -44,8 +45,11 @@ def _hutchinson_kernel(
                 h_row + cols, mask=mask, other=0.0
             ).to(tl.float32)
         est = total(acc) / width.to(tl.float32)
-        d = tl.load(d_base + d_off + r)
-        tl.store(d_base + d_off + r, d * keep + tl.div_rn(est, n_seen))
+        if FRESH:
+            tl.store(d_base + d_off + r, est)
+        else:
+            d = tl.load(d_base + d_off + r)
+            tl.store(d_base + d_off + r, d * keep + tl.div_rn(est, n_seen))
     else:
         for c0 in range(0, width, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
@@ -54,8 +58,11 @@ def _hutchinson_kernel(
                 h_row + cols, mask=mask, other=0.0
             ).to(tl.float32)
             d_ptr = d_base + d_off + r * width + cols
-            d = tl.load(d_ptr, mask=mask, other=0.0)
-            tl.store(d_ptr, d * keep + tl.div_rn(est, n_seen), mask=mask)
+            if FRESH:
+                tl.store(d_ptr, est, mask=mask)
+            else:
+                d = tl.load(d_ptr, mask=mask, other=0.0)
+                tl.store(d_ptr, d * keep + tl.div_rn(est, n_seen), mask=mask)
 
 
 def hutchinson_diag_(
@@ -88,5 +95,6 @@ def hutchinson_diag_(
         rows_cat = torch.cat([rows[i].to(torch.int64) for i in idx]) if rows is not None else table
         _hutchinson_kernel[(sum(counts),)](
             ds[0], hs[0], zs[0], rows_cat, table, len(ds), count / (count + 1), float(count + 1),
-            TABLE=table_block(len(ds)), HAS_ROWS=rows is not None, PER_ROW=per_row, BLOCK=block, num_warps=warps,
+            TABLE=table_block(len(ds)), HAS_ROWS=rows is not None, PER_ROW=per_row, FRESH=count == 0, BLOCK=block,
+            num_warps=warps,
         )

@@ -8,6 +8,7 @@ pass flash-attention's rule: error vs float64 at most twice plain torch's.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -235,3 +236,34 @@ def test_hutchinson_first_sample_overwrites_and_mean_converges(backend):
             assert torch.equal(diag, zk * (hess @ zk))
     rel = ((diag.squeeze(1) - hess.diagonal()).abs() / hess.diagonal().abs().mean()).max().item()
     assert rel < 0.35, rel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_hutchinson_first_sample_overwrites_non_finite_diags(backend, dtype):
+    """count=0 overwrites: a NaN/Inf start (an uninitialised buffer) must not survive as NaN * 0.
+
+    hz holds small integers and the row widths are powers of two, so z*hz and its row
+    mean are exact in every dtype and accumulation order: each backend must give them
+    bit for bit.  Rows not given keep their (non-finite) values bit for bit."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(5, 4), (3, 2, 2, 2), (6,), (2, 64)]
+    hz = [torch.randint(-8, 9, s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    z = [(torch.randint(0, 2, s, generator=gen) * 2 - 1).to(device=device, dtype=dtype) for s in shapes]
+    junk = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    for per_row in (False, True):
+        for with_rows in (False, True):
+            diags = [junk[torch.arange(s[0] if per_row else math.prod(s)) % 3].reshape(s[0] if per_row else s)
+                     .to(device) for s in shapes]
+            before = [d.clone() for d in diags]
+            rows = [torch.tensor([0, s[0] - 1]).unique().to(device) for s in shapes] if with_rows else None
+            ops.hutchinson_diag_(diags, hz, z, rows, count=0)
+            for i, (d, s) in enumerate(zip(diags, shapes)):
+                est = (z[i].double() * hz[i].double()).reshape(s[0], -1)
+                est = (est.mean(1) if per_row else est).float().cpu()
+                sel = rows[i].cpu() if with_rows else torch.arange(s[0])
+                want = before[i].cpu().reshape(est.shape).clone()
+                want[sel] = est[sel]
+                got = d.cpu().reshape(est.shape)
+                assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (
+                    f"{name} {dtype} per_row={per_row} rows={with_rows} tensor {i}: {got} != {want}")

@@ -205,6 +205,9 @@ __global__ void __launch_bounds__(kThreads) hutchinson_kernel(const HutchTensor*
   const HutchTensor t = tensors[chunk.tensor];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
+  // keep = count/(count+1) is 0 only for count == 0 (else >= 1/2): the first sample stores the
+  // estimate without reading d, so that a NaN/Inf start does not survive (NaN * 0 is NaN)
+  const bool fresh = keep == 0.f;
   for (int64_t k = chunk.begin + warp; k < chunk.end; k += kWarps) {
     const int64_t r = t.rows ? load_index(t.rows, t.rows_int32, k) : k;
     const T* hz = static_cast<const T*>(t.hz) + r * t.width;
@@ -215,13 +218,13 @@ __global__ void __launch_bounds__(kThreads) hutchinson_kernel(const HutchTensor*
       acc = warp_sum(acc);
       if (lane == 0) {
         const float est = acc / static_cast<float>(t.width);
-        t.d[r] = t.d[r] * keep + __fdiv_rn(est, n_seen);
+        t.d[r] = fresh ? est : t.d[r] * keep + __fdiv_rn(est, n_seen);
       }
     } else {
       float* d = t.d + r * t.width;
       for (int64_t i = lane; i < t.width; i += kWarp) {
         const float est = to_f32(z[i]) * to_f32(hz[i]);
-        d[i] = d[i] * keep + __fdiv_rn(est, n_seen);
+        d[i] = fresh ? est : d[i] * keep + __fdiv_rn(est, n_seen);
       }
     }
   }

@@ -156,7 +156,8 @@ def hutchinson_diag_(
     """Fold one Hutchinson sample into running-mean Hessian-diagonal estimates, in place.
 
     ``diag <- diag * count/(count+1) + z*Hz/(count+1)``, where ``count`` is the number
-    of samples already in the estimate (0 for the first, which overwrites exactly).
+    of samples already in the estimate (0 for the first, which overwrites exactly, whatever
+    the diag held: NaN and Inf included).
 
     Args:
         diags: float32, per element (param shape) or per row ((R,): the row mean of z*Hz).

@@ -519,7 +519,9 @@ def hutchinson_diag_(
 ) -> None:
     """Running mean ``diag <- diag * count/(count+1) + z*Hz / (count+1)`` on the given rows (all when None).
 
-    A per-row diag (shape (rows,)) takes the row mean of z*Hz.
+    A per-row diag (shape (rows,)) takes the row mean of z*Hz.  ``count == 0``
+    stores the estimate without reading the diag, so a NaN/Inf start does not
+    survive (NaN * 0 is NaN).
     """
     for i, d in enumerate(diags):
         h = hz[i]
@@ -532,5 +534,7 @@ def hutchinson_diag_(
         sel = rows[i].long() if rows is not None else torch.arange(n, device=d.device)
         if sel.numel() == 0:
             continue
-        cur = d2[sel]
-        d2[sel] = cur * (count / (count + 1)) + est[sel] / (count + 1)
+        if count == 0:
+            d2[sel] = est[sel]
+        else:
+            d2[sel] = d2[sel] * (count / (count + 1)) + est[sel] / (count + 1)
