@@ -188,3 +188,234 @@ def test_non_finite_steps_are_skipped_and_change_nothing(untrained_world):
     assert any(not torch.equal(p, w) for p, w in zip(u.params, weights))
     report = u.report()
     assert report["skipped_steps"] == 2 and report["steps"] == 4
+
+
+# ------------------------------------------------------------------ files trusted too much, numbers
+# Each case: exit 2 (CLI) or ValueError (API), one line naming the problem, no traceback, and every
+# file that existed before byte-identical afterwards (test_output_safety.refused hashes the tree).
+
+from test_output_safety import refused, snapshot  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def patch_parts():
+    """(tensors, metadata) of a valid patch of the built-in model: rows 1 and 3 of conv_in changed."""
+    from trust_fast.patch import make_patch
+    from trust_fast.world import load_pipeline
+
+    base, new = load_pipeline("shapes", "cpu"), load_pipeline("shapes", "cpu")
+    with torch.no_grad():
+        new.unet.conv_in.weight[[1, 3]] += 0.5
+    return make_patch(base, new)
+
+
+def _craft(tensors: dict, meta: dict, case: str) -> tuple[dict, dict]:
+    import json
+
+    name = json.loads(meta["tensors"])[0]
+    rows, values = f"{name}::rows", f"{name}::values"
+    t, m = dict(tensors), dict(meta)
+    if case == "missing key":
+        del t[values]
+    elif case == "row out of range":
+        t[rows] = torch.tensor([1, 10_000])
+    elif case == "negative row":
+        t[rows] = torch.tensor([-1, 3])
+    elif case == "float rows":
+        t[rows] = t[rows].double()
+    elif case == "repeated rows":
+        t[rows] = torch.tensor([3, 3])
+    elif case == "values shape":
+        t[values] = t[values][:, :-1].contiguous()
+    elif case == "values dtype":
+        t[values] = t[values].double()
+    elif case == "count mismatch":
+        m["changed_rows"] = "7"
+    elif case == "nan values":
+        v = t[values].clone()
+        v[0, 0] = float("nan")
+        t[values] = v
+    elif case == "text encoder":
+        te = "text_encoder.embeddings.token_embedding.weight"
+        t[f"{te}::rows"], t[f"{te}::values"] = torch.tensor([0]), torch.zeros(1, 32)
+        m["tensors"] = json.dumps(sorted([*json.loads(m["tensors"]), te]))
+        m["changed_rows"] = str(int(m["changed_rows"]) + 1)
+    elif case == "no format":
+        m["format"] = "something else"
+    return t, m
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing key", "do not match its metadata's list"),
+    ("row out of range", "row 10000 of"),
+    ("negative row", "negative or repeated indices"),
+    ("float rows", "not a non-empty 1-D int64 tensor"),
+    ("repeated rows", "negative or repeated indices"),
+    ("values shape", "have shape"),
+    ("values dtype", "are torch.float64, the model's tensor torch.float32"),
+    ("count mismatch", "its metadata counts 7"),
+    ("nan values", "are not all finite"),
+    ("text encoder", "is outside the UNet"),
+    ("no format", "is not a trust_fast patch"),
+])
+def test_crafted_patches_are_refused_in_one_line(capsys, tmp_path, patch_parts, case, message):
+    from trust_fast.io import save_file_atomic
+
+    tensors, meta = _craft(*patch_parts, case)
+    save_file_atomic(tensors, str(tmp_path / "p.safetensors"), metadata=meta)
+    refused(capsys, tmp_path, ["apply-patch", "--patch", str(tmp_path / "p.safetensors"), "--out",
+                               str(tmp_path / "out")], message)
+
+
+def test_export_refuses_changes_outside_the_unet():
+    from trust_fast.patch import make_patch
+    from trust_fast.world import load_pipeline
+
+    base, new = load_pipeline("shapes", "cpu"), load_pipeline("shapes", "cpu")
+    with torch.no_grad():
+        new.text_encoder.embeddings.token_embedding.weight[0] += 1
+    with pytest.raises(ValueError, match="outside the UNet; a patch carries UNet rows only"):
+        make_patch(base, new)
+
+
+@pytest.fixture
+def saved_checkpoint(untrained_world, tmp_path):
+    """(unlearner after one step, its checkpoint state) for crafting damaged checkpoints."""
+    from trust_fast.checkpoint import save_checkpoint
+
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red",
+                       TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, steps=4))
+    u.step()
+    path = save_checkpoint(u, str(tmp_path / "good"))
+    return u, torch.load(path, weights_only=True)
+
+
+def _damage(state: dict, case: str) -> dict:
+    s = dict(state)
+    if case == "wrong shape":
+        s["params"] = [s["params"][0][:-1], *s["params"][1:]]
+    elif case == "fewer params":
+        s["params"] = s["params"][:-1]
+    elif case == "missing key":
+        del s["params"]
+    elif case == "rows out of range":
+        s["localizer_rows"] = [torch.tensor([10_000]), *s["localizer_rows"][1:]]
+    elif case == "nan weights":
+        s["params"] = [s["params"][0] * float("nan"), *s["params"][1:]]
+    elif case == "optimizer params":
+        s["optimizer"] = {**s["optimizer"], "param_groups": []}
+    return s
+
+
+@pytest.mark.parametrize("case,message", [
+    ("wrong shape", "target parameter 0: shape"),
+    ("fewer params", r"target parameter: \d+ tensors, expected \d+"),
+    ("missing key", "'params' is missing"),
+    ("rows out of range", "localizer rows of target 0"),
+    ("nan weights", "target parameter 0 is not finite"),
+    ("optimizer params", "param groups"),
+])
+def test_damaged_checkpoints_are_refused_and_change_nothing(saved_checkpoint, tmp_path, case, message):
+    from trust_fast.checkpoint import load_checkpoint
+
+    u, state = saved_checkpoint
+    (tmp_path / case).mkdir()
+    torch.save(_damage(state, case), tmp_path / case / "checkpoint.pt")
+    weights, steps = [p.detach().clone() for p in u.params], u.step_count
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=message) as e:
+        load_checkpoint(u, str(tmp_path / case))
+    assert len(str(e.value).splitlines()) == 1
+    assert all(torch.equal(p, w) for p, w in zip(u.params, weights)) and u.step_count == steps
+    assert snapshot(tmp_path) == before
+
+
+def test_truncated_or_pickled_checkpoints_say_so_in_one_line(saved_checkpoint, tmp_path):
+    import pickle
+
+    from trust_fast.checkpoint import load_checkpoint
+
+    u, _ = saved_checkpoint
+    good = (tmp_path / "good" / "checkpoint.pt").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "checkpoint.pt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "code").mkdir()
+    with open(tmp_path / "code" / "checkpoint.pt", "wb") as f:
+        torch.save({"format": "trust_fast.checkpoint/1", "x": pickle.loads(pickle.dumps(ValueError("x")))}, f)
+    for name, message in (("cut", r"is damaged \("), ("code", "holds objects other than tensors")):
+        with pytest.raises(ValueError, match=message) as e:
+            load_checkpoint(u, str(tmp_path / name))
+        text = str(e.value)
+        assert len(text.splitlines()) == 1 and "weights_only" not in text, text
+
+
+def test_a_model_missing_half_its_unet_weights(capsys, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(model_path("shapes"), model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: tensors[k] for k in sorted(tensors)[: len(tensors) // 2]}, weights)
+    refused(capsys, tmp_path, ["unlearn", "--model", str(model), "--concept", "red", "--no-eval", "--out",
+                               str(tmp_path / "out")], "its unet weights lack")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["unlearn", "--concept", "red", "--n-per-prompt", "0"], "--n-per-prompt must be positive, got 0"),
+    (["unlearn", "--concept", "red", "--eval-every=-1"], "--eval-every must be >= 0"),
+    (["unlearn", "--concept", "red", "--seed", str(2**64)], "--seed must be in [0, 2**63)"),
+    (["unlearn", "--concept", "red", "--seed=-1"], "--seed must be in [0, 2**63)"),
+    (["unlearn", "--concept", "red", "--batch-size", "0"], "--batch-size must be positive"),
+    (["unlearn", "--concept", "red", "--alpha", "nan"], "--alpha must be a finite number"),
+    (["generate", "--prompt", "a red circle", "--guidance", "nan"], "--guidance must be a finite number"),
+    (["generate", "--prompt", "a red circle", "--guidance=-2"], "--guidance must be >= 0"),
+    (["generate", "--prompt", "a red circle", "--n", "0"], "--n must be positive"),
+    (["generate", "--prompt", "x" * 100_000], "--prompt has 100000 characters; at most 1000"),
+    (["evaluate", "--concept", "red", "--softprompt-steps", "0"], "--softprompt-steps must be positive"),
+    (["world", "train", "--diffusion-steps=-1"], "--diffusion-steps must be positive"),
+    (["world", "train", "--diffusion-steps", "0"], "--diffusion-steps must be positive"),
+    (["world", "train", "--max-minutes", "0"], "--max-minutes must be positive"),
+])
+def test_numbers_that_would_crash_or_do_nothing(capsys, tmp_path, args, message):
+    refused(capsys, tmp_path, [*args, "--out", str(tmp_path / "out")], message)
+
+
+def test_a_huge_spec_is_not_echoed_back(capsys, tmp_path):
+    err = refused(capsys, tmp_path, ["unlearn", "--concept", "red" * 40_000, "--out", str(tmp_path / "out")],
+                  "concept spec is 120000 characters long")
+    assert len(err) < 300
+
+
+def test_prompt_files_too_long_are_refused_at_once(capsys, tmp_path, sd_dir):
+    many = tmp_path / "many.txt"
+    many.write_text("a painting by van gogh\n" * 10_001)
+    long_line = tmp_path / "long.txt"
+    long_line.write_text("a painting by van gogh " + "x" * 2000 + "\n")
+    base = ["unlearn", "--model", str(sd_dir), "--concept", "van gogh", "--out", str(tmp_path / "out")]
+    refused(capsys, tmp_path, [*base, "--forget-prompts", str(many)], "has more than 10000 prompts")
+    refused(capsys, tmp_path, [*base, "--forget-prompts", str(long_line)], "line 1: a prompt of 2023 characters")
+
+
+def test_a_checkpoint_that_cannot_be_written_costs_the_run_nothing_else(untrained_world, tmp_path, monkeypatch):
+    """Disk full at a checkpoint: one warning, training goes on, the next interval tries again."""
+    import errno
+
+    from trust_fast import checkpoint
+
+    real, calls = checkpoint.torch.save, {"n": 0}
+
+    def full_once(obj, f):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_once)
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red",
+                       TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, steps=4))
+    with pytest.warns(UserWarning, match=r"could not write the checkpoint of step 2 .*No space left on device"):
+        u.run(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2)
+    assert u.step_count == 4 and u.report()["failed_checkpoints"] == [2]
+    assert torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["step_count"] == 4
+    assert [e for e in os.listdir(tmp_path / "ckpt") if "tmp" in e] == []  # the failed write left nothing

@@ -17,7 +17,7 @@ def test_generate_writes_images_and_grid(tmp_path):
     out = tmp_path / "gen"
     assert main(["generate", "--prompt", "a striped red circle", "--n", "3", "--steps", "10", "--out", str(out)]) == 0
     names = sorted(os.listdir(out))
-    assert names == ["000.png", "001.png", "002.png", "grid.png"]
+    assert names == [".trust_fast_output.json", "000.png", "001.png", "002.png", "grid.png"]  # the marker: ours
     from PIL import Image
 
     assert Image.open(out / "000.png").size == (16, 16)
@@ -56,7 +56,8 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 
 
 def test_corrupt_model_directory(tmp_path):
-    (tmp_path / "model_index.json").write_text("{not json")
-    r = run_cli("generate", "--model", str(tmp_path), "--prompt", "a red circle", "--out", str(tmp_path / "o"))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text("{not json")
+    r = run_cli("generate", "--model", str(tmp_path / "m"), "--prompt", "a red circle", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "cannot load model" in r.stderr
     assert not (tmp_path / "o").exists()

@@ -12,6 +12,7 @@ same base model, which a fingerprint of the frozen target weights checks.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict
 
 import torch
@@ -29,8 +30,26 @@ def _config(unlearner) -> dict:
             if k not in _FREE_FIELDS}
 
 
+def is_checkpoint_dir(directory: str) -> bool:
+    """True for a directory holding only checkpoint files (made before directories had markers)."""
+    entries = os.listdir(directory)
+    return bool(entries) and all(re.fullmatch(r"checkpoint(-rank\d+)?\.pt", e) for e in entries)
+
+
+def claim_checkpoint_dir(directory: str, overwrite: bool = False, inputs=()):
+    """Claim a checkpoint directory for a run (trust_fast.io.claim_output, in place): new, empty,
+    or trust_fast's and then only with `overwrite`. Under torch.distributed rank 0 claims it and
+    the other ranks follow (each rank writes its own file)."""
+    from .io import claim_output
+
+    return claim_output(directory, "checkpoint directory", staged=False, overwrite=overwrite, inputs=inputs,
+                        recognize=is_checkpoint_dir, lock=distributed.rank() == 0)
+
+
 def save_checkpoint(unlearner, directory: str) -> str:
-    """Write the run's state to ``directory/checkpoint.pt`` atomically; returns the file's path."""
+    """Write the run's state to ``directory/checkpoint.pt`` atomically; returns the file's path.
+    The directory is claimed like every output (it must be new, empty or trust_fast's); inside
+    :meth:`TrustUnlearner.run` the run's own claim covers it."""
     from .io import atomic_path
 
     u = unlearner
@@ -60,9 +79,10 @@ def save_checkpoint(unlearner, directory: str) -> str:
         "generator": u.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
-    path = checkpoint_file(directory)
-    with atomic_path(path, ".pt") as tmp:
-        torch.save(state, tmp)
+    with claim_checkpoint_dir(directory, overwrite=True):
+        path = checkpoint_file(directory)
+        with atomic_path(path, ".pt") as tmp:
+            torch.save(state, tmp)
     return path
 
 
@@ -86,12 +106,7 @@ def load_checkpoint(unlearner, directory: str) -> int:
     path = checkpoint_file(directory)
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint to resume from in {directory!r} (expected {os.path.basename(path)})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        raise ValueError(f"checkpoint {path!r} is damaged: {type(e).__name__}: {e}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not a trust_fast checkpoint")
+    state = _read(path)
     concept = str(u.concept) if u.concept is not None else None
     if state["concept"] != concept:
         raise ValueError(f"checkpoint {path!r} unlearns {state['concept']!r}, not {concept!r}")
@@ -104,14 +119,17 @@ def load_checkpoint(unlearner, directory: str) -> int:
         raise ValueError(f"checkpoint {path!r} has other target parameters than this model")
     if u.theta0 is not None and state["base_digest"] != distributed.weights_digest(u.theta0):
         raise ValueError(f"checkpoint {path!r} was made from another base model (target weights differ)")
+    _check_tensors(path, state, u)
 
-    for p, v in zip(u.params, state["params"]):
-        p.copy_(v.to(p.device, p.dtype))
+    # the optimizer validates its state before it changes anything; everything else was checked above,
+    # so a refused checkpoint leaves the unlearner as it was
     u.optimizer.load_state_dict(state["optimizer"])
+    for p, v in zip(u.params, state["params"], strict=True):
+        p.copy_(v.to(p.device, p.dtype))
     if u.localizer is not None and state["localizer_rows"] is not None:
         u.localizer.rows = [r.to(u.device) for r in state["localizer_rows"]]
     if u.hutchinson is not None and state["hutchinson"] is not None:
-        for d, v in zip(u.hutchinson.diags, state["hutchinson"]["diags"]):
+        for d, v in zip(u.hutchinson.diags, state["hutchinson"]["diags"], strict=True):
             d.copy_(v.to(d.device))
         u.hutchinson.count = state["hutchinson"]["count"]
         if u.hutchinson.count > 0:
@@ -133,7 +151,70 @@ def load_checkpoint(unlearner, directory: str) -> int:
     u.history.steps, u.history.evals = state["history"]["steps"], state["history"]["evals"]
     u.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    u.resumed_from = os.path.realpath(directory)
     return u.step_count
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "has_checkpoint", "checkpoint_file", "FILE"]
+_KEYS = {"format": str, "config": dict, "names": list, "params": list, "optimizer": dict, "step_count": int,
+         "skipped_steps": int, "seconds": float, "pool_seconds": float, "history": dict,
+         "generator": torch.Tensor, "torch_rng": torch.Tensor}
+
+
+def _read(path: str) -> dict:
+    """torch.load with weights_only, every failure as one line naming the file and what is wrong."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"checkpoint {path!r} holds objects other than tensors and plain values; refusing "
+                         "to load it (it would run code)") from None
+    except Exception as e:  # torch raises many types for a damaged file; its first line says which
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"checkpoint {path!r} is damaged ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a trust_fast checkpoint")
+    for key, kind in _KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise ValueError(f"checkpoint {path!r} is damaged ({key!r} is missing or not a {kind.__name__})")
+    return state
+
+
+def _check_tensors(path: str, state: dict, u) -> None:
+    """Every tensor the checkpoint restores has the count and shapes of this unlearner's."""
+    def expect(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"checkpoint {path!r} does not fit this run ({what})")
+
+    def same_shapes(saved, live, what: str) -> None:
+        expect(isinstance(saved, list) and len(saved) == len(live), f"{what}: {len(saved) if isinstance(saved, list) else '?'} "
+               f"tensors, expected {len(live)}")
+        for k, (a, b) in enumerate(zip(saved, live)):
+            expect(isinstance(a, torch.Tensor) and a.shape == b.shape,
+                   f"{what} {k}: shape {tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}, "
+                   f"expected {tuple(b.shape)}")
+            expect(not a.is_floating_point() or bool(torch.isfinite(a).all()), f"{what} {k} is not finite")
+
+    same_shapes(state["params"], u.params, "target parameter")
+    if u.localizer is not None and state.get("localizer_rows") is not None:
+        rows = state["localizer_rows"]
+        expect(isinstance(rows, list) and len(rows) == len(u.targets), "localizer rows per target")
+        for k, (r, t) in enumerate(zip(rows, u.targets)):
+            n = t.weight.shape[0]
+            expect(isinstance(r, torch.Tensor) and r.dim() == 1 and not r.is_floating_point()
+                   and (r.numel() == 0 or (int(r.min()) >= 0 and int(r.max()) < n)),
+                   f"localizer rows of target {k} are not indices below {n}")
+    hutch = state.get("hutchinson")
+    if u.hutchinson is not None and hutch is not None:
+        expect(isinstance(hutch, dict) and isinstance(hutch.get("count"), int) and hutch["count"] >= 0,
+               "Hutchinson count")
+        same_shapes(hutch.get("diags"), u.hutchinson.diags, "Hessian diagonal")
+    if state.get("mask") is not None:
+        same_shapes(state["mask"], u.params, "SalUn mask")
+    pools = state.get("pools")
+    expect(pools is None or (isinstance(pools, dict) and all(isinstance(v, torch.Tensor) for v in pools.values())),
+           "data-free image cache")
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "has_checkpoint", "checkpoint_file", "claim_checkpoint_dir",
+           "is_checkpoint_dir", "FILE"]

@@ -6,6 +6,7 @@ Errors a user can cause (bad spec, missing model, bad paths) print one line and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -24,75 +25,96 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance scale (default %(default)s; the shapes world wants low guidance)")
 
 
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise UserError(f"{name} must be positive, got {value}")
+# (argument, rule) for every number a command takes: one checker runs them all before any work
+_AT_LEAST_ONE = ("n", "n_per_prompt", "steps", "softprompt_steps", "diffusion_steps", "classifier_steps",
+                 "batch_size", "x0_per_prompt", "x0_steps", "loc_interval", "min_row_updates")
+_AT_LEAST_ZERO = ("eval_every", "checkpoint_every", "adv_prefix")
+_POSITIVE = ("lr", "max_minutes")
+_FINITE = ("guidance", "alpha", "lam")
+SEED_LIMIT = 2**63  # torch generators take seeds in [0, 2**64); keep them in int64 for every backend
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse, in one line naming the flag, any number that would crash later or do nothing."""
+    import math
+
+    for name in _AT_LEAST_ONE + _AT_LEAST_ZERO + _POSITIVE + _FINITE + ("seed",):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise UserError(f"{_flag(name)} must be a finite number, got {value}")
+        if name in _AT_LEAST_ONE and value < 1:
+            raise UserError(f"{_flag(name)} must be positive, got {value}")
+        if name in _AT_LEAST_ZERO and value < 0:
+            raise UserError(f"{_flag(name)} must be >= 0, got {value}")
+        if name in _POSITIVE and not value > 0:
+            raise UserError(f"{_flag(name)} must be positive, got {value}")
+        if name == "seed" and not 0 <= value < SEED_LIMIT:
+            raise UserError(f"--seed must be in [0, 2**63), got {value}")
+    if getattr(args, "guidance", None) is not None and args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+
+
+def _claim(path: str, what: str, args, **kw):
+    """The command's claim of an output (trust_fast.io.claim_output, honouring --overwrite)."""
+    from .io import claim_output
+
+    return claim_output(path, what, overwrite=getattr(args, "overwrite", False), **kw)
 
 
 def cmd_generate(args) -> int:
     import torch
 
-    from .world import load_pipeline, save_grid
-
-    _positive("--n", args.n)
-    _positive("--steps", args.steps)
-    from .evaluation.metrics import to_pixels
-
-    pipe = load_pipeline(args.model)
-    pipe.set_progress_bar_config(disable=False, desc="sampling")
-    g = torch.Generator().manual_seed(args.seed)
-    images = pipe([args.prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  generator=g, output_type="latent").images
-    images = to_pixels(pipe, images)  # latent diffusion pipelines sample VAE latents; decode them
-    os.makedirs(args.out, exist_ok=True)
     from PIL import Image
 
-    from .io import atomic_path
+    from .concepts import MAX_PROMPT
+    from .evaluation.metrics import to_pixels
+    from .world import load_pipeline, model_path, save_grid
 
-    for i, img in enumerate(images):
-        arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        with atomic_path(os.path.join(args.out, f"{i:03d}.png"), ".png") as tmp:
-            Image.fromarray(arr).save(tmp, format="PNG")
-    save_grid(images, os.path.join(args.out, "grid.png"), nrow=min(8, args.n), scale=max(1, 96 // images.shape[-1]))
+    if len(args.prompt) > MAX_PROMPT:
+        raise UserError(f"--prompt has {len(args.prompt)} characters; at most {MAX_PROMPT}")
+    with _claim(args.out, "--out", args, inputs=[("model directory", model_path(args.model))]) as out:
+        pipe = load_pipeline(args.model)
+        pipe.set_progress_bar_config(disable=False, desc="sampling")
+        g = torch.Generator().manual_seed(args.seed)
+        images = pipe([args.prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      generator=g, output_type="latent").images
+        images = to_pixels(pipe, images)  # latent diffusion pipelines sample VAE latents; decode them
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError(f"model {args.model!r} produced non-finite images; nothing was written")
+        for i, img in enumerate(images):
+            arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+            Image.fromarray(arr).save(os.path.join(out.path, f"{i:03d}.png"), format="PNG")
+        save_grid(images, os.path.join(out.path, "grid.png"), nrow=min(8, args.n),
+                  scale=max(1, 96 // images.shape[-1]))
     print(f"wrote {args.n} images and grid.png to {args.out}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .concepts import parse_concept, read_prompt_file
-    from .evaluation import format_table, full_report
-    from .io import write_json_atomic
-    from .world import is_world_model, load_pipeline
+    from .evaluation import format_table
+    from .io import is_json_report
+    from .world import is_world_model, model_path
 
-    _positive("--n-per-prompt", args.n_per_prompt)
-    _positive("--steps", args.steps)
-    _positive("--softprompt-steps", args.softprompt_steps)
-    if args.grids:
-        if args.reference == "none":
-            raise UserError("--grids shows the reference's images beside the model's: it needs a --reference")
-        _check_writable_dir("--grids", args.grids)
+    if args.grids and args.reference == "none":
+        raise UserError("--grids shows the reference's images beside the model's: it needs a --reference")
     world = is_world_model(args.model)
     spec = parse_concept(args.concept, world=world)
-    if world and not args.forget_prompts:
-        if args.retain_prompts:
-            raise UserError("--retain-prompts goes with --forget-prompts (the shapes world has its own prompts)")
-        reference_name = args.reference or "shapes"
-        pipe = load_pipeline(args.model)
-        reference = None if reference_name == "none" else load_pipeline(reference_name)
-        report = full_report(pipe, spec, reference, args.attack, n_per_prompt=args.n_per_prompt, seed=args.seed,
-                             steps=args.steps, guidance=args.guidance, softprompt_steps=args.softprompt_steps,
-                             grids=args.grids)
-        keys = [k for k in report if k.endswith("acc") or k in ("ua", "fd", "fd_self", "asr_paraphrase",
-                                                                 "asr_softprompt")] + ["n_images", "seconds"]
-    else:
-        # no classifier judges these images (another model, or the user's own prompts): compare with the
-        # original model, prompt by prompt
+    generic = not world or bool(args.forget_prompts)
+    if world and not args.forget_prompts and args.retain_prompts:
+        raise UserError("--retain-prompts goes with --forget-prompts (the shapes world has its own prompts)")
+    reference_name = args.reference or ("shapes" if world else None)
+    if generic:
         from .concepts import user_prompts
-        from .evaluation.generic import generic_report
 
         if not args.forget_prompts:
             raise UserError(f"{args.model!r} is not a shapes-world model: give --forget-prompts (and --retain-prompts)")
-        reference_name = args.reference or ("shapes" if world else None)
         if reference_name in (None, "none"):
             raise UserError(f"{args.model!r} has no classifier to judge it: give --reference, the original model "
                             "it was unlearned from")
@@ -100,56 +122,65 @@ def cmd_evaluate(args) -> int:
             raise UserError(f"--n-per-prompt must be >= 2 for the classifier-free report, got {args.n_per_prompt}")
         retain = read_prompt_file(args.retain_prompts, "retain prompts") if args.retain_prompts else []
         prompts = user_prompts(spec, read_prompt_file(args.forget_prompts, "forget prompts"), retain)
-        pipe = load_pipeline(args.model)
-        reference = load_pipeline(reference_name)
-        report = generic_report(pipe, reference, prompts.forget, prompts.retain, args.attack,
-                                n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps,
-                                guidance=args.guidance, softprompt_steps=args.softprompt_steps, grids=args.grids)
-        report["concept"] = str(spec)
-        keys = [k for k in ("forget_change", "retain_change", "selectivity", "fd", "fd_self", "softprompt_change",
-                            "softprompt_change_original", "softprompt_recovery") if k in report] + ["seconds"]
-    report["model"] = args.model
-    report["reference"] = reference_name
+    inputs = [("model directory", model_path(args.model))]
+    if reference_name not in (None, "none"):
+        inputs.append(("reference model directory", model_path(reference_name)))
+    with contextlib.ExitStack() as stack:
+        grids = stack.enter_context(_claim(args.grids, "--grids", args, inputs=inputs)).path if args.grids else None
+        report_out = (stack.enter_context(_claim(args.out, "--out", args, kind="file", recognize=is_json_report,
+                                                 inputs=inputs + [("--grids directory", args.grids)]))
+                      if args.out else None)
+        report, keys = _evaluate(args, spec, world, generic, reference_name, prompts if generic else None, grids)
+        if report_out is not None:
+            with open(report_out.path, "w") as f:
+                json.dump(report, f, indent=2)
     print(format_table([(args.model, report)], keys))
     for item in report.get("skipped", []):
         print(f"skipped: {item}")
     if report.get("grids"):
         print(f"wrote {', '.join(report['grids'])} to {args.grids}")
     if args.out:
-        write_json_atomic(report, args.out)
         print(f"wrote {args.out}")
     return 0
+
+
+def _evaluate(args, spec, world: bool, generic: bool, reference_name, prompts, grids):
+    """The report of `trust-fast evaluate` and the keys its table shows."""
+    from .evaluation import full_report
+    from .world import load_pipeline
+
+    if not generic:
+        pipe = load_pipeline(args.model)
+        reference = None if reference_name == "none" else load_pipeline(reference_name)
+        report = full_report(pipe, spec, reference, args.attack, n_per_prompt=args.n_per_prompt, seed=args.seed,
+                             steps=args.steps, guidance=args.guidance, softprompt_steps=args.softprompt_steps,
+                             grids=grids)
+        keys = [k for k in report if k.endswith("acc") or k in ("ua", "fd", "fd_self", "asr_paraphrase",
+                                                                 "asr_softprompt")] + ["n_images", "seconds"]
+    else:
+        # no classifier judges these images (another model, or the user's own prompts): compare with the
+        # original model, prompt by prompt
+        from .evaluation.generic import generic_report
+
+        pipe = load_pipeline(args.model)
+        reference = load_pipeline(reference_name)
+        report = generic_report(pipe, reference, prompts.forget, prompts.retain, args.attack,
+                                n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps,
+                                guidance=args.guidance, softprompt_steps=args.softprompt_steps, grids=grids)
+        report["concept"] = str(spec)
+        keys = [k for k in ("forget_change", "retain_change", "selectivity", "fd", "fd_self", "softprompt_change",
+                            "softprompt_change_original", "softprompt_recovery") if k in report] + ["seconds"]
+    report.update(model=args.model, reference=reference_name, written_by="trust_fast")
+    return report, keys
 
 
 def cmd_world_train(args) -> int:
     from .world.train import main_train
 
     rec = main_train(args.what, out=args.out, diffusion_steps=args.diffusion_steps, max_minutes=args.max_minutes,
-                     classifier_steps=args.classifier_steps, seed=args.seed)
+                     classifier_steps=args.classifier_steps, seed=args.seed, overwrite=args.overwrite)
     print(json.dumps(rec, indent=1))
     return 0
-
-
-def _same_dir(a: str, b: str) -> bool:
-    a, b = os.path.realpath(a), os.path.realpath(b)
-    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
-
-
-def _check_writable_dir(what: str, path: str) -> None:
-    """Fail before any work when `path` cannot become a directory we can write to."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{what} {path!r} exists and is not a directory")
-    import tempfile
-
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UserError(f"{what} {path!r} is not writable ({parent!r} is a file, not a directory)")
-    try:  # a real probe: permissions, read-only file systems and quotas all show up here
-        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".tmp-probe-"))
-    except OSError as e:
-        raise UserError(f"{what} {path!r} is not writable ({parent!r}: {e.strerror})") from None
 
 
 def _unlearning_config(args):
@@ -254,7 +285,7 @@ def _write_pictures(out: str, spec, n_per_prompt: int, report: dict, images) -> 
     return names
 
 
-def _evaluate_against_original(pipe, model: str, prompts, args) -> dict:
+def _evaluate_against_original(pipe, model: str, prompts, args, grids: str) -> dict:
     """The classifier-free report of an unlearned pipeline against its original (reloaded from `model`),
     with labelled original | evaluated grids written into the output directory."""
     from .evaluation.generic import generic_report
@@ -262,31 +293,19 @@ def _evaluate_against_original(pipe, model: str, prompts, args) -> dict:
 
     reference = load_pipeline(model, device=str(pipe.unet.device))
     return generic_report(pipe, reference, prompts.forget, prompts.retain, n_per_prompt=max(2, args.n_per_prompt),
-                          seed=args.seed, grids=args.out)
+                          seed=args.seed, grids=grids)
 
 
 def cmd_unlearn(args) -> int:
+    from .checkpoint import claim_checkpoint_dir, has_checkpoint
     from .concepts import parse_concept, read_prompt_file, user_prompts
     from .io import write_json_atomic
     from .world import is_world_model, load_pipeline, model_path
 
     src = model_path(args.model)
-    if _same_dir(args.out, src):
-        raise UserError(f"--out {args.out!r} is the model directory itself; choose another output directory")
-    _check_writable_dir("--out", args.out)
-    _positive("--steps", args.steps if args.steps is not None else 1)
-    if args.lr is not None:
-        _positive("--lr", args.lr)
-    if args.checkpoint_every < 0:
-        raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     checkpoint_dir = args.resume or args.checkpoint_dir or (args.out.rstrip("/\\") + ".checkpoint")
-    if args.resume is not None:
-        from .checkpoint import has_checkpoint
-
-        if not has_checkpoint(args.resume):
-            raise UserError(f"--resume {args.resume!r} holds no checkpoint")
-    if args.checkpoint_every:
-        _check_writable_dir("the checkpoint directory", checkpoint_dir)
+    if args.resume is not None and not has_checkpoint(args.resume):
+        raise UserError(f"--resume {args.resume!r} holds no checkpoint")
     world = is_world_model(args.model)
     spec = parse_concept(args.concept, world=world)
     prompts = None
@@ -298,36 +317,46 @@ def cmd_unlearn(args) -> int:
     cfg = _unlearning_config(args)
     from . import distributed
 
+    inputs = [("model directory", src), ("--resume checkpoint directory", args.resume)]
     # under torchrun / accelerate launch: every rank trains (gradients averaged before localization),
     # rank 0 alone evaluates, saves and reports
     launched = distributed.init_from_env()
     try:
         lead = distributed.rank() == 0
-        pipe = load_pipeline(args.model)
-        unlearner, report, images = _unlearn(pipe, spec, cfg, prompts,
-                                        world=world and prompts is None and not args.no_eval and lead,
-                                        n_per_prompt=args.n_per_prompt, eval_seed=args.seed,
-                                        eval_every=args.eval_every, progress=lead, resume=args.resume,
-                                        checkpoint_dir=checkpoint_dir if args.checkpoint_every else None,
-                                        checkpoint_every=args.checkpoint_every)
-        digests = distributed.gather_digests(unlearner.params)
-        if len(set(digests)) > 1:
-            raise distributed.RankMismatchError(f"ranks ended with different weights: {digests}")
-        if lead:
-            unlearner.save(args.out)
-            report.update(model=args.model, world_size=distributed.world_size(), weights_sha256=digests[0])
-            # pictures and the classifier-free evaluation are extras: a failure there must not cost the
-            # run its report
-            try:
-                if images is not None:
-                    report["pictures"] = _write_pictures(args.out, spec, args.n_per_prompt, report, images)
-                elif prompts is not None and not args.no_eval:
-                    report["eval_vs_original"] = _evaluate_against_original(pipe, args.model, prompts, args)
-                    report["pictures"] = report["eval_vs_original"].get("grids", [])
-            except (OSError, ValueError, RuntimeError) as e:
-                report["pictures_error"] = f"{type(e).__name__}: {e}"
-                print(f"warning: could not evaluate or draw the result: {report['pictures_error']}", file=sys.stderr)
-            write_json_atomic(report, os.path.join(args.out, "report.json"))
+        with contextlib.ExitStack() as claims:
+            out = claims.enter_context(_claim(args.out, "--out", args, inputs=inputs)) if lead else None
+            if args.checkpoint_every:
+                claims.enter_context(claim_checkpoint_dir(
+                    checkpoint_dir, overwrite=args.overwrite or args.resume is not None,
+                    inputs=[("model directory", src), ("--out directory", args.out)]))
+            pipe = load_pipeline(args.model)
+            unlearner, report, images = _unlearn(pipe, spec, cfg, prompts,
+                                                 world=world and prompts is None and not args.no_eval and lead,
+                                                 n_per_prompt=args.n_per_prompt, eval_seed=args.seed,
+                                                 eval_every=args.eval_every, progress=lead, resume=args.resume,
+                                                 checkpoint_dir=checkpoint_dir if args.checkpoint_every else None,
+                                                 checkpoint_every=args.checkpoint_every)
+            digests = distributed.gather_digests(unlearner.params)
+            if len(set(digests)) > 1:
+                raise distributed.RankMismatchError(f"ranks ended with different weights: {digests}")
+            if lead:
+                unlearner.write_pipeline(out.path)
+                report.update(model=args.model, world_size=distributed.world_size(), weights_sha256=digests[0],
+                              written_by="trust_fast")
+                # pictures and the classifier-free evaluation are extras: a failure there must not cost the
+                # run its report
+                try:
+                    if images is not None:
+                        report["pictures"] = _write_pictures(out.path, spec, args.n_per_prompt, report, images)
+                    elif prompts is not None and not args.no_eval:
+                        report["eval_vs_original"] = _evaluate_against_original(pipe, args.model, prompts, args,
+                                                                                out.path)
+                        report["pictures"] = report["eval_vs_original"].get("grids", [])
+                except (OSError, ValueError, RuntimeError) as e:
+                    report["pictures_error"] = f"{type(e).__name__}: {e}"
+                    print(f"warning: could not evaluate or draw the result: {report['pictures_error']}",
+                          file=sys.stderr)
+                write_json_atomic(report, os.path.join(out.path, "report.json"))
         distributed.barrier()
     finally:
         if launched:
@@ -363,49 +392,60 @@ def cmd_demo(args) -> int:
     from .evaluation import format_table
     from .io import write_json_atomic
     from .methods import config
-    from .world import load_pipeline
+    from .world import load_pipeline, model_path
 
     spec = parse_concept(args.concept)
-    pipe = load_pipeline("shapes")
-    print(f"unlearning {str(spec)!r} from the built-in shapes model with TRUST (CPU: a few minutes)")
     overrides = {"seed": args.seed, **({"steps": args.steps} if args.steps is not None else {})}
-    unlearner, report, images = _unlearn(pipe, spec, config("trust", **overrides), n_per_prompt=args.n_per_prompt,
-                                         eval_every=args.eval_every)
-    os.makedirs(args.out, exist_ok=True)
-    rows = [("before", {"ua": report["ua_before"], "retain_acc": report["retain_before"],
-                        "seconds": report["eval_before"]["seconds"]}),
-            ("after", {"ua": report["ua_after"], "retain_acc": report["retain_after"], "seconds": report["seconds"]})]
-    print(format_table(rows, ["ua", "retain_acc", "seconds"]))
-    print("ua: share of images of the concept's prompts that show it; retain_acc: other prompts drawn right;"
-          " seconds: evaluation (before), unlearning (after)")
-    report["pictures"] = _write_pictures(args.out, spec, args.n_per_prompt, report, images)
-    unlearner.save(os.path.join(args.out, "model"))
-    write_json_atomic(report, os.path.join(args.out, "report.json"))
+    cfg = config("trust", **overrides)
+    cfg.validate()
+    with _claim(args.out, "--out", args, inputs=[("built-in model directory", model_path("shapes"))]) as out:
+        pipe = load_pipeline("shapes")
+        print(f"unlearning {str(spec)!r} from the built-in shapes model with TRUST (CPU: a few minutes)")
+        unlearner, report, images = _unlearn(pipe, spec, cfg, n_per_prompt=args.n_per_prompt,
+                                             eval_every=args.eval_every)
+        rows = [("before", {"ua": report["ua_before"], "retain_acc": report["retain_before"],
+                            "seconds": report["eval_before"]["seconds"]}),
+                ("after", {"ua": report["ua_after"], "retain_acc": report["retain_after"],
+                           "seconds": report["seconds"]})]
+        print(format_table(rows, ["ua", "retain_acc", "seconds"]))
+        print("ua: share of images of the concept's prompts that show it; retain_acc: other prompts drawn right;"
+              " seconds: evaluation (before), unlearning (after)")
+        report["pictures"] = _write_pictures(out.path, spec, args.n_per_prompt, report, images)
+        unlearner.write_pipeline(os.path.join(out.path, "model"))
+        report["written_by"] = "trust_fast"
+        write_json_atomic(report, os.path.join(out.path, "report.json"))
     print(f"wrote {', '.join(report['pictures'])}, model/ and report.json to {args.out}")
     return 0
 
 
 def cmd_export_patch(args) -> int:
-    from .patch import export_patch
-    from .world import load_pipeline
+    from .patch import export_patch, is_patch_file
+    from .world import load_pipeline, model_path
 
-    stats = export_patch(load_pipeline(args.base, "cpu"), load_pipeline(args.unlearned, "cpu"), args.out)
+    base, unlearned = model_path(args.base), model_path(args.unlearned)
+    with _claim(args.out, "--out", args, kind="file", recognize=is_patch_file,
+                inputs=[("base model directory", base), ("unlearned model directory", unlearned)]) as out:
+        stats = export_patch(load_pipeline(args.base, "cpu"), load_pipeline(args.unlearned, "cpu"), out.path)
     print(f"wrote {args.out}: {stats['changed_rows']} changed rows in {stats['changed_tensors']} tensors, "
           f"{stats['patch_bytes']} bytes = {100 * stats['fraction_of_unet']:.3f}% of the UNet ({stats['unet_bytes']} bytes)")
     return 0
 
 
 def cmd_apply_patch(args) -> int:
-    from .io import save_pipeline_atomic
-    from .patch import apply_patch
+    from .patch import apply_patch, read_patch
     from .world import load_pipeline, model_path
 
-    if _same_dir(args.out, model_path(args.base)):
-        raise UserError(f"--out {args.out!r} is the base model directory itself; choose another output directory")
-    pipe = apply_patch(load_pipeline(args.base, "cpu"), args.patch)
-    save_pipeline_atomic(pipe, args.out)
+    base = model_path(args.base)
+    read_patch(args.patch)  # a bad patch is refused before the output is claimed
+    with _claim(args.out, "--out", args, inputs=[("base model directory", base), ("patch", args.patch)]) as out:
+        apply_patch(load_pipeline(args.base, "cpu"), args.patch).save_pretrained(out.path)
     print(f"wrote the patched pipeline to {args.out}")
     return 0
+
+
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier trust-fast output at --out (never anything else)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -419,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (000.png ... and grid.png)")
+    _add_overwrite(p)
     _add_sampling(p)
     p.set_defaults(fn=cmd_generate)
 
@@ -429,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-per-prompt", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the report as JSON here")
+    _add_overwrite(p)
     p.add_argument("--reference", default=None,
                    help="original model for fd, the soft-prompt attack and (outside the shapes world) every "
                         "comparison (default: shapes for shapes-world models; 'none' skips them there)")
@@ -445,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = p.add_subparsers(dest="world_command", required=True)
     w = wsub.add_parser("train", help="train the world's classifier and text-to-image model (not needed: they ship)")
     w.add_argument("--what", choices=["all", "classifier", "diffusion"], default="all")
-    w.add_argument("--out", default=None, help="assets directory (default: the package's own)")
+    w.add_argument("--out", required=True, help="output directory (the shipped weights are never overwritten)")
+    _add_overwrite(w)
     w.add_argument("--diffusion-steps", type=int, default=None)
     w.add_argument("--classifier-steps", type=int, default=None)
     w.add_argument("--max-minutes", type=float, default=None)
@@ -493,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run whose checkpoint is in DIR (same model, concept and options)")
     p.add_argument("--out", required=True, help="output directory: the unlearned pipeline and report.json")
+    _add_overwrite(p)
     p.set_defaults(fn=cmd_unlearn)
 
     p = sub.add_parser("demo", help="unlearn a color from the built-in model and show before/after (a few minutes)")
@@ -503,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=10,
                    help="evaluate (1 image per prompt) every N steps for history.png (default %(default)s; 0: off)")
     p.add_argument("--out", default="trust_fast_demo", help="output directory (default %(default)s)")
+    _add_overwrite(p)
     p.set_defaults(fn=cmd_demo)
     _add_patch_commands(sub)
     return ap
@@ -513,28 +558,76 @@ def _add_patch_commands(sub) -> None:
     p.add_argument("--base", default="shapes", help="the model that was unlearned")
     p.add_argument("--unlearned", required=True, help="the unlearned pipeline directory")
     p.add_argument("--out", required=True, help="patch file (.safetensors)")
+    _add_overwrite(p)
     p.set_defaults(fn=cmd_export_patch)
     p = sub.add_parser("apply-patch", help="rebuild an unlearned pipeline from its base and a patch, bit for bit")
     p.add_argument("--base", default="shapes")
     p.add_argument("--patch", required=True)
     p.add_argument("--out", required=True, help="output pipeline directory")
+    _add_overwrite(p)
     p.set_defaults(fn=cmd_apply_patch)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like SIGINT's KeyboardInterrupt so that every claim cleans up on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _notes_to_stderr() -> None:
+    """trust_fast.io's notes (cleaned leftovers, restored outputs) as 'trust-fast: note: ...' lines."""
+    import logging
+
+    class ToStderr(logging.StreamHandler):
+        def emit(self, record):
+            self.stream = sys.stderr  # whatever stderr is now (redirected, captured)
+            super().emit(record)
+
+    log = logging.getLogger("trust_fast.io")
+    if not log.handlers:
+        handler = ToStderr()
+        handler.setFormatter(logging.Formatter("trust-fast: note: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     from .distributed import RankMismatchError
 
     args = build_parser().parse_args(argv)
+    _notes_to_stderr()
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
+        check_numbers(args)
         return args.fn(args)
     except (ValueError, OSError, RankMismatchError) as e:
         if args.debug:
             raise
-        print(f"trust-fast: error: {e}", file=sys.stderr)
+        print(f"trust-fast: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("trust-fast: terminated; unfinished outputs were removed", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("trust-fast: interrupted", file=sys.stderr)
+        print("trust-fast: interrupted; unfinished outputs were removed", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as one line: OSErrors as 'what: file', anything else its first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename!r}" if e.filename else e.strerror
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -34,11 +34,23 @@ class ConceptSpec:
         return [self.a] + ([self.b] if self.b else [])
 
 
+MAX_SPEC = 200        # characters of a concept spec
+MAX_PROMPTS = 10_000  # lines of a prompt file: each is encoded, sampled and trained on
+MAX_PROMPT = 1_000    # characters of one prompt
+
+
+def short(text: str, limit: int = 60) -> str:
+    """`text` quoted for an error message, cut to `limit` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 def parse_concept(spec: str, world: bool = True) -> ConceptSpec:
     """Parse "A", "A+B" or "A|B". With `world`, both terms must be words of the shapes world naming
     different attributes. Raises ValueError naming the problem."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("concept spec is empty: expected 'A', 'A+B' or 'A|B'")
+    if len(spec) > MAX_SPEC:
+        raise ValueError(f"concept spec is {len(spec)} characters long ({short(spec)}); at most {MAX_SPEC}")
     m = _SPEC.match(spec)
     if not m or not m.group(1) or (m.group(2) and not m.group(3)):
         raise ValueError(f"malformed concept spec {spec!r}: expected 'A', 'A+B' (combination) or 'A|B' (conditional)")
@@ -135,7 +147,8 @@ def user_prompts(spec: ConceptSpec, forget: list[str], retain: list[str] | None 
         raise ValueError("forget prompts are empty: give at least one prompt that contains the concept")
     missing = [p for p in forget if not all(t in p.lower() for t in spec.terms())]
     if missing:
-        raise ValueError(f"concept {str(spec)!r} is absent from forget prompt(s): {missing[:3]}")
+        raise ValueError(f"concept {str(spec)!r} is absent from forget prompt(s): "
+                         f"[{', '.join(short(p) for p in missing[:3])}]")
     if anchor is None:
         anchors = [re.sub(rf"\s*\b{re.escape(spec.a)}\b", "", p, flags=re.I).strip() for p in forget]
     elif isinstance(anchor, str):
@@ -149,9 +162,19 @@ def user_prompts(spec: ConceptSpec, forget: list[str], retain: list[str] | None 
 
 def read_prompt_file(path: str, what: str) -> list[str]:
     """Non-empty lines of a prompts file; ValueError naming the file if unreadable or empty."""
+    lines = []
     try:
         with open(path, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+            for number, ln in enumerate(f, 1):
+                if not ln.strip() or ln.lstrip().startswith("#"):
+                    continue
+                if len(lines) == MAX_PROMPTS:
+                    raise ValueError(f"{what} file {path!r} has more than {MAX_PROMPTS} prompts; split it "
+                                     "or keep the ones that matter")
+                if len(ln.strip()) > MAX_PROMPT:
+                    raise ValueError(f"{what} file {path!r}, line {number}: a prompt of {len(ln.strip())} "
+                                     f"characters; at most {MAX_PROMPT}")
+                lines.append(ln.strip())
     except OSError as e:
         raise ValueError(f"cannot read {what} file {path!r}: {e.strerror}") from None
     except UnicodeDecodeError:

@@ -14,11 +14,13 @@ model eps_0 is the same UNet evaluated with the saved original target weights sw
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -262,6 +264,8 @@ class TrustUnlearner:
         self.selected_rows: list[Tensor] = []
         self.skipped_steps = 0
         self.finalized: dict | None = None
+        self.resumed_from: str | None = None     # real path of the checkpoint directory it resumed from
+        self.failed_checkpoints: list[int] = []  # steps whose checkpoint could not be written
 
     # ------------------------------------------------------------------ models
 
@@ -599,32 +603,52 @@ class TrustUnlearner:
         return stats
 
     def run(self, steps: int | None = None, progress: bool = False, eval_fn=None, eval_interval: int = 0,
-            checkpoint_dir: str | None = None, checkpoint_every: int = 0) -> list[dict]:
+            checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+            overwrite_checkpoint: bool = False) -> list[dict]:
         """Run `steps` steps (default config.steps). With `eval_fn(unlearner) -> dict` and
         `eval_interval` > 0, evaluate every eval_interval steps and at the end (history.evals).
         With `checkpoint_dir` and `checkpoint_every` > 0, write a checkpoint every that many steps
-        (counted from step 0, so a resumed run keeps the same cadence; see trust_fast.checkpoint)."""
+        (counted from step 0, so a resumed run keeps the same cadence; see trust_fast.checkpoint).
+        The directory is claimed for the run (trust_fast.io.claim_output): a checkpoint of another
+        run in it is replaced only with `overwrite_checkpoint` or when this run resumed from it."""
         from tqdm.auto import tqdm
-
-        from .checkpoint import save_checkpoint
 
         steps = self.config.steps if steps is None else steps
         end = self.step_count + steps
-        self.prepare()
-        bar = tqdm(range(steps), desc=f"{self.config.method} {self.concept or ''}".strip(), disable=not progress)
-        out = []
-        for _ in bar:
-            s = self.step()
-            out.append(s)
-            bar.set_postfix(forget=f"{s['loss_forget']:.4f}", rows=s["selected_rows"])
-            done = self.step_count
-            if eval_fn is not None and eval_interval > 0 and (done % eval_interval == 0 or done == end):
-                self.history.evals.append({"step": done, **eval_fn(self)})
-            if checkpoint_dir is not None and checkpoint_every > 0 and done % checkpoint_every == 0:
-                save_checkpoint(self, checkpoint_dir)
+        with contextlib.ExitStack() as stack:
+            if checkpoint_dir is not None and checkpoint_every > 0:
+                from .checkpoint import claim_checkpoint_dir
+
+                stack.enter_context(claim_checkpoint_dir(
+                    checkpoint_dir, overwrite=overwrite_checkpoint or self.resumed_from == os.path.realpath(checkpoint_dir),
+                    inputs=[("source model", self.source_path())]))
+            self.prepare()
+            bar = tqdm(range(steps), desc=f"{self.config.method} {self.concept or ''}".strip(), disable=not progress)
+            out = []
+            for _ in bar:
+                s = self.step()
+                out.append(s)
+                bar.set_postfix(forget=f"{s['loss_forget']:.4f}", rows=s["selected_rows"])
+                done = self.step_count
+                if eval_fn is not None and eval_interval > 0 and (done % eval_interval == 0 or done == end):
+                    self.history.evals.append({"step": done, **eval_fn(self)})
+                if checkpoint_dir is not None and checkpoint_every > 0 and done % checkpoint_every == 0:
+                    self._checkpoint(checkpoint_dir, done)
         if self.step_count >= self.config.steps:
             self.finalize()
         return out
+
+    def _checkpoint(self, directory: str, step: int) -> None:
+        """A checkpoint that cannot be written (disk full, directory gone) costs the run nothing but
+        that checkpoint: warn in one line and try again at the next interval."""
+        from .checkpoint import save_checkpoint
+
+        try:
+            save_checkpoint(self, directory)
+        except OSError as e:
+            self.failed_checkpoints.append(step)
+            warnings.warn(f"could not write the checkpoint of step {step} to {directory!r} "
+                          f"({e.strerror or e}); training goes on, the next interval tries again", stacklevel=2)
 
     @torch.no_grad()
     def finalize(self) -> dict:
@@ -678,6 +702,7 @@ class TrustUnlearner:
         return {"concept": str(self.concept) if self.concept is not None else None,
                 "kind": self.concept.kind if self.concept is not None else None,
                 "method": self.config.method, "steps": self.step_count, "skipped_steps": self.skipped_steps,
+                "failed_checkpoints": self.failed_checkpoints,
                 "seconds": self.seconds,
                 "x0_sampling_seconds": self.pool_seconds, "trainable_params": self.trainable_params,
                 "target_modules": len(self.targets), "target_rows": self.total_rows,
@@ -690,15 +715,26 @@ class TrustUnlearner:
                 "config": asdict(self.config),
                 "history": h, "evals": self.history.evals}
 
-    def save(self, out_dir: str) -> None:
-        """Write the edited pipeline to out_dir (diffusers format, atomically)."""
-        from .io import save_pipeline_atomic
-
+    def source_path(self) -> str | None:
+        """The directory the pipeline was loaded from, if any (an input no output may touch)."""
         src = getattr(self.pipe, "name_or_path", None) or self.pipe.config.get("_name_or_path")
-        if src and os.path.isdir(src) and os.path.exists(out_dir) and os.path.samefile(src, out_dir):
-            raise ValueError(f"refusing to overwrite the source model {src!r}; choose another output directory")
+        return src if src and os.path.isdir(src) else None
+
+    def write_pipeline(self, directory: str) -> None:
+        """Finalize and ``save_pretrained`` the edited pipeline into `directory`, which the caller
+        has claimed (``trust_fast.io.claim_output``); :meth:`save` does both."""
         self.finalize()
-        save_pipeline_atomic(self.pipe, out_dir)
+        self.pipe.save_pretrained(directory)
+
+    def save(self, out_dir: str, overwrite: bool = False) -> None:
+        """Write the edited pipeline to `out_dir` (diffusers format), all or nothing. `out_dir` must
+        be new or empty, or an earlier trust_fast output with ``overwrite=True``; it may not be,
+        contain or lie inside the source model. trust_fast.io.OutputError (a ValueError) otherwise."""
+        from .io import claim_output
+
+        with claim_output(out_dir, "output directory", overwrite=overwrite,
+                          inputs=[("source model", self.source_path())]) as out:
+            self.write_pipeline(out.path)
 
 
 __all__ = ["TrustConfig", "TrustUnlearner", "encode_prompts", "encode_images", "LOCALIZATIONS", "X0_SOURCES"]

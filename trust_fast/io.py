@@ -1,22 +1,327 @@
-"""Atomic writes: a reader never sees a half-written file or model directory."""
+"""Every file trust_fast writes goes through this module.
+
+Two layers:
+
+* :func:`claim_output`, the one output-safety rule. A command (or ``TrustUnlearner.save``) claims
+  its output path before any expensive work; the claim refuses what the user did not hand over,
+  locks the path against a concurrent run, and makes the write all-or-nothing.
+* ``atomic_path`` and the ``*_atomic`` writers: one file at a time through a temp file and a
+  rename, used inside a claimed output (and by the benchmark scripts for their own result files).
+
+The rules of a claim (README, "Where results go"):
+
+* a directory output is written only if it does not exist, is empty, or is a previous output of
+  trust_fast (it holds the marker file ``.trust_fast_output.json``, written last) and ``overwrite``
+  is given; an overwritten output must hold only the files its marker lists;
+* a file output is replaced only with ``overwrite`` and when it is recognisably trust_fast's;
+* an output never contains, nor lies inside, an input (model, checkpoint, patch) or another output;
+* a staged directory is written beside the target (``.NAME.trust-fast-tmp-*``) and swapped in with
+  renames; the previous output waits in ``.NAME.trust-fast-old`` until the new one is in place;
+  an interrupted run's leftovers are cleaned, or the previous output restored, by the next claim
+  of the same path, which says so.
+"""
 from __future__ import annotations
 
 import contextlib
 import csv
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+log = logging.getLogger("trust_fast.io")
+
+MARKER = ".trust_fast_output.json"
+TMP_TAG = ".trust-fast-tmp-"
+OLD_TAG = ".trust-fast-old"
+LOCK_TAG = ".trust-fast-lock"
+
+# Locks this process holds, by lock-file path: a claim nested in another claim of the same path
+# (the engine's checkpoint writer inside the CLI's claim of the checkpoint directory) reuses it.
+# flock locks belong to open files, so a second flock from this process would refuse itself.
+_HELD: set[str] = set()
+
+
+class OutputError(ValueError):
+    """trust_fast refuses to write an output path; the message is one line naming path and rule."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """A claimed output. Write to ``path``: a staging directory or temp file that becomes
+    ``final`` when the claim ends without an error, or ``final`` itself for in-place directories."""
+    path: str
+    final: str
+
+
+def _under(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+def _names(final: str) -> tuple[str, str]:
+    return os.path.dirname(final), os.path.basename(final)
+
+
+def read_marker(directory: str) -> dict | None:
+    """The marker of a previous trust_fast output in `directory`, or None."""
+    try:
+        with open(os.path.join(directory, MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("written_by") == "trust_fast" else None
+
+
+def _files(directory: str) -> list[str]:
+    out = []
+    for root, _, files in os.walk(directory):
+        out += [os.path.relpath(os.path.join(root, f), directory) for f in files]
+    return sorted(f for f in out if f != MARKER)
+
+
+def _write_marker(directory: str, what: str, in_place: bool) -> None:
+    from . import __version__
+
+    marker = {"written_by": "trust_fast", "version": __version__, "what": what,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": None if in_place else _files(directory)}
+    with open(os.path.join(directory, MARKER), "w") as f:
+        json.dump(marker, f, indent=1)
+
+
+def _check_rules(final: str, what: str, kind: str, overwrite: bool, recognize) -> None:
+    if kind == "file":
+        if os.path.isdir(final):
+            raise OutputError(f"{what} {final!r} is a directory; give a file name")
+        if os.path.lexists(final):
+            if not overwrite:
+                raise OutputError(f"{what} {final!r} exists; pass --overwrite to replace it")
+            if recognize is None or not recognize(final):
+                raise OutputError(f"{what} {final!r} exists and was not written by trust_fast; refusing to replace it")
+        return
+    if os.path.lexists(final) and not os.path.isdir(final):
+        raise OutputError(f"{what} {final!r} exists and is not a directory")
+    if not os.path.isdir(final) or not os.listdir(final):
+        return
+    marker = read_marker(final)
+    ours = marker is not None or (recognize is not None and recognize(final))
+    if not ours:
+        raise OutputError(f"{what} {final!r} is not empty and was not written by trust_fast; "
+                          "choose a new or empty directory")
+    if not overwrite:
+        raise OutputError(f"{what} {final!r} holds an earlier trust_fast output; pass --overwrite to replace it")
+    listed = (marker or {}).get("files")
+    if listed is not None:
+        foreign = sorted(set(_files(final)) - set(listed))
+        if foreign:
+            raise OutputError(f"{what} {final!r} holds files trust_fast did not write ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); move them away first")
+
+
+def _check_inputs(final: str, what: str, inputs: Iterable[tuple[str, str | None]]) -> None:
+    real = _real(final)
+    for label, path in inputs:
+        if not path:
+            continue
+        other = _real(path)
+        if real == other:
+            raise OutputError(f"{what} {final!r} is the {label} itself; choose another output")
+        if _under(real, other):
+            raise OutputError(f"{what} {final!r} lies inside the {label} {path!r}; choose another output")
+        if _under(other, real):
+            raise OutputError(f"{what} {final!r} contains the {label} {path!r}; choose another output")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _recover(final: str, what: str) -> None:
+    """Clean what an interrupted claim of `final` left (this process holds its lock, so no live
+    run owns these names) and restore a previous output that was moved aside but not replaced."""
+    parent, name = _names(final)
+    for entry in sorted(os.listdir(parent)):
+        if entry.startswith(f".{name}{TMP_TAG}"):
+            _remove(os.path.join(parent, entry))
+            log.warning(f"removed {os.path.join(parent, entry)!r}, a partial output of an interrupted run")
+    old = os.path.join(parent, f".{name}{OLD_TAG}")
+    if os.path.lexists(old):
+        if os.path.lexists(final):
+            _remove(old)  # the swap had finished: this is the output the user chose to replace
+        else:
+            os.replace(old, final)
+            log.warning(f"restored {what} {final!r} from {old!r}: an earlier run was interrupted while replacing it")
+    if os.path.isdir(final) and not os.path.islink(final):
+        for entry in os.listdir(final):  # temp files of in-place writes (checkpoints)
+            if TMP_TAG in entry:
+                _remove(os.path.join(final, entry))
+                log.warning(f"removed {os.path.join(final, entry)!r}, a partial file of an interrupted run")
+
+
+@contextlib.contextmanager
+def _lock(final: str, what: str) -> Iterator[None]:
+    """An advisory, non-blocking lock on `final` (a lock file beside it), held for the claim."""
+    parent, name = _names(final)
+    path = os.path.join(parent, f".{name}{LOCK_TAG}")
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): claims still check the rules, without a lock
+        yield
+        return
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"{what} {final!r} is not writable ({parent!r}: {e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OutputError(f"{what} {final!r} is being written by another trust-fast run; wait for it to "
+                              "finish or choose another output") from None
+        # the holder before us unlinks the lock file before it unlocks: retry on a fresh file then
+        st = os.fstat(fd)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):
+            break
+        os.close(fd)
+    _HELD.add(path)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        _HELD.discard(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _make_parents(parent: str, what: str, final: str) -> list[str]:
+    """Create the missing directories above the output; return them, deepest first."""
+    made = []
+    p = parent
+    while not os.path.exists(p):
+        made.append(p)
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise OutputError(f"{what} {final!r} is not writable ({p!r} is a file, not a directory)")
+    for d in reversed(made):
+        try:
+            os.mkdir(d)
+        except OSError as e:
+            for done in made[made.index(d) + 1:]:
+                with contextlib.suppress(OSError):
+                    os.rmdir(done)
+            raise OutputError(f"{what} {final!r} is not writable ({os.path.dirname(d)!r}: {e.strerror})") from None
+    return made
+
+
+def _swap_in(stage: str, final: str) -> None:
+    parent, name = _names(final)
+    if os.path.lexists(final):
+        old = os.path.join(parent, f".{name}{OLD_TAG}")
+        os.replace(final, old)
+        os.replace(stage, final)  # a kill between these two renames is undone by the next claim
+        _remove(old)
+    else:
+        os.replace(stage, final)
+
+
+@contextlib.contextmanager
+def claim_output(path: str, what: str = "output directory", *, kind: str = "dir", overwrite: bool = False,
+                 inputs: Iterable[tuple[str, str | None]] = (), staged: bool = True,
+                 recognize: Callable[[str], bool] | None = None, lock: bool = True) -> Iterator[Output]:
+    """Claim `path` as an output; yield an :class:`Output` to write into.
+
+    kind "dir" with `staged` (pipelines, images, reports): write into ``Output.path``, a fresh
+    directory beside the target; when the block ends without an error the marker is written last
+    and the directory swapped into place, otherwise it is removed and the target left as it was.
+    kind "dir" without `staged` (checkpoint directories): ``Output.path`` is the target itself,
+    created with a marker; files in it must be written atomically (``atomic_path``).
+    kind "file": ``Output.path`` is a temp file renamed onto the target at the end.
+
+    `inputs`: (label, path) pairs the output may neither be, contain nor lie inside.
+    `recognize(path)`: True when an existing target is trust_fast's without a marker (a patch file,
+    a checkpoint directory of an earlier version). `lock=False` makes this process a follower of
+    another that holds the claim (ranks > 0 of a distributed run): no lock, recovery or rule check.
+    Raises OutputError (one line) before anything is written when the rules refuse."""
+    if kind not in ("dir", "file"):
+        raise ValueError(f"kind must be 'dir' or 'file', got {kind!r}")
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise OutputError(f"{what} is empty; give a path")
+    final = os.path.abspath(os.fspath(path))
+    parent, name = _names(final)
+    if not name or name in (".", ".."):
+        raise OutputError(f"{what} {path!r} names no directory entry; give a path")
+    _check_inputs(final, what, inputs)
+    # nested in this process's own claim of the same path, or following another process's claim
+    trusted = not lock or os.path.join(parent, f".{name}{LOCK_TAG}") in _HELD
+    if os.path.lexists(final) and not trusted:  # refuse the obvious before creating anything
+        _check_rules(final, what, kind, overwrite, recognize)
+    made = _make_parents(parent, what, final)
+    try:
+        with contextlib.nullcontext() if trusted else _lock(final, what):
+            if not trusted:
+                _recover(final, what)
+                _check_rules(final, what, kind, overwrite, recognize)
+            if kind == "file":
+                with atomic_path(final, os.path.splitext(name)[1]) as tmp:
+                    yield Output(tmp, final)
+            elif not staged:
+                created = not os.path.isdir(final)
+                os.makedirs(final, exist_ok=True)
+                if not trusted and read_marker(final) is None:
+                    try:
+                        _write_marker(final, what, in_place=True)
+                    except OSError as e:
+                        if created:
+                            _remove(final)
+                        raise OutputError(f"{what} {final!r} is not writable ({e.strerror})") from None
+                yield Output(final, final)
+            else:
+                try:
+                    stage = tempfile.mkdtemp(dir=parent, prefix=f".{name}{TMP_TAG}")
+                except OSError as e:
+                    raise OutputError(f"{what} {final!r} is not writable ({parent!r}: {e.strerror})") from None
+                try:
+                    yield Output(stage, final)
+                    _write_marker(stage, what, in_place=False)
+                    os.chmod(stage, 0o755)
+                    _swap_in(stage, final)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        _remove(stage)
+                    raise
+    except BaseException:
+        for d in made:  # deepest first; only directories this claim created and left empty
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
 
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     """Yield a temp file path beside `path`; on success it is made world-readable and renamed
-    onto `path`, on failure removed. `suffix` lets writers that infer a format from the name work."""
+    onto `path`, on failure removed. `suffix` lets writers that infer a format from the name work.
+    The temp name (``.NAME.trust-fast-tmp-*``) lets the next claim of the directory clean it after a kill."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}{TMP_TAG}", suffix=suffix)
     os.close(fd)
     try:
         yield tmp
@@ -63,23 +368,18 @@ def save_file_atomic(tensors: dict, path: str, metadata: dict | None = None) -> 
         save_file(tensors, tmp, metadata=metadata)
 
 
-def save_pipeline_atomic(pipe, path: str) -> None:
-    """save_pretrained into a temp dir beside `path`, then swap it in: never a half-written model."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+def is_json_report(path: str) -> bool:
+    """True for a JSON report trust_fast wrote (it carries ``"written_by": "trust_fast"``)."""
     try:
-        pipe.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        if os.path.exists(path):
-            old = path + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and obj.get("written_by") == "trust_fast"
+
+
+def save_pipeline(pipe, path: str, *, what: str = "output directory", overwrite: bool = False,
+                  inputs: Iterable[tuple[str, str | None]] = ()) -> None:
+    """``pipe.save_pretrained`` into a claimed directory (see :func:`claim_output`)."""
+    with claim_output(path, what, overwrite=overwrite, inputs=inputs) as out:
+        pipe.save_pretrained(out.path)

@@ -14,6 +14,9 @@ import json
 import torch
 
 FORMAT = "trust_fast.patch/1"
+# what unlearning edits, and so all a patch may change: a patch for the text encoder, the VAE or the
+# tokenizer's tensors is refused
+ALLOWED_PREFIX = "unet."
 
 
 def _modules(pipe) -> dict[str, torch.nn.Module]:
@@ -61,6 +64,9 @@ def make_patch(base_pipe, unlearned_pipe) -> tuple[dict[str, torch.Tensor], dict
         rows = diff_rows(base[name], new[name])
         total_rows += base[name].shape[0] if base[name].dim() else 1
         if rows.numel():
+            if not name.startswith(ALLOWED_PREFIX):
+                raise ValueError(f"the unlearned model differs from the base in {name!r}, outside the UNet; "
+                                 "a patch carries UNet rows only")
             changed_rows += rows.numel()
             tensors[f"{name}::rows"] = rows
             src = new[name].detach().cpu()
@@ -85,7 +91,21 @@ def export_patch(base_pipe, unlearned_pipe, path: str) -> dict:
             "changed_tensors": len(json.loads(meta["tensors"]))}
 
 
+def is_patch_file(path: str) -> bool:
+    """True for a file whose safetensors metadata names this patch format (read without the tensors)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not safetensors at all
+        return False
+
+
 def read_patch(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The patch's tensors and metadata, checked for everything that does not need the base model:
+    the format, the key pairs, the allowed modules (the UNet), integer unique rows, finite values
+    and the recorded counts. ValueError (one line naming the file and the problem) otherwise."""
     from safetensors import safe_open
 
     try:
@@ -95,16 +115,54 @@ def read_patch(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     except FileNotFoundError:
         raise ValueError(f"patch file {path!r} does not exist") from None
     except Exception as e:  # safetensors raises its own error types for a damaged file
-        raise ValueError(f"patch file {path!r} is not a readable safetensors file ({e})") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"patch file {path!r} is not a readable safetensors file ({first})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a trust_fast patch (format {meta.get('format')!r}, expected {FORMAT!r})")
+    _check_structure(path, tensors, meta)
     return tensors, meta
+
+
+def _check_structure(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    def bad(what: str):
+        raise ValueError(f"patch {path!r} is invalid: {what}")
+
+    try:
+        names = json.loads(meta.get("tensors", ""))
+        changed = int(meta.get("changed_rows", ""))
+    except ValueError:
+        bad("its metadata lacks the tensor list or the changed-row count")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        bad("its metadata's tensor list is not a list of distinct names")
+    if not isinstance(meta.get("base_fingerprint"), str) or len(meta["base_fingerprint"]) != 64:
+        bad("its metadata lacks the base model's fingerprint")
+    keys = {f"{n}::{part}" for n in names for part in ("rows", "values")}
+    if set(tensors) != keys:
+        odd = sorted(set(tensors) ^ keys)
+        bad(f"its tensors do not match its metadata's list (e.g. {odd[0]!r})")
+    total = 0
+    for name in names:
+        if not name.startswith(ALLOWED_PREFIX):
+            bad(f"{name!r} is outside the UNet; a patch may change only {ALLOWED_PREFIX}* tensors")
+        rows, values = tensors[f"{name}::rows"], tensors[f"{name}::values"]
+        if rows.dtype != torch.int64 or rows.dim() != 1 or rows.numel() == 0:
+            bad(f"the rows of {name!r} are not a non-empty 1-D int64 tensor ({rows.dtype}, shape {tuple(rows.shape)})")
+        if int(rows.min()) < 0 or rows.unique().numel() != rows.numel():
+            bad(f"the rows of {name!r} hold negative or repeated indices")
+        if values.dim() == 0 or values.shape[0] != rows.numel():
+            bad(f"{name!r} has {rows.numel()} rows but values of shape {tuple(values.shape)}")
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            bad(f"the values of {name!r} are not all finite")
+        total += rows.numel()
+    if total != changed:
+        bad(f"it holds {total} rows but its metadata counts {changed}")
 
 
 @torch.no_grad()
 def apply_patch(pipe, path: str):
-    """Apply a patch in place to `pipe` (its base model) and return it. Refuses a pipeline whose
-    weights' fingerprint differs from the base the patch was made from; nothing is changed then."""
+    """Apply a patch in place to `pipe` (its base model) and return it. Refuses (ValueError, one
+    line) a damaged or crafted patch and a pipeline whose weights' fingerprint differs from the
+    base the patch was made from; every check runs before the first write, so nothing is changed then."""
     tensors, meta = read_patch(path)
     have = fingerprint(pipe)
     if have != meta["base_fingerprint"]:
@@ -116,10 +174,22 @@ def apply_patch(pipe, path: str):
     if missing:
         raise ValueError(f"patch {path!r} names tensors this model lacks: {missing[:3]}")
     for name in names:
+        t, rows, values = current[name], tensors[f"{name}::rows"], tensors[f"{name}::values"]
+        n = t.shape[0] if t.dim() else 1
+        row_shape = (t[0].numel(),) if t.dim() else (1,)
+        if int(rows.max()) >= n:
+            raise ValueError(f"patch {path!r} is invalid: row {int(rows.max())} of {name!r}, which has {n} rows")
+        if tuple(values.shape) != (rows.numel(), *row_shape) and not (t.dim() == 0 and values.numel() == 1):
+            raise ValueError(f"patch {path!r} is invalid: the values of {name!r} have shape {tuple(values.shape)}, "
+                             f"expected {(rows.numel(), *row_shape)}")
+        if values.dtype != t.dtype:
+            raise ValueError(f"patch {path!r} is invalid: the values of {name!r} are {values.dtype}, the model's "
+                             f"tensor {t.dtype}")
+    for name in names:
         t = current[name]
         rows, values = tensors[f"{name}::rows"], tensors[f"{name}::values"]
         if t.dim() == 0:
             t.copy_(values.reshape(()))
         else:
-            t.view(t.shape[0], -1).index_copy_(0, rows.to(t.device), values.to(t.device, t.dtype))
+            t.view(t.shape[0], -1).index_copy_(0, rows.to(t.device), values.to(t.device))
     return pipe

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .models import AttributeClassifier, scheduler_config, text_config, unet_config
-from ..io import save_file_atomic, save_pipeline_atomic, write_json_atomic
+from ..io import claim_output, save_file_atomic, write_json_atomic
 from .render import generate, random_captions
 
 
@@ -142,36 +142,45 @@ def _save_ema(pipe, params, ema, path: str) -> None:
     with torch.no_grad():
         for p, e in zip(snap_params, ema):
             p.copy_(e)
-    save_pipeline_atomic(snap, path)
-
-
-def assets_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+    snap.save_pretrained(path)  # a snapshot inside main_train's claimed output
 
 
 def main_train(what: str = "all", out: str | None = None, diffusion_steps: int | None = None,
-               max_minutes: float | None = None, classifier_steps: int | None = None, seed: int = 0) -> dict:
-    """Train the classifier and/or the diffusion pipeline and write them (atomically) under `out`."""
-    out = out or assets_dir()
+               max_minutes: float | None = None, classifier_steps: int | None = None, seed: int = 0,
+               overwrite: bool = False) -> dict:
+    """Train the classifier and/or the diffusion pipeline and write them into the new directory
+    `out` (all or nothing, see trust_fast.io.claim_output): classifier.safetensors,
+    classifier_training.json and shapes/ (the pipeline, with training.json). The shipped assets are
+    an input, never an output: copy what you train over them by hand if you mean to."""
+    from . import BUILTIN
+
+    if not out:
+        raise ValueError("world train needs an output directory (--out); the shipped weights are never overwritten")
+    for name, value in (("diffusion_steps", diffusion_steps), ("classifier_steps", classifier_steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"max_minutes must be positive, got {max_minutes}")
     record: dict = {"torch": torch.__version__}
-    if what in ("all", "classifier"):
-        ccfg = ClassifierTrainConfig(seed=seed, **({"steps": classifier_steps} if classifier_steps else {}))
-        clf, log = train_classifier(ccfg)
-        save_file_atomic(clf.state_dict(), os.path.join(out, "classifier.safetensors"))
-        write_json_atomic(log, os.path.join(out, "classifier_training.json"))
-        record["classifier"] = log
-    if what in ("all", "diffusion"):
-        dcfg = DiffusionTrainConfig(seed=seed)
-        if diffusion_steps:
-            dcfg.steps = diffusion_steps
-        if max_minutes:
-            dcfg.max_minutes = max_minutes
-        torch.set_num_threads(dcfg.threads)
-        target = os.path.join(out, "shapes")
-        pipe, log = train_diffusion(dcfg, checkpoint=target + ".ckpt")
-        save_pipeline_atomic(pipe, target)
-        shutil.rmtree(target + ".ckpt", ignore_errors=True)
-        log["torch"] = torch.__version__
-        write_json_atomic(log, os.path.join(target, "training.json"))
-        record["diffusion"] = log
+    with claim_output(out, "--out", overwrite=overwrite, inputs=[("built-in model directory", BUILTIN["shapes"])]) as claimed:
+        if what in ("all", "classifier"):
+            ccfg = ClassifierTrainConfig(seed=seed, **({"steps": classifier_steps} if classifier_steps else {}))
+            clf, log = train_classifier(ccfg)
+            save_file_atomic(clf.state_dict(), os.path.join(claimed.path, "classifier.safetensors"))
+            write_json_atomic(log, os.path.join(claimed.path, "classifier_training.json"))
+            record["classifier"] = log
+        if what in ("all", "diffusion"):
+            dcfg = DiffusionTrainConfig(seed=seed)
+            if diffusion_steps is not None:
+                dcfg.steps = diffusion_steps
+            if max_minutes is not None:
+                dcfg.max_minutes = max_minutes
+            torch.set_num_threads(dcfg.threads)
+            target = os.path.join(claimed.path, "shapes")
+            pipe, log = train_diffusion(dcfg, checkpoint=target + ".ckpt")
+            pipe.save_pretrained(target)
+            shutil.rmtree(target + ".ckpt", ignore_errors=True)
+            log["torch"] = torch.__version__
+            write_json_atomic(log, os.path.join(target, "training.json"))
+            record["diffusion"] = log
     return record
