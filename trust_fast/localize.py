@@ -79,7 +79,10 @@ def saliency(targets: list[Target], grads: list[Tensor], mode: str = "g") -> Ten
 
 def select(targets: list[Target], scores: Tensor, xi: float = 2.0,
            max_fraction: float | None = None) -> list[Tensor]:
-    """Rows whose z-score within their layer exceeds xi: one int64 index tensor per target."""
+    """Rows whose z-score within their layer exceeds xi: one int64 index tensor per target.
+
+    A target whose scores are all equal, or hold any NaN or +-Inf, selects no rows (its z-scores
+    are undefined); the other targets select as usual (:func:`trust_fast.ops.select_rows`)."""
     return ops.select_rows(scores, [t.rows for t in targets], xi, max_fraction)
 
 
@@ -89,7 +92,8 @@ def localize_rows(grads: list[Tensor], weights: list[Tensor] | None, rows_per_te
     what :class:`DynamicLocalizer` compiles (one graph, no break) with ``compile=True``.
 
     grads[i] (and weights[i] for mode "gw"): (rows_i, ...) float tensors on one device. Returns
-    one ascending int64 index tensor per input."""
+    one ascending int64 index tensor per input, empty for an input whose saliency has a non-finite
+    row (see :func:`select`)."""
     return ops.select_rows(ops.row_saliency(grads, weights, mode), rows_per_tensor, xi, max_fraction)
 
 
@@ -109,7 +113,8 @@ class DynamicLocalizer:
     """Re-estimates the concept rows every `interval` steps from the forget gradient (TRUST).
 
     Between re-estimations the previous selection is reused. With `compile`, saliency and
-    selection run as one torch.compile graph (:func:`localize_rows`)."""
+    selection run as one torch.compile graph (:func:`localize_rows`). A target whose saliency
+    has a NaN or Inf row selects no rows (see :func:`select`)."""
 
     def __init__(self, targets: list[Target], xi: float = 2.0, interval: int = 1, mode: str = "g",
                  max_fraction: float | None = None, compile: bool = False):

@@ -82,7 +82,10 @@ def select_rows(
 
     Returns:
         one int64 tensor of row indices per tensor, ascending, on the scores'
-        device.  A tensor whose scores are all equal selects nothing.
+        device.  A tensor whose scores are all equal selects nothing, and so does
+        a tensor with any non-finite score (NaN, +-Inf), whatever ``xi``: its mean
+        and std are not finite; the other tensors are unaffected.  The op has no
+        compiled kernel: every backend runs the same vectorised torch.
     """
     return list(
         torch.ops.trust_fast.select_rows(

@@ -440,7 +440,8 @@ def select_rows(
     """Rows whose per-tensor z-score exceeds ``xi``; vectorised over tensors (no per-tensor loop).
 
     z uses the population standard deviation in float64.  A tensor whose scores
-    are all equal (std 0) selects nothing.  With ``max_fraction`` only the
+    are all equal (std 0) selects nothing, and so does a tensor with any
+    non-finite score (NaN, +-Inf), whatever ``xi``.  With ``max_fraction`` only the
     ``floor(max_fraction * rows)`` highest-scoring selected rows of each tensor
     are kept (ties: lower row index first).  Returns int64 row indices per
     tensor, ascending, on the scores' device.
@@ -460,6 +461,8 @@ def select_rows(
     hi = torch.full((n_t,), -math.inf, dtype=torch.float64, device=device).scatter_reduce(0, seg, s, "amax")
     lo = torch.full((n_t,), math.inf, dtype=torch.float64, device=device).scatter_reduce(0, seg, s, "amin")
     varies = (hi > lo)[seg]
+    # a non-finite score makes its tensor's std NaN (its own deviation is inf - inf or NaN), and
+    # comparisons with NaN are False: that tensor selects nothing, the documented rule
     keep = varies & (dev > xi * std[seg])
     starts = torch.tensor([0, *cumsum(counts)][:-1], dtype=torch.int64, device=device)
     if max_fraction is not None:
