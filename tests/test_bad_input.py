@@ -357,8 +357,8 @@ def test_a_model_missing_half_its_unet_weights(capsys, tmp_path):
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(weights)
     save_file({k: tensors[k] for k in sorted(tensors)[: len(tensors) // 2]}, weights)
-    refused(capsys, tmp_path, ["unlearn", "--model", str(model), "--concept", "red", "--no-eval", "--out",
-                               str(tmp_path / "out")], "its unet weights lack")
+    refused(capsys, tmp_path, ["unlearn", "--model", str(model), "--concept", "red", "--no-eval",
+                               "--checkpoint-every", "1", "--out", str(tmp_path / "out")], "its unet weights lack")
 
 
 @pytest.mark.parametrize("args,message", [

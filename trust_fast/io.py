@@ -147,9 +147,10 @@ def _remove(path: str) -> None:
             os.unlink(path)
 
 
-def _recover(final: str, what: str) -> None:
+def _recover(final: str, what: str, in_place: bool) -> None:
     """Clean what an interrupted claim of `final` left (this process holds its lock, so no live
-    run owns these names) and restore a previous output that was moved aside but not replaced."""
+    run owns these names) and restore a previous output that was moved aside but not replaced.
+    Inside an in-place directory of ours, temp files of interrupted atomic writes go too."""
     parent, name = _names(final)
     for entry in sorted(os.listdir(parent)):
         if entry.startswith(f".{name}{TMP_TAG}"):
@@ -162,9 +163,9 @@ def _recover(final: str, what: str) -> None:
         else:
             os.replace(old, final)
             log.warning(f"restored {what} {final!r} from {old!r}: an earlier run was interrupted while replacing it")
-    if os.path.isdir(final) and not os.path.islink(final):
+    if in_place and os.path.isdir(final) and read_marker(final) is not None:
         for entry in os.listdir(final):  # temp files of in-place writes (checkpoints)
-            if TMP_TAG in entry:
+            if entry.startswith(".") and TMP_TAG in entry:
                 _remove(os.path.join(final, entry))
                 log.warning(f"removed {os.path.join(final, entry)!r}, a partial file of an interrupted run")
 
@@ -277,7 +278,7 @@ def claim_output(path: str, what: str = "output directory", *, kind: str = "dir"
     try:
         with contextlib.nullcontext() if trusted else _lock(final, what):
             if not trusted:
-                _recover(final, what)
+                _recover(final, what, in_place=kind == "dir" and not staged)
                 _check_rules(final, what, kind, overwrite, recognize)
             if kind == "file":
                 with atomic_path(final, os.path.splitext(name)[1]) as tmp:
@@ -292,7 +293,12 @@ def claim_output(path: str, what: str = "output directory", *, kind: str = "dir"
                         if created:
                             _remove(final)
                         raise OutputError(f"{what} {final!r} is not writable ({e.strerror})") from None
-                yield Output(final, final)
+                try:
+                    yield Output(final, final)
+                except BaseException:
+                    if created and set(os.listdir(final)) <= {MARKER}:  # nothing was written: leave no trace
+                        _remove(final)
+                    raise
             else:
                 try:
                     stage = tempfile.mkdtemp(dir=parent, prefix=f".{name}{TMP_TAG}")
