@@ -202,6 +202,25 @@ def test_state_dict_round_trip_keeps_the_rows(backend):
     assert torch.equal(b.detach(), b3.detach()) and torch.equal(b2.detach(), b3.detach())
 
 
+def test_a_deep_copy_keeps_rows_and_penalty_and_steps_like_the_original():
+    """torch's Optimizer pickles only defaults, state and param_groups: a deep copy (of an
+    unlearner, say) lost the rows and refused to step."""
+    gen = torch.Generator().manual_seed(9)
+    grads = [(torch.randn(7, 3, 2, 2, generator=gen), torch.randn(7, generator=gen)) for _ in range(2)]
+    w, b = _layer()
+    opt = MaskedAdamW([w, b], **HP)
+    opt.set_rows({w: torch.tensor([0, 5]), b: torch.tensor([5])})
+    opt.set_penalty({w: (torch.ones_like(w), torch.zeros_like(w))}, lam=0.5)
+    w.grad, b.grad = grads[0]
+    opt.step()
+    twin = copy.deepcopy({"opt": opt, "w": w, "b": b})
+    for o, p, q in ((opt, w, b), (twin["opt"], twin["w"], twin["b"])):
+        p.grad, q.grad = grads[1]
+        o.step()
+    assert torch.equal(w, twin["w"]) and torch.equal(b, twin["b"])
+    assert not torch.equal(w[0], _layer()[0][0])  # the rows moved (and the penalty came along: same values)
+
+
 def test_load_state_dict_without_saved_rows_keeps_the_rows_set():
     """A state dict without rows (made before they were saved) keeps the rows set, with the loaded
     state; rows the loaded state has never seen get fresh slots."""

@@ -161,6 +161,14 @@ class MaskedAdamW(torch.optim.Optimizer):
 
             self._update = compile_op_layer(ops.masked_adamw_)
 
+    def __getstate__(self) -> dict:
+        # torch's Optimizer keeps only defaults, state and param_groups: copy.deepcopy and pickle
+        # would drop the rows and the penalty, and the next step would refuse to run. The kernel
+        # arguments and plans hold references to the old tensors: rebuilt on the next step.
+        state = self.__dict__.copy()
+        state.update(_args=[], _checked_grads=[], _plans=[], _args_stale=True)
+        return state
+
     # ------------------------------------------------------------------ inputs
 
     def _positions(self) -> dict[int, int]:
