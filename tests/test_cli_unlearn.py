@@ -18,7 +18,8 @@ def test_unlearn_writes_a_loadable_pipeline_and_report(tmp_path, capsys):
     for key in REPORT_KEYS:
         assert key in report, key
     assert report["method"] == "esd" and report["steps"] == 2 and len(report["history"]) == 2
-    assert 0.0 <= report["ua_after"] <= 1.0 and report["trainable_params"] > 0
+    assert report["ua_before"] >= 0.8  # the shipped model draws red when asked
+    assert report["ua_after"] == report["eval_after"]["ua"] and report["trainable_params"] > 0
     # labelled before | after grids, and UA / retain against the step (the original at step 0)
     assert report["pictures"] == ["forget.png", "retain.png", "history.png"]
     assert [e["step"] for e in report["evals"]] == [1, 2]
