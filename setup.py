@@ -88,7 +88,7 @@ ext_modules, cmdclass = build_extensions()
 
 setup(
     packages=find_packages(include=["trust_fast", "trust_fast.*"]) + ["trust_fast.kernels"],
-    package_dir={"trust_fast.kernels": "kernels"},
+    package_dir={"trust_fast.kernels": "triton_kernels"},
     package_data={"trust_fast": ["assets/*.safetensors", "assets/*.json", "assets/shapes/*.json",
                                  "assets/shapes/*/*"]},
     ext_modules=ext_modules,

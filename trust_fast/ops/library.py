@@ -157,7 +157,7 @@ def _probe_native(dispatch_key: str, device_type: str, want: str) -> str | None:
 
 
 def _import_kernels():
-    """``trust_fast.kernels``; from the source tree's kernels/ when the package is not installed."""
+    """``trust_fast.kernels``; from the source tree's triton_kernels/ when the package is not installed."""
     import importlib
     import importlib.util
     import sys
@@ -168,9 +168,9 @@ def _import_kernels():
     except ModuleNotFoundError as exc:
         if exc.name != "trust_fast.kernels":
             raise
-    src = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
+    src = Path(__file__).resolve().parents[2] / "triton_kernels" / "__init__.py"
     if not src.is_file():
-        raise ModuleNotFoundError("trust_fast.kernels is not installed and no kernels/ source tree was found")
+        raise ModuleNotFoundError("trust_fast.kernels is not installed and no triton_kernels/ source tree was found")
     spec = importlib.util.spec_from_file_location("trust_fast.kernels", src, submodule_search_locations=[str(src.parent)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["trust_fast.kernels"] = module

@@ -1,7 +1,7 @@
 """Backend registry: which kernel runs an op for a device.
 
 Backends are ``reference`` (pure torch, always there), ``cpp`` (csrc/, CPU),
-``cuda`` (csrc/cuda/, CUDA devices) and ``triton`` (kernels/, CUDA devices;
+``cuda`` (csrc/cuda/, CUDA devices) and ``triton`` (triton_kernels/, CUDA devices;
 on a CPU only under ``TRITON_INTERPRET=1`` and only when forced).  The
 environment variable ``TRUST_FAST_BACKEND`` or :func:`use_backend` forces one;
 a forced backend that cannot run raises, an automatic choice falls back to the
