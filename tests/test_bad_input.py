@@ -419,3 +419,21 @@ def test_a_checkpoint_that_cannot_be_written_costs_the_run_nothing_else(untraine
     assert u.step_count == 4 and u.report()["failed_checkpoints"] == [2]
     assert torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["step_count"] == 4
     assert [e for e in os.listdir(tmp_path / "ckpt") if "tmp" in e] == []  # the failed write left nothing
+
+
+def test_a_non_finite_forget_loss_alone_skips_the_step(untrained_world):
+    """Through the low-level API only the forget loss is NaN (the step() test above poisons a
+    frozen pass that serves the retain target too, so the retain check alone would catch it)."""
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red",
+                       TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, hessian="none"))
+    u.step()
+    weights = [p.detach().clone() for p in u.params]
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 1000, (4,), generator=g)
+    from trust_fast.engine import encode_prompts
+
+    cond = encode_prompts(u.pipe, ["a red circle"] * 4)
+    anchor = encode_prompts(u.pipe, ["a blue circle"] * 4)
+    stats = u.update(u.forget_loss(x, t, cond, anchor) * float("nan"), u.retain_loss(x, t, anchor))
+    assert stats["skipped"] and stats["selected_rows"] == 0 and u.skipped_steps == 1
+    assert all(torch.equal(p, w) for p, w in zip(u.params, weights))

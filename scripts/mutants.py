@@ -1,0 +1,215 @@
+"""Mutation check: does the test suite notice when the unlearning algorithm breaks?
+
+Each mutant is one small, named edit to the package (a sign flipped, a term dropped, a target taken
+from the wrong model). The script copies the repository once to a temporary directory, checks that
+the selected tests pass on the unmutated copy, then applies each mutant in turn, runs the tests
+chosen to catch it (stopping at the first failure) and restores the file. It prints a table
+mutant -> the test that killed it, and exits 1 if any mutant survives (or 2 if a mutant no longer
+applies: its code moved, so the list needs updating).
+
+    python scripts/mutants.py                 # every mutant
+    python scripts/mutants.py --only esd_sign_flipped retain_gradient_dropped
+    python scripts/mutants.py --list
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TERMS = "tests/test_algorithm_terms.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str       # relative to the repository root
+    old: str        # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]
+    why: str
+
+
+MUTANTS = [
+    # the five an earlier review found surviving every test
+    Mutant("hvp_penalty_removed", "trust_fast/engine.py",
+           "grads = [g + cfg.lam * h for g, h in zip(grads, hv)]", "grads = list(grads)",
+           (f"{TERMS}::test_the_hvp_term_adds_exactly_lam_times_the_retain_hessian_times_delta",),
+           "the hvp Hessian penalty never reaches the update"),
+    Mutant("diag_penalty_removed", "trust_fast/engine.py",
+           "                                       self.config.lam)", "                                       0.0)",
+           (f"{TERMS}::test_the_diag_term_enters_the_selected_rows_first_moments_exactly",),
+           "the fused Hutchinson penalty is set with lambda 0"),
+    Mutant("retain_gradient_dropped", "trust_fast/engine.py",
+           "grads = [gf + cfg.alpha * gr for gf, gr in zip(g_f, g_r)]", "grads = g_f",
+           (f"{TERMS}::test_the_retain_term_adds_exactly_alpha_times_the_retain_gradient",),
+           "the retain loss no longer enters the update"),
+    Mutant("esd_sign_flipped", "trust_fast/objectives.py",
+           "return pred_uncond - eta * (pred_cond - pred_uncond)", "return pred_uncond + eta * (pred_cond - pred_uncond)",
+           (f"{TERMS}::test_negative_guidance_points_away_from_the_concept",
+            f"{TERMS}::test_forget_targets_come_from_the_original_model"),
+           "ESD trains toward the concept"),
+    Mutant("save_writes_original_weights", "trust_fast/engine.py",
+           "        self.finalize()\n        self.pipe.save_pretrained(directory)",
+           "        self.finalize()\n        with torch.no_grad():\n"
+           "            for p, p0 in zip(self.params, self.theta0):\n                p.copy_(p0)\n"
+           "        self.pipe.save_pretrained(directory)",
+           ("tests/test_resume_and_save.py::test_save_writes_the_in_memory_weights_not_the_originals",),
+           "save() writes the original weights"),
+    # more, across engine, checkpoint, localize, hessian, optim, objectives, evaluation
+    Mutant("anchor_target_from_edited_model", "trust_fast/engine.py",
+           "            return self.frozen_pred(noisy, timesteps, anchor_cond)",
+           "            return self.pred(noisy, timesteps, anchor_cond).detach()",
+           (f"{TERMS}::test_forget_targets_come_from_the_original_model",),
+           "the anchor target follows the model being edited"),
+    Mutant("retain_target_from_edited_model", "trust_fast/engine.py",
+           "                target = self.frozen_pred(noisy, timesteps, cond)",
+           "                target = self.pred(noisy, timesteps, cond).detach()",
+           (f"{TERMS}::test_the_retain_term_adds_exactly_alpha_times_the_retain_gradient",),
+           "self-distillation against the edited model: the retain gradient vanishes"),
+    Mutant("v_prediction_sign", "trust_fast/objectives.py",
+           "return a.sqrt() * noise - (1 - a).sqrt() * x0", "return a.sqrt() * noise + (1 - a).sqrt() * x0",
+           (f"{TERMS}::test_add_noise_and_the_three_targets_by_hand",),
+           "the v-prediction target is wrong"),
+    Mutant("add_noise_swapped", "trust_fast/objectives.py",
+           "return a.sqrt() * x0 + (1 - a).sqrt() * noise", "return (1 - a).sqrt() * x0 + a.sqrt() * noise",
+           (f"{TERMS}::test_add_noise_and_the_three_targets_by_hand",),
+           "noising mixes image and noise the wrong way round"),
+    Mutant("salun_mask_from_weights", "trust_fast/engine.py",
+           "        return static_mask(sums, self.config.mask_fraction)",
+           "        return static_mask([p.detach() for p in self.params], self.config.mask_fraction)",
+           (f"{TERMS}::test_salun_mask_is_the_top_half_of_the_summed_forget_gradient",),
+           "SalUn's mask ranks weights instead of the forget gradient"),
+    Mutant("resume_forgets_localizer_rows", "trust_fast/checkpoint.py",
+           'u.localizer.rows = [r.to(u.device) for r in state["localizer_rows"]]', "pass",
+           ("tests/test_resume_and_save.py::test_resumed_run_equals_uninterrupted_run",),
+           "a resumed run re-localizes where the interrupted one reused its rows"),
+    Mutant("resume_forgets_the_adversary", "trust_fast/checkpoint.py",
+           'adv = state.get("adversary")', "adv = None",
+           ("tests/test_resume_and_save.py::test_resumed_run_equals_uninterrupted_run",),
+           "a resumed run restarts the adversarial prefix"),
+    Mutant("localizer_never_reestimates", "trust_fast/localize.py",
+           "if self.rows is None or step % self.interval == 0:", "if self.rows is None:",
+           ("tests/test_localize.py::test_dynamic_localizer_reestimates_on_its_interval",),
+           "localization is static after the first step"),
+    Mutant("finalize_keeps_every_row", "trust_fast/engine.py",
+           "drop = rows[counts < m]", "drop = rows[counts < 0]",
+           ("tests/test_engine.py::test_finalize_resets_rows_updated_fewer_than_min_row_updates",),
+           "finalize resets nothing"),
+    Mutant("hutchinson_no_running_mean", "trust_fast/hessian.py",
+           "ops.hutchinson_diag_(self.diags, hz, z, None, self.count)",
+           "ops.hutchinson_diag_(self.diags, hz, z, None, 0)",
+           ("tests/test_hessian.py::test_hutchinson_diagonal_converges_to_the_true_diagonal",),
+           "the Hessian diagonal keeps only the last probe"),
+    Mutant("adamw_no_bias_correction", "trust_fast/ops/reference.py",
+           "bc1 = (1 - beta1**t).unsqueeze(1)", "bc1 = torch.ones_like(t).unsqueeze(1)",
+           ("tests/test_optim.py::test_matches_per_row_adamw_over_changing_row_sets",),
+           "the reference masked AdamW forgets Adam's bias correction"),
+    Mutant("ua_counts_the_wrong_images", "trust_fast/evaluation/metrics.py",
+           '"ua": sum(shows(spec, p) for p in f_pred)', '"ua": sum(not shows(spec, p) for p in f_pred)',
+           ("tests/test_cli.py::test_evaluate_reports_ua_and_retain",),
+           "UA counts the images without the concept"),
+    Mutant("freeze_nothing", "trust_fast/localize.py",
+           "p.requires_grad_(id(p) in keep)", "p.requires_grad_(True)",
+           ("tests/test_engine.py::test_masked_steps_touch_only_selected_rows_and_nothing_outside_the_targets",),
+           "weights outside the target modules are trainable"),
+    Mutant("nonfinite_steps_not_skipped", "trust_fast/engine.py",
+           "skip = distributed.any_rank(not _all_finite([forget_loss.detach(), *g_f]))", "skip = False",
+           ("tests/test_bad_input.py::test_a_non_finite_forget_loss_alone_skips_the_step",),
+           "a NaN forget loss is applied to the weights"),
+]
+
+
+def _copy_repo(dst: str) -> None:
+    skip = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", ".pytest_cache", ".benchmarks",
+                                  ".hypothesis", "benchmarks", "docs", "csrc")
+    shutil.copytree(ROOT, dst, ignore=skip, dirs_exist_ok=True)
+
+
+def _pytest(copy: str, tests: tuple[str, ...], timeout: int) -> tuple[int, str, float]:
+    env = dict(os.environ, PYTHONPATH=copy, TQDM_DISABLE="1")
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", *tests],
+                           cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        return r.returncode, r.stdout + r.stderr, time.monotonic() - t0
+    except subprocess.TimeoutExpired:
+        return -1, "timeout", time.monotonic() - t0
+
+
+def _killer(output: str) -> str:
+    m = re.search(r"^FAILED (\S+)", output, re.M)
+    return m.group(1).split(" - ")[0] if m else "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="run only these mutants")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per mutant")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.only and len(chosen) != len(args.only):
+        print(f"unknown mutant(s): {sorted(set(args.only) - {m.name for m in MUTANTS})}", file=sys.stderr)
+        return 2
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:32s} {m.file:36s} {m.why}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="trust-fast-mutants-") as copy:
+        _copy_repo(copy)
+        check = subprocess.run([sys.executable, "-c", "import trust_fast; print(trust_fast.__file__)"], cwd=copy,
+                               env=dict(os.environ, PYTHONPATH=copy), capture_output=True, text=True)
+        if not check.stdout.strip().startswith(copy):
+            print(f"the copy does not import its own package: {check.stdout or check.stderr}", file=sys.stderr)
+            return 2
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        rc, out, secs = _pytest(copy, tests, args.timeout * 2)
+        if rc != 0:
+            print(f"the unmutated copy fails its tests ({secs:.0f} s):\n{out[-3000:]}", file=sys.stderr)
+            return 2
+        print(f"unmutated: {len(tests)} test selections pass ({secs:.0f} s)")
+        rows, survivors, stale = [], [], []
+        for m in chosen:
+            path = os.path.join(copy, m.file)
+            text = open(path, encoding="utf-8").read()
+            if text.count(m.old) != 1:
+                stale.append(m.name)
+                rows.append((m.name, "does not apply (code moved)", 0.0))
+                continue
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text.replace(m.old, m.new))
+            try:
+                rc, out, secs = _pytest(copy, m.tests, args.timeout)
+            finally:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(text)
+            if rc == 1:
+                rows.append((m.name, _killer(out), secs))
+            else:
+                survivors.append(m.name)
+                rows.append((m.name, "SURVIVED" if rc == 0 else f"pytest exit {rc}", secs))
+            print(f"  {m.name}: {rows[-1][1]} ({secs:.0f} s)", flush=True)
+    print("\n| mutant | what it breaks | killed by | s |\n| --- | --- | --- | --- |")
+    why = {m.name: m.why for m in MUTANTS}
+    for name, killer, secs in rows:
+        print(f"| `{name}` | {why[name]} | `{killer}` | {secs:.0f} |")
+    if stale:
+        print(f"\nno longer apply: {', '.join(stale)}", file=sys.stderr)
+        return 2
+    if survivors:
+        print(f"\nsurvived: {', '.join(survivors)}", file=sys.stderr)
+        return 1
+    print(f"\nall {len(rows)} mutants killed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
