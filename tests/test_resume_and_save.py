@@ -79,17 +79,24 @@ def unet_state(pipe) -> dict:
     return {n: t.detach().clone() for n, t in pipe.unet.state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def diag_run(untrained_world):
-    """TRUST with its defaults run for DIAG["steps"] steps in one go, the UNet's weights snapshotted
-    before the first step and after every step, then finalized. Shared by the resume, save, patch
-    and finalize tests (none of which changes it)."""
+def stepped_with_snapshots(untrained_world):
+    """TRUST with its defaults stepped DIAG["steps"] times by hand (not finalized), and the UNet's
+    weights before the first step and after every step."""
     torch.manual_seed(0)
     u = unlearner(untrained_world, diag_config())
     snaps = [unet_state(u.pipe)]
     for _ in range(DIAG["steps"]):
         u.step()
         snaps.append(unet_state(u.pipe))
+    return u, snaps
+
+
+@pytest.fixture(scope="module")
+def diag_run(untrained_world):
+    """TRUST with its defaults run for DIAG["steps"] steps in one go, the UNet's weights snapshotted
+    before the first step and after every step, then finalized. Shared by the resume, save, patch
+    and finalize tests (none of which changes it)."""
+    u, snaps = stepped_with_snapshots(untrained_world)
     info = u.finalize()
     return SimpleNamespace(u=u, snaps=snaps, info=info, final=unet_state(u.pipe))
 
@@ -317,12 +324,7 @@ def test_save_of_an_unfinished_run_writes_the_finalized_weights(untrained_world,
     """A run stepped by hand (run() never reached config.steps, so nothing finalized it) and saved:
     save() finalizes first, so the file holds the weights finalize_expectation derives from the
     snapshots, not the raw trained ones."""
-    torch.manual_seed(0)
-    u = unlearner(untrained_world, diag_config())
-    snaps = [unet_state(u.pipe)]
-    for _ in range(DIAG["steps"]):
-        u.step()
-        snaps.append(unet_state(u.pipe))
+    u, snaps = stepped_with_snapshots(untrained_world)
     assert u.finalized is None
     orig = untrained_world.unet.state_dict()
     want, _, n_reset, n_kept = finalize_expectation(u.targets, snaps, orig, DIAG["min_row_updates"])
