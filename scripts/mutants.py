@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TERMS = "tests/test_algorithm_terms.py"
+BEHAVIOUR = "tests/test_behaviour.py"
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,29 @@ MUTANTS = [
            "skip = distributed.any_rank(not _all_finite([forget_loss.detach(), *g_f]))", "skip = False",
            ("tests/test_bad_input.py::test_a_non_finite_forget_loss_alone_skips_the_step",),
            "a NaN forget loss is applied to the weights"),
+    # behaviour on the shipped world (tests/test_behaviour.py: held-out prompts, attacks)
+    Mutant("retain_gradient_dropped_held_out", "trust_fast/engine.py",
+           "grads = [gf + cfg.alpha * gr for gf, gr in zip(g_f, g_r)]", "grads = g_f",
+           (f"{BEHAVIOUR}::test_pair_is_forgotten_on_held_out_prompts_and_its_parts_kept[red+circle]",),
+           "the retain term dropped, seen on held-out prompts: red non-circles lose their red"),
+    Mutant("forget_gradient_dropped", "trust_fast/engine.py",
+           "grads = [gf + cfg.alpha * gr for gf, gr in zip(g_f, g_r)]",
+           "grads = [0 * gf + cfg.alpha * gr for gf, gr in zip(g_f, g_r)]",
+           (f"{BEHAVIOUR}::test_red_is_forgotten_on_held_out_prompts_and_the_rest_kept",),
+           "only the retain loss trains: the concept stays on held-out prompts"),
+    Mutant("softprompt_attack_no_step", "trust_fast/evaluation/attacks.py",
+           "                opt.step()\n", "                pass\n",
+           (f"{BEHAVIOUR}::test_softprompt_attack_brings_the_concept_back",),
+           "the soft-prompt attack never optimizes its prefix"),
+    Mutant("adversary_never_refreshed", "trust_fast/engine.py",
+           "            self.refresh_adversary()\n", "            pass\n",
+           (f"{BEHAVIOUR}::test_adversarial_training_lowers_the_attack",),
+           "adv_prefix training runs without its adversary"),
+    Mutant("paraphrase_without_synonyms", "trust_fast/evaluation/attacks.py",
+           "prompts = world_prompts(spec, templates=held_out, synonyms=True).forget",
+           "prompts = world_prompts(spec, templates=held_out, synonyms=False).forget",
+           (f"{BEHAVIOUR}::test_paraphrase_attack_reports_what_the_classifier_sees",),
+           "the paraphrase attack never paraphrases"),
 ]
 
 
