@@ -58,10 +58,10 @@ MUTANTS = [
             f"{TERMS}::test_forget_targets_come_from_the_original_model"),
            "ESD trains toward the concept"),
     Mutant("save_writes_original_weights", "trust_fast/engine.py",
-           "        self.finalize()\n        self.pipe.save_pretrained(directory)",
+           "        self.finalize()\n        write_pretrained(self.pipe, directory)",
            "        self.finalize()\n        with torch.no_grad():\n"
            "            for p, p0 in zip(self.params, self.theta0):\n                p.copy_(p0)\n"
-           "        self.pipe.save_pretrained(directory)",
+           "        write_pretrained(self.pipe, directory)",
            ("tests/test_resume_and_save.py::test_save_writes_the_in_memory_weights_not_the_originals",),
            "save() writes the original weights"),
     # more, across engine, checkpoint, localize, hessian, optim, objectives, evaluation

@@ -263,7 +263,7 @@ def test_crafted_patches_are_refused_in_one_line(capsys, tmp_path, patch_parts, 
 
     tensors, meta = _craft(*patch_parts, case)
     save_file_atomic(tensors, str(tmp_path / "p.safetensors"), metadata=meta)
-    refused(capsys, tmp_path, ["apply-patch", "--patch", str(tmp_path / "p.safetensors"), "--out",
+    refused(capsys, tmp_path, ["apply-patch", "--base", "shapes", "--patch", str(tmp_path / "p.safetensors"), "--out",
                                str(tmp_path / "out")], message)
 
 

@@ -9,6 +9,7 @@ import torch
 from trust_fast import TrustConfig, TrustUnlearner, methods
 from trust_fast.concepts import parse_concept, user_prompts
 from trust_fast.engine import encode_images
+from tiny_pipelines import tiny_sd_pipeline  # noqa: F401  (other test files import it from here)
 
 SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4)
 
@@ -24,37 +25,6 @@ def fresh(pipe):
     import copy
 
     return copy.deepcopy(pipe)
-
-
-def tiny_sd_pipeline():
-    """A randomly initialised StableDiffusionPipeline (UNet with cross-attention, AutoencoderKL,
-    CLIP text encoder, the world's tokenizer) built from configs: no downloads."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from trust_fast.world.tokenizer import write_tokenizer
-
-    with tempfile.TemporaryDirectory() as d:
-        write_tokenizer(d)
-        tok = CLIPTokenizer.from_pretrained(d)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=16, scaling_factor=0.18215)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=tok.model_max_length,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.eos_token_id))
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def snapshot(module):

@@ -88,7 +88,7 @@ def test_checkpoint_dir_inside_out_is_refused(capsys, sandbox):
 
 
 def test_apply_patch_with_empty_out_is_refused(capsys, sandbox):
-    refused(capsys, sandbox, ["apply-patch", "--patch", _patch(sandbox), "--out", ""], "--out is empty")
+    refused(capsys, sandbox, ["apply-patch", "--base", "shapes", "--patch", _patch(sandbox), "--out", ""], "--out is empty")
 
 
 def test_export_patch_never_overwrites_the_base_weights(capsys, sandbox):

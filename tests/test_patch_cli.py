@@ -16,9 +16,9 @@ def test_cli_patch_round_trip_after_unlearning(tmp_path, capsys):
     unlearned, patch, rebuilt = tmp_path / "red", tmp_path / "red.safetensors", tmp_path / "rebuilt"
     assert main(["unlearn", "--concept", "red", "--steps", "2", "--no-eval", "--x0-per-prompt", "1", "--x0-steps", "2",
                  "--batch-size", "4", "--min-row-updates", "1", "--out", str(unlearned)]) == 0
-    assert main(["export-patch", "--unlearned", str(unlearned), "--out", str(patch)]) == 0
+    assert main(["export-patch", "--base", "shapes", "--unlearned", str(unlearned), "--out", str(patch)]) == 0
     assert "% of the UNet" in capsys.readouterr().out
-    assert main(["apply-patch", "--patch", str(patch), "--out", str(rebuilt)]) == 0
+    assert main(["apply-patch", "--base", "shapes", "--patch", str(patch), "--out", str(rebuilt)]) == 0
     a, b = _unet(unlearned), _unet(rebuilt)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert os.path.getsize(patch) < 0.05 * os.path.getsize(os.path.join(unlearned, "unet",

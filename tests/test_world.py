@@ -47,7 +47,7 @@ def test_classifier_accuracy_on_held_out_images(classifier):
 def test_pipeline_round_trip_gives_same_images(shapes_pipe, tmp_path):
     from diffusers import DiffusionPipeline
 
-    import trust_fast  # noqa: F401  (registers ShapesPipeline with diffusers)
+    from trust_fast import ShapesPipeline  # noqa: F401  (the import registers it with diffusers)
 
     shapes_pipe.save_pretrained(tmp_path / "p")
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "p", local_files_only=True)

@@ -17,7 +17,7 @@ class UserError(ValueError):
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    from .evaluation.metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                    help="sampling steps of the model's own scheduler (default %(default)s)")
@@ -74,12 +74,12 @@ def cmd_generate(args) -> int:
 
     from .concepts import MAX_PROMPT
     from .evaluation.metrics import to_pixels
-    from .world import load_pipeline, model_path, save_grid
+    from .world import model_path, save_grid
 
     if len(args.prompt) > MAX_PROMPT:
         raise UserError(f"--prompt has {len(args.prompt)} characters; at most {MAX_PROMPT}")
     with _claim(args.out, "--out", args, inputs=[("model directory", model_path(args.model))]) as out:
-        pipe = load_pipeline(args.model)
+        pipe = _load(args, args.model)
         pipe.set_progress_bar_config(disable=False, desc="sampling")
         g = torch.Generator().manual_seed(args.seed)
         images = pipe([args.prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -147,11 +147,10 @@ def cmd_evaluate(args) -> int:
 def _evaluate(args, spec, world: bool, generic: bool, reference_name, prompts, grids):
     """The report of `trust-fast evaluate` and the keys its table shows."""
     from .evaluation import full_report
-    from .world import load_pipeline
 
     if not generic:
-        pipe = load_pipeline(args.model)
-        reference = None if reference_name == "none" else load_pipeline(reference_name)
+        pipe = _load(args, args.model)
+        reference = None if reference_name == "none" else _load(args, reference_name)
         report = full_report(pipe, spec, reference, args.attack, n_per_prompt=args.n_per_prompt, seed=args.seed,
                              steps=args.steps, guidance=args.guidance, softprompt_steps=args.softprompt_steps,
                              grids=grids)
@@ -162,8 +161,8 @@ def _evaluate(args, spec, world: bool, generic: bool, reference_name, prompts, g
         # original model, prompt by prompt
         from .evaluation.generic import generic_report
 
-        pipe = load_pipeline(args.model)
-        reference = load_pipeline(reference_name)
+        pipe = _load(args, args.model)
+        reference = _load(args, reference_name)
         report = generic_report(pipe, reference, prompts.forget, prompts.retain, args.attack,
                                 n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps,
                                 guidance=args.guidance, softprompt_steps=args.softprompt_steps, grids=grids)
@@ -289,9 +288,8 @@ def _evaluate_against_original(pipe, model: str, prompts, args, grids: str) -> d
     """The classifier-free report of an unlearned pipeline against its original (reloaded from `model`),
     with labelled original | evaluated grids written into the output directory."""
     from .evaluation.generic import generic_report
-    from .world import load_pipeline
 
-    reference = load_pipeline(model, device=str(pipe.unet.device))
+    reference = _load(args, model)
     return generic_report(pipe, reference, prompts.forget, prompts.retain, n_per_prompt=max(2, args.n_per_prompt),
                           seed=args.seed, grids=grids)
 
@@ -300,7 +298,7 @@ def cmd_unlearn(args) -> int:
     from .checkpoint import claim_checkpoint_dir, has_checkpoint
     from .concepts import parse_concept, read_prompt_file, user_prompts
     from .io import write_json_atomic
-    from .world import is_world_model, load_pipeline, model_path
+    from .world import is_world_model, model_path
 
     src = model_path(args.model)
     checkpoint_dir = args.resume or args.checkpoint_dir or (args.out.rstrip("/\\") + ".checkpoint")
@@ -329,7 +327,7 @@ def cmd_unlearn(args) -> int:
                 claims.enter_context(claim_checkpoint_dir(
                     checkpoint_dir, overwrite=args.overwrite or args.resume is not None,
                     inputs=[("model directory", src), ("--out directory", args.out)]))
-            pipe = load_pipeline(args.model)
+            pipe = _load(args, args.model)
             unlearner, report, images = _unlearn(pipe, spec, cfg, prompts,
                                                  world=world and prompts is None and not args.no_eval and lead,
                                                  n_per_prompt=args.n_per_prompt, eval_seed=args.seed,
@@ -432,15 +430,32 @@ def cmd_export_patch(args) -> int:
 
 
 def cmd_apply_patch(args) -> int:
+    from .io import write_pretrained
     from .patch import apply_patch, read_patch
     from .world import load_pipeline, model_path
 
     base = model_path(args.base)
     read_patch(args.patch)  # a bad patch is refused before the output is claimed
     with _claim(args.out, "--out", args, inputs=[("base model directory", base), ("patch", args.patch)]) as out:
-        apply_patch(load_pipeline(args.base, "cpu"), args.patch).save_pretrained(out.path)
+        write_pretrained(apply_patch(load_pipeline(args.base, "cpu"), args.patch), out.path)
     print(f"wrote the patched pipeline to {args.out}")
     return 0
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="load the model in this dtype (default auto: the dtype its weights were saved in)")
+    p.add_argument("--variant", default=None,
+                   help="weights variant to load, e.g. fp16 for *.fp16.safetensors (outputs are saved the same way)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 or cpu (default: cuda if available)")
+
+
+def _load(args, model: str):
+    """A pipeline with the command's --dtype/--variant/--device (trust_fast.families.load_pipeline)."""
+    from .families import load_pipeline
+
+    return load_pipeline(model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", "auto"),
+                         variant=getattr(args, "variant", None))
 
 
 def _add_overwrite(p: argparse.ArgumentParser) -> None:
@@ -461,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (000.png ... and grid.png)")
     _add_overwrite(p)
     _add_sampling(p)
+    _add_model_options(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("evaluate", help="measure a concept's presence (UA), retain accuracy, quality and attacks; "
@@ -481,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grids", metavar="DIR", help="write labelled original | evaluated image grids here "
                                                   "(forget.png, retain.png)")
     _add_sampling(p)
+    _add_model_options(p)
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("world", help="the built-in shapes world")
@@ -537,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run whose checkpoint is in DIR (same model, concept and options)")
     p.add_argument("--out", required=True, help="output directory: the unlearned pipeline and report.json")
     _add_overwrite(p)
+    _add_model_options(p)
     p.set_defaults(fn=cmd_unlearn)
 
     p = sub.add_parser("demo", help="unlearn a color from the built-in model and show before/after (a few minutes)")
@@ -550,18 +568,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     p.set_defaults(fn=cmd_demo)
     _add_patch_commands(sub)
+    # --debug is accepted after the subcommand too (trust-fast unlearn ... --debug)
+    parsers = list(sub.choices.values()) + list(wsub.choices.values())
+    for p in parsers:
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return ap
 
 
 def _add_patch_commands(sub) -> None:
     p = sub.add_parser("export-patch", help="store only the rows an unlearning run changed (+ base fingerprint)")
-    p.add_argument("--base", default="shapes", help="the model that was unlearned")
+    p.add_argument("--base", required=True, help="the model that was unlearned: 'shapes' or its directory")
     p.add_argument("--unlearned", required=True, help="the unlearned pipeline directory")
     p.add_argument("--out", required=True, help="patch file (.safetensors)")
     _add_overwrite(p)
     p.set_defaults(fn=cmd_export_patch)
     p = sub.add_parser("apply-patch", help="rebuild an unlearned pipeline from its base and a patch, bit for bit")
-    p.add_argument("--base", default="shapes")
+    p.add_argument("--base", required=True, help="the model the patch was exported against: 'shapes' or its directory")
     p.add_argument("--patch", required=True)
     p.add_argument("--out", required=True, help="output pipeline directory")
     _add_overwrite(p)
@@ -597,9 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
+    args = build_parser().parse_args(argv)  # --help and usage errors exit here, before torch is imported
     from .distributed import RankMismatchError
 
-    args = build_parser().parse_args(argv)
     _notes_to_stderr()
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None

@@ -29,6 +29,7 @@ from torch.func import functional_call
 
 from . import distributed, objectives
 from .concepts import ConceptSpec, PromptSet, parse_concept, world_prompts
+from .families import family_for
 from .hessian import HESSIAN_MODES, HutchinsonDiagonal, double_backward_attention, grad_and_hvps
 from .localize import DEFAULT_TARGETS, DynamicLocalizer, Target, find_targets, freeze_all_but, static_mask
 
@@ -118,18 +119,9 @@ class TrustConfig:
 
 
 def encode_prompts(pipe, prompts: list[str]) -> Tensor:
-    """Text embeddings (N, L, D) of the pipeline's tokenizer + text encoder, on the UNet's device/dtype."""
-    tok, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), 256):
-            ids = tok(prompts[i:i + 256], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            out.append(te(ids.to(te.device))[0])
-    if not out:
-        return torch.zeros(0, tok.model_max_length, unet.config.cross_attention_dim, device=unet.device,
-                           dtype=unet.dtype)
-    return torch.cat(out).to(unet.device, unet.dtype)
+    """Conditioning (N, L, D) of the prompts for the pipeline's denoiser, on its device and dtype
+    (see trust_fast.families: for SDXL the pooled embedding is packed in as extra rows)."""
+    return family_for(pipe).encode(prompts)
 
 
 def encode_images(pipe, images: Tensor) -> Tensor:
@@ -190,7 +182,11 @@ class TrustUnlearner:
         self.config = config or TrustConfig()
         self.config.validate()
         cfg = self.config
-        self.pipe, self.unet = pipe, pipe.unet
+        self.family = family_for(pipe)  # UnsupportedPipeline (one line) before any work
+        if cfg.adv_prefix and not self.family.supports_prefix:
+            raise ValueError(f"adv_prefix needs a single-text-encoder pipeline; the {self.family.name} family "
+                             "does not support soft prefixes yet")
+        self.pipe, self.unet = pipe, self.family.denoiser
         self.device, self.dtype = self.unet.device, self.unet.dtype
         self.world = _is_world(pipe)
         if isinstance(concept, str):
@@ -211,9 +207,9 @@ class TrustUnlearner:
 
         self.targets: list[Target] = find_targets(self.unet, cfg.targets)
         self.trainable_params = freeze_all_but(self.unet, self.targets)
-        for name in ("text_encoder", "vae"):
-            if getattr(pipe, name, None) is not None:
-                getattr(pipe, name).requires_grad_(False)
+        for component in pipe.components.values():  # text encoders, VAE: never trained
+            if isinstance(component, torch.nn.Module) and component is not self.unet:
+                component.requires_grad_(False)
         self.params: list[Tensor] = [p for t in self.targets for p in t.params]
         pos = {id(p): i for i, p in enumerate(self.params)}
         self._weight_pos = [pos[id(t.weight)] for t in self.targets]
@@ -228,15 +224,15 @@ class TrustUnlearner:
         sched = pipe.scheduler
         self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
         self.num_train_timesteps = int(sched.config.num_train_timesteps)
-        self.prediction_type = sched.config.get("prediction_type", "epsilon")
+        self.prediction_type = self.family.prediction_type
         # under torch.distributed each rank draws its own batches (its gradients are averaged in update)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + distributed.rank())
 
         with torch.no_grad():
-            self.emb_forget = encode_prompts(pipe, prompts.forget)
-            self.emb_anchor = encode_prompts(pipe, prompts.anchors)
-            self.emb_retain = encode_prompts(pipe, prompts.retain)
-            self.emb_uncond = encode_prompts(pipe, [""])
+            self.emb_forget = self.family.encode(prompts.forget)
+            self.emb_anchor = self.family.encode(prompts.anchors)
+            self.emb_retain = self.family.encode(prompts.retain)
+            self.emb_uncond = self.family.uncond()
 
         if cfg.localization == "dynamic":
             from .optim import MaskedAdamW
@@ -273,13 +269,13 @@ class TrustUnlearner:
         """eps_0 (or v_0): the original model's prediction, without grad."""
         with torch.no_grad():
             if self._frozen is None:
-                return self.unet(noisy, t, encoder_hidden_states=cond).sample
-            return functional_call(self.unet, self._frozen, (noisy, t), {"encoder_hidden_states": cond},
+                return self.unet(noisy, t, **self.family.denoiser_kwargs(cond)).sample
+            return functional_call(self.unet, self._frozen, (noisy, t), self.family.denoiser_kwargs(cond),
                                    strict=False).sample
 
     def pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """The edited model's prediction, with grad to the target parameters."""
-        return self.unet(noisy, t, encoder_hidden_states=cond).sample
+        return self.unet(noisy, t, **self.family.denoiser_kwargs(cond)).sample
 
     # --------------------------------------------------------------- data-free
 
@@ -296,10 +292,8 @@ class TrustUnlearner:
             guidance = 7.5 if guidance is None or guidance.default is inspect.Parameter.empty else guidance.default
         sched = DDIMScheduler.from_config(self.pipe.scheduler.config)
         sched.set_timesteps(cfg.x0_steps, device=self.device)
-        c = self.unet.config
-        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
         conds = emb.repeat_interleave(n_per, 0)
-        x = torch.randn(conds.shape[0], c.in_channels, size, size, generator=self.generator, device=self.device,
+        x = torch.randn(conds.shape[0], *self.family.sample_shape(), generator=self.generator, device=self.device,
                         dtype=self.dtype) * sched.init_noise_sigma
         out = []
         for i in range(0, conds.shape[0], batch_size):
@@ -439,7 +433,10 @@ class TrustUnlearner:
         noisy: (N, C, H, W) noised images/latents; timesteps: (N,) int64; cond: (N, L, D) embeddings
         of the forget prompts; anchor_cond: (N, L, D) embeddings of their anchors (objectives
         "anchor" and "pseudo"; the esd objective uses the empty prompt). `target` overrides the
-        regression target (computed without grad otherwise). Returns a float32 scalar."""
+        regression target (computed without grad otherwise). Returns a float32 scalar, or None for
+        an empty batch (N = 0: a batch of yours without forget examples; :meth:`update` skips it)."""
+        if noisy.shape[0] == 0:
+            return None
         if target is None:
             target = self.forget_target(noisy, timesteps, cond, anchor_cond)
         return objectives.mse(self.pred(noisy, timesteps, cond), target)
@@ -462,7 +459,10 @@ class TrustUnlearner:
                     x0: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
         """The retain loss of a batch you provide: self-distillation against the frozen model
         ("distill"), or the ordinary diffusion loss ("diffusion", needs x0 and noise). On steps
-        that differentiate it twice (Hessian term), its forward runs under the math attention backend."""
+        that differentiate it twice (Hessian term), its forward runs under the math attention backend.
+        None for an empty batch (:meth:`update` then steps without the retain term)."""
+        if noisy.shape[0] == 0:
+            return None
         if target is None:
             if self.config.retain_objective == "diffusion":
                 if x0 is None or noise is None:
@@ -481,17 +481,25 @@ class TrustUnlearner:
         gs = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, self.params)]
 
-    def update(self, forget_loss: Tensor, retain_loss: Tensor | None = None) -> dict:
+    def update(self, forget_loss: Tensor | None, retain_loss: Tensor | None = None) -> dict:
         """Localization + Hessian term + optimizer step for losses you computed (with
-        :meth:`forget_loss` / :meth:`retain_loss`). Returns the step's stats (see :meth:`step`)."""
+        :meth:`forget_loss` / :meth:`retain_loss`). Returns the step's stats (see :meth:`step`).
+        A forget loss of None (a batch without forget examples) skips the step: there is nothing to
+        localize on (under torch.distributed, on every rank if any rank has none)."""
         cfg = self.config
         t0 = time.perf_counter()
-        g_f = self._grads(forget_loss)
+        no_forget = forget_loss is None
+        if no_forget:
+            forget_loss = torch.zeros((), device=self.device)
+            g_f = [torch.zeros_like(p) for p in self.params]
+        else:
+            g_f = self._grads(forget_loss)
         # data parallel: every rank localizes on the same (averaged) gradient, so all select the same rows
         distributed.average_(g_f)
         # a non-finite loss or gradient on any rank skips the step on all ranks: weights, optimizer,
         # localization and Hessian state stay as they were
         skip = distributed.any_rank(not _all_finite([forget_loss.detach(), *g_f]))
+        skip = distributed.any_rank(no_forget) or skip
         t1 = time.perf_counter()
         rows = None
         prev_rows = self.localizer.rows if self.localizer is not None else None
@@ -549,7 +557,7 @@ class TrustUnlearner:
         t4 = time.perf_counter()
         n_sel = 0 if skip else sum(r.numel() for r in rows) if rows is not None else self.total_rows
         self.selected_rows = rows if rows is not None else []
-        stats = {"step": self.step_count, "loss_forget": float(forget_loss.detach()),
+        stats = {"step": self.step_count, "loss_forget": None if no_forget else float(forget_loss.detach()),
                  "loss_retain": float(retain_loss.detach()) if retain_loss is not None else None,
                  "selected_rows": n_sel, "selected_fraction": n_sel / max(1, self.total_rows), "skipped": skip,
                  "time_forget_backward": t1 - t0, "time_localize": t2 - t1, "time_retain_backward": t3 - t2,
@@ -723,8 +731,10 @@ class TrustUnlearner:
     def write_pipeline(self, directory: str) -> None:
         """Finalize and ``save_pretrained`` the edited pipeline into `directory`, which the caller
         has claimed (``trust_fast.io.claim_output``); :meth:`save` does both."""
+        from .io import write_pretrained
+
         self.finalize()
-        self.pipe.save_pretrained(directory)
+        write_pretrained(self.pipe, directory)
 
     def save(self, out_dir: str, overwrite: bool = False) -> None:
         """Write the edited pipeline to `out_dir` (diffusers format), all or nothing. `out_dir` must

@@ -388,4 +388,11 @@ def save_pipeline(pipe, path: str, *, what: str = "output directory", overwrite:
                   inputs: Iterable[tuple[str, str | None]] = ()) -> None:
     """``pipe.save_pretrained`` into a claimed directory (see :func:`claim_output`)."""
     with claim_output(path, what, overwrite=overwrite, inputs=inputs) as out:
-        pipe.save_pretrained(out.path)
+        write_pretrained(pipe, out.path)
+
+
+def write_pretrained(pipe, directory: str) -> None:
+    """``pipe.save_pretrained(directory)`` in the weights variant the pipeline was loaded with
+    (``pipe.trust_fast_variant``, set by trust_fast's loader), so a pipeline saved as fp16 comes
+    back as fp16 files; every component keeps its dtype."""
+    pipe.save_pretrained(directory, variant=getattr(pipe, "trust_fast_variant", None))

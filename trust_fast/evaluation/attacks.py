@@ -12,6 +12,7 @@ import time
 import torch
 
 from ..concepts import ConceptSpec, shows, world_prompts
+from ..families import family_for
 from ..softprompt import encode_with_prefix, prefix_hook, prefixed_ids, random_prefix
 from ..world import vocab
 from .metrics import (DEFAULT_GUIDANCE, DEFAULT_STEPS, initial_noise, predict_attrs, rms_distance, sample_from_noise,
@@ -53,6 +54,10 @@ def softprompt_attack(pipe, original, spec: ConceptSpec | None, classifier, k: i
                          f"{n_images}, {n_per_prompt}")
     if classifier is None and not prompts:
         raise ValueError("without a classifier the soft-prompt attack needs its prompts (the forget prompts)")
+    family = family_for(pipe)
+    if not family.supports_prefix:
+        raise ValueError(f"the soft-prompt attack needs a single-text-encoder pipeline; the {family.name} family "
+                         "does not support soft prefixes yet")
     prompts = prompts or world_prompts(spec).forget
     unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
     dev = unet.device

@@ -6,10 +6,8 @@ import time
 import torch
 
 from ..concepts import ConceptSpec, PromptSet, shows, world_prompts
+from ..defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: F401  (re-exported)
 from ..world import vocab
-
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 1.5
 
 
 def initial_noise(pipe, n: int, seed: int) -> torch.Tensor:

@@ -36,38 +36,12 @@ def is_world_model(model: str) -> bool:
         raise ValueError(f"cannot load model {model!r}: corrupt model_index.json ({e})") from None
 
 
-def load_pipeline(model: str = "shapes", device: str | None = None):
-    """Load a diffusers pipeline by built-in name or directory, offline. ValueError on a corrupt model."""
-    import torch
-    from diffusers import DiffusionPipeline
+def load_pipeline(model: str = "shapes", device: str | None = None, dtype: str = "auto",
+                  variant: str | None = None):
+    """Load a pipeline by built-in name or directory: :func:`trust_fast.families.load_pipeline`."""
+    from ..families import load_pipeline as load
 
-    from .pipeline import ShapesPipeline  # noqa: F401  (registers the class with diffusers)
-
-    path = model_path(model)
-    # loading bars on stderr would bury the CLI's one-line errors
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    verbosity = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()  # its warnings list every missing tensor; we say it in one line
-    try:
-        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # diffusers raises many types for a broken directory
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"cannot load model {model!r}: {type(e).__name__}: {first}") from None
-    finally:
-        diffusers.utils.logging.set_verbosity(verbosity)
-    for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module):
-            # diffusers leaves tensors that the weights file lacks on the meta device, without data
-            empty = [k for k, t in [*component.named_parameters(), *component.named_buffers()] if t.is_meta]
-            if empty:
-                raise ValueError(f"cannot load model {model!r}: its {name} weights lack {len(empty)} tensors "
-                                 f"(e.g. {empty[0]!r}); the weights file is incomplete")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return load(model, device, dtype, variant)
 
 
 def load_classifier(device: str = "cpu"):

@@ -1,0 +1,238 @@
+"""Model families (trust_fast.families): SD 1.x/2.x, SDXL, the refusal of anything else, dtypes and
+weight variants, on tiny pipelines built from configs; and the CLI and import surface around them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_unsupported_pipeline
+from trust_fast import TrustConfig, TrustUnlearner
+from trust_fast.cli import main
+from trust_fast.concepts import parse_concept, user_prompts
+from trust_fast.families import UnsupportedPipeline, family_for, load_pipeline
+
+SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=2, retain_batch_size=2, min_row_updates=1)
+FORGET = ["a red circle", "a red square", "red car"]
+RETAIN = ["a blue square", "a green circle"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _prompts():
+    spec = parse_concept("red", world=False)
+    return spec, user_prompts(spec, FORGET, RETAIN)
+
+
+def _captured_unet_call(pipe, prompt: str) -> tuple[tuple, dict]:
+    """The positional and keyword arguments of the UNet's first call inside the pipeline's own
+    __call__ (guidance 1: one conditional call per step)."""
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True)
+    try:
+        pipe(prompt, num_inference_steps=1, guidance_scale=1.0, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+# ----------------------------------------------------------------------------- refusal
+
+
+def test_an_unsupported_pipeline_is_refused_in_one_line_naming_it():
+    spec, prompts = _prompts()
+    with pytest.raises(UnsupportedPipeline) as e:
+        TrustUnlearner(tiny_unsupported_pipeline(), spec, TrustConfig(**SMALL), prompts=prompts)
+    msg = str(e.value)
+    assert "\n" not in msg and "DDPMPipeline" in msg and "StableDiffusionXLPipeline" in msg
+
+
+def test_the_cli_refuses_an_unsupported_pipeline_before_writing(tmp_path, capsys):
+    model = tmp_path / "ddpm"
+    tiny_unsupported_pipeline().save_pretrained(model)
+    (tmp_path / "f.txt").write_text("a red circle\n")
+    rc = main(["unlearn", "--model", str(model), "--concept", "red", "--forget-prompts", str(tmp_path / "f.txt"),
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "DDPMPipeline is not supported" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+
+def test_sdxl_conditioning_is_what_the_pipeline_itself_feeds_its_unet():
+    """Packed prompt embedding + pooled embedding + time ids, unpacked for the UNet, give the same
+    tensors (and prediction) as StableDiffusionXLPipeline.__call__ at its default size."""
+    pipe = tiny_sdxl_pipeline()
+    fam = family_for(pipe)
+    assert fam.name == "sdxl" and not fam.supports_prefix
+    args, kw = _captured_unet_call(pipe, "a red circle")
+    ours = fam.denoiser_kwargs(fam.encode(["a red circle"]))
+    assert torch.equal(ours["encoder_hidden_states"], kw["encoder_hidden_states"])
+    for k in ("text_embeds", "time_ids"):
+        assert torch.equal(ours["added_cond_kwargs"][k], kw["added_cond_kwargs"][k].to(ours["added_cond_kwargs"][k])), k
+    sample, t = args[0], args[1]
+    with torch.no_grad():
+        assert torch.equal(pipe.unet(sample, t, **ours).sample, pipe.unet(*args, **{**kw, "return_dict": True}).sample)
+    # the unconditional conditioning is the pipeline's zeros (force_zeros_for_empty_prompt)
+    assert fam.uncond().abs().max() == 0 and fam.uncond().shape == fam.encode([""]).shape
+
+
+def test_sdxl_unlearning_edits_only_selected_rows_of_the_unet():
+    pipe = tiny_sdxl_pipeline()
+    spec, prompts = _prompts()
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    te = [p.detach().clone() for p in [*pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]]
+    u = TrustUnlearner(pipe, spec, TrustConfig(hessian="hvp", **SMALL), prompts=prompts)
+    changed = set()
+    for _ in range(3):
+        s = u.step()
+        assert torch.isfinite(torch.tensor(s["loss_forget"])) and 0 < s["selected_rows"] < u.total_rows
+        for t, rows in zip(u.targets, u.selected_rows):
+            changed |= {(t.name, r) for r in rows.tolist()}
+    moved = 0
+    for n, p in pipe.unet.named_parameters():
+        diff = (p.detach() != before[n])
+        if not diff.any():
+            continue
+        module = n.rsplit(".", 1)[0]
+        rows = diff.reshape(diff.shape[0], -1).any(1).nonzero().flatten().tolist()
+        assert {(module, r) for r in rows} <= changed, n
+        moved += len(rows)
+    assert moved > 0
+    assert all(torch.equal(a, b) for a, b in
+               zip(te, [*pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]))
+
+
+def test_sdxl_refuses_the_adversarial_prefix_in_one_line():
+    spec, prompts = _prompts()
+    with pytest.raises(ValueError, match="sdxl family does not support soft prefixes"):
+        TrustUnlearner(tiny_sdxl_pipeline(), spec, TrustConfig(adv_prefix=3, **SMALL), prompts=prompts)
+
+
+def test_sdxl_through_the_cli_saves_an_sdxl_pipeline(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    model = tmp_path / "sdxl"
+    tiny_sdxl_pipeline().save_pretrained(model)
+    (tmp_path / "f.txt").write_text("\n".join(FORGET))
+    (tmp_path / "r.txt").write_text("\n".join(RETAIN))
+    out = tmp_path / "out"
+    rc = main(["unlearn", "--model", str(model), "--concept", "red", "--forget-prompts", str(tmp_path / "f.txt"),
+               "--retain-prompts", str(tmp_path / "r.txt"), "--steps", "3", "--x0-per-prompt", "1",
+               "--x0-steps", "2", "--min-row-updates", "1", "--n-per-prompt", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 3 and report["eval_vs_original"]["forget_change"] > 0
+    new = DiffusionPipeline.from_pretrained(out)
+    old = DiffusionPipeline.from_pretrained(model)
+    assert type(new).__name__ == "StableDiffusionXLPipeline"
+    diffs = [n for (n, p), q in zip(new.unet.named_parameters(), old.unet.parameters()) if not torch.equal(p, q)]
+    assert diffs and all(("attn2" in n or ".ff." in n) for n in diffs), diffs
+
+
+# ----------------------------------------------------------------------------- SD 2.x
+
+
+def test_sd2_v_prediction_with_an_euler_scheduler_trains_on_v_targets():
+    from diffusers import EulerDiscreteScheduler
+
+    from trust_fast import objectives
+
+    sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, prediction_type="v_prediction", timestep_spacing="leading",
+                                   steps_offset=1)
+    pipe = tiny_sd_pipeline(scheduler=sched)
+    spec, prompts = _prompts()
+    u = TrustUnlearner(pipe, spec, TrustConfig(**SMALL), prompts=prompts)
+    assert u.family.name == "sd" and u.prediction_type == "v_prediction"
+    for _ in range(2):
+        assert torch.isfinite(torch.tensor(u.step()["loss_forget"]))
+    # the retain target of a v-prediction model is v, not the noise
+    x0 = u.pools["retain"][0, :1]
+    noise = torch.randn_like(x0)
+    t = torch.tensor([500])
+    v = objectives.diffusion_target(x0, noise, t, u.alphas_cumprod, u.prediction_type)
+    a = u.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(v, a.sqrt() * noise - (1 - a).sqrt() * x0)
+
+
+# ----------------------------------------------------------------------------- dtypes and variants
+
+
+def test_an_fp16_variant_loads_in_fp16_and_is_saved_as_an_fp16_variant(tmp_path, capsys):
+    model = tmp_path / "sd16"
+    tiny_sd_pipeline().to(torch.float16).save_pretrained(model, variant="fp16")
+    with pytest.raises(ValueError, match="pass --variant"):
+        load_pipeline(str(model), "cpu")
+    pipe = load_pipeline(str(model), "cpu", variant="fp16")
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float16}
+    assert load_pipeline(str(model), "cpu", dtype="float32", variant="fp16").unet.dtype == torch.float32
+    (tmp_path / "f.txt").write_text("\n".join(FORGET))
+    out = tmp_path / "out"
+    rc = main(["unlearn", "--model", str(model), "--variant", "fp16", "--concept", "red", "--forget-prompts",
+               str(tmp_path / "f.txt"), "--steps", "2", "--x0-per-prompt", "1", "--x0-steps", "2", "--no-eval",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(os.listdir(out / "unet")) == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    again = load_pipeline(str(out), "cpu", variant="fp16")
+    assert {again.unet.dtype, again.vae.dtype, again.text_encoder.dtype} == {torch.float16}
+
+
+# ----------------------------------------------------------------------------- CLI and import surface
+
+
+def test_debug_is_accepted_after_the_subcommand(tmp_path, capsys):
+    args = ["export-patch", "--base", "shapes", "--unlearned", str(tmp_path / "missing"), "--out", str(tmp_path / "p")]
+    assert main(args) == 2 and "neither a built-in model" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="neither a built-in model"):
+        main(args + ["--debug"])
+
+
+@pytest.mark.parametrize("command", ["export-patch", "apply-patch"])
+def test_patch_commands_require_their_base(command, tmp_path, capsys):
+    other = ["--unlearned", str(tmp_path)] if command == "export-patch" else ["--patch", str(tmp_path / "p")]
+    with pytest.raises(SystemExit) as e:
+        main([command, *other, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--base" in capsys.readouterr().err
+
+
+def test_the_drop_in_pieces_are_public_and_import_is_light():
+    code = ("import sys, trust_fast; heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules];"
+            "from trust_fast import MaskedAdamW, row_saliency, select_rows, TrustUnlearner, load_pipeline;"
+            "import trust_fast.optim, trust_fast.ops;"
+            "assert MaskedAdamW is trust_fast.optim.MaskedAdamW and row_saliency is trust_fast.ops.row_saliency;"
+            "assert set(trust_fast.__all__) <= set(dir(trust_fast)); print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"  # `import trust_fast` alone imports neither torch nor diffusers
+    r = subprocess.run([sys.executable, "-c", "import sys; from trust_fast.cli import main\n"
+                        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+                        "assert 'torch' not in sys.modules, 'torch imported by --help'"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+
+
+def test_own_loop_batches_without_forget_or_retain_examples():
+    """The README's own-loop pattern with a batch that has no forget (or no retain) example: the
+    losses are None, a step without forget examples is skipped, one without retain examples runs
+    on the forget term alone."""
+    pipe = tiny_sd_pipeline()
+    spec, prompts = _prompts()
+    u = TrustUnlearner(pipe, spec, TrustConfig(**SMALL), prompts=prompts)
+    cond, anchor = u.emb_forget[:2], u.emb_anchor[:2]
+    noisy, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
+    empty = noisy[:0], t[:0], cond[:0]
+    assert u.forget_loss(*empty, anchor[:0]) is None and u.retain_loss(*empty) is None
+    before = [p.detach().clone() for p in u.params]
+    s = u.update(None, u.retain_loss(noisy, t, cond))
+    assert s["skipped"] and s["loss_forget"] is None and u.skipped_steps == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, u.params))
+    s = u.update(u.forget_loss(noisy, t, cond, anchor), None)
+    assert not s["skipped"] and s["loss_retain"] is None and s["selected_rows"] > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, u.params))

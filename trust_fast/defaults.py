@@ -1,0 +1,5 @@
+"""Defaults shared by the CLI and the evaluation, in a module that imports nothing heavy (the
+CLI's --help must not wait for torch)."""
+
+DEFAULT_STEPS = 25      # sampling steps of evaluation images (the model's own scheduler)
+DEFAULT_GUIDANCE = 1.5  # classifier-free guidance of evaluation images (the shapes world wants low guidance)

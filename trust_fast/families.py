@@ -1,0 +1,278 @@
+"""Model families: everything the engine needs to know about a pipeline, behind one interface.
+
+The engine (:class:`trust_fast.TrustUnlearner`) never looks at a pipeline's class. It asks the
+pipeline's family for
+
+- ``encode(prompts)``: the conditioning of each prompt as one tensor (N, L, D) on the denoiser's
+  device and dtype. Everything the engine does with conditionings (index, concatenate, repeat) is
+  done on that tensor, so a family with extra conditions packs them into it;
+- ``uncond()``: the conditioning classifier-free guidance uses for "no prompt";
+- ``denoiser_kwargs(cond)``: the keyword arguments of the denoiser call for a packed conditioning;
+- ``default_targets``: the module patterns TRUST edits by default;
+- ``prediction_type``: what the denoiser predicts (from the scheduler's config);
+- ``supports_prefix``: whether soft prompt prefixes (the adversary, the soft-prompt attack) apply.
+
+Families:
+
+``sd``    Stable Diffusion 1.x and 2.x (epsilon or v-prediction, any scheduler) and every pipeline
+          with the same parts: a ``UNet2DConditionModel`` without added conditions, one CLIP text
+          encoder and tokenizer (the built-in ``ShapesPipeline`` is one, without a VAE).
+``sdxl``  Stable Diffusion XL: two text encoders whose penultimate hidden states are concatenated,
+          the second one's pooled projection and the micro-conditioning time ids as the UNet's
+          added conditions. The pooled embedding is packed into the conditioning tensor as extra
+          rows after the tokens (zero-padded to D); the time ids are the same for every image
+          (original = target size = the UNet's sample size in pixels, no crop) and are built in
+          ``denoiser_kwargs``.
+
+Anything else is refused up front with one line naming the class and the supported families.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from .localize import DEFAULT_TARGETS as UNET_TARGETS  # cross-attention q/k/v and the feed-forward layers
+
+SUPPORTED = "StableDiffusionPipeline (1.x, 2.x), StableDiffusionXLPipeline, ShapesPipeline"
+
+
+class UnsupportedPipeline(ValueError):
+    """The pipeline belongs to no family trust_fast knows."""
+
+
+def _tokens(tokenizer, prompts: list[str]) -> Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+class Family:
+    """One model family's knowledge (see the module docstring). Subclasses set ``name`` and
+    implement ``matches``, ``_encode`` and ``denoiser_kwargs``."""
+
+    name = "?"
+    default_targets: tuple[str, ...] = UNET_TARGETS
+    supports_prefix = False
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.denoiser = pipe.unet
+
+    @staticmethod
+    def matches(pipe) -> bool:
+        raise NotImplementedError
+
+    @property
+    def prediction_type(self) -> str:
+        return self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the denoiser denoises."""
+        c = self.denoiser.config
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        return c.in_channels, size, size
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Tensor:
+        """Conditioning (N, L, D) of the prompts, on the denoiser's device and dtype."""
+        out = [self._encode(prompts[i:i + 256]) for i in range(0, len(prompts), 256)]
+        if not out:
+            return self._encode([""])[:0]
+        return torch.cat(out).to(self.denoiser.device, self.denoiser.dtype)
+
+    def uncond(self) -> Tensor:
+        """The conditioning (1, L, D) of "no prompt"."""
+        return self.encode([""])
+
+    def _encode(self, prompts: list[str]) -> Tensor:
+        raise NotImplementedError
+
+    def denoiser_kwargs(self, cond: Tensor) -> dict:
+        raise NotImplementedError
+
+
+class StableDiffusion(Family):
+    """SD 1.x / 2.x and pipelines with the same parts (one CLIP text encoder, no added conditions)."""
+
+    name = "sd"
+    supports_prefix = True
+
+    @staticmethod
+    def matches(pipe) -> bool:
+        unet = getattr(pipe, "unet", None)
+        return (type(unet).__name__ == "UNet2DConditionModel" and unet.config.get("addition_embed_type") is None
+                and getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
+                and getattr(pipe, "text_encoder_2", None) is None)
+
+    def _encode(self, prompts: list[str]) -> Tensor:
+        te = self.pipe.text_encoder
+        return te(_tokens(self.pipe.tokenizer, prompts).to(te.device))[0]
+
+    def denoiser_kwargs(self, cond: Tensor) -> dict:
+        return {"encoder_hidden_states": cond}
+
+
+class StableDiffusionXL(Family):
+    """SDXL base: two text encoders, pooled text embedding and time ids as added conditions."""
+
+    name = "sdxl"
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.tokens = pipe.tokenizer_2.model_max_length
+        self.width = pipe.unet.config.cross_attention_dim
+        self.pooled_dim = pipe.text_encoder_2.config.projection_dim
+        self.pooled_rows = math.ceil(self.pooled_dim / self.width)
+        scale = getattr(pipe, "vae_scale_factor", 8)  # pixels per latent, as the pipeline computes it
+        _, h, w = self.sample_shape()
+        self.time_ids = [h * scale, w * scale, 0, 0, h * scale, w * scale]
+        expected = pipe.unet.add_embedding.linear_1.in_features
+        got = pipe.unet.config.addition_time_embed_dim * len(self.time_ids) + self.pooled_dim
+        if expected != got:
+            raise UnsupportedPipeline(f"SDXL pipeline whose UNet expects added embeddings of {expected} values, "
+                                      f"but its time ids and pooled text embedding give {got}")
+
+    @staticmethod
+    def matches(pipe) -> bool:
+        unet = getattr(pipe, "unet", None)
+        return (type(unet).__name__ == "UNet2DConditionModel" and unet.config.get("addition_embed_type") == "text_time"
+                and getattr(pipe, "text_encoder_2", None) is not None
+                and getattr(pipe, "tokenizer_2", None) is not None)
+
+    def _encode(self, prompts: list[str]) -> Tensor:
+        hidden, pooled = [], None
+        encoders = [(self.pipe.tokenizer, self.pipe.text_encoder), (self.pipe.tokenizer_2, self.pipe.text_encoder_2)]
+        for tok, te in encoders:
+            if te is None:  # SDXL refiner-style pipelines have only the second encoder
+                continue
+            out = te(_tokens(tok, prompts).to(te.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].to(self.denoiser.device))
+            pooled = out[0].to(self.denoiser.device)  # the last encoder's pooled projection
+        return self.pack(torch.cat(hidden, -1), pooled)
+
+    def pack(self, hidden: Tensor, pooled: Tensor) -> Tensor:
+        """(N, L, D) token states + (N, P) pooled -> (N, L + ceil(P / D), D)."""
+        n = hidden.shape[0]
+        pad = hidden.new_zeros(n, self.pooled_rows * self.width)
+        pad[:, :self.pooled_dim] = pooled.to(hidden.dtype)
+        return torch.cat([hidden, pad.view(n, self.pooled_rows, self.width)], 1)
+
+    def unpack(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        n = cond.shape[0]
+        hidden = cond[:, :cond.shape[1] - self.pooled_rows]
+        pooled = cond[:, cond.shape[1] - self.pooled_rows:].reshape(n, -1)[:, :self.pooled_dim]
+        return hidden, pooled
+
+    def uncond(self) -> Tensor:
+        if self.pipe.config.get("force_zeros_for_empty_prompt", True):
+            return torch.zeros_like(self.encode([""]))  # what the pipeline does for an empty negative prompt
+        return self.encode([""])
+
+    def denoiser_kwargs(self, cond: Tensor) -> dict:
+        hidden, pooled = self.unpack(cond)
+        ids = torch.tensor(self.time_ids, device=cond.device, dtype=cond.dtype).expand(cond.shape[0], -1)
+        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+
+
+FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL)
+
+
+def family_for(pipe) -> Family:
+    """The family of `pipe`; UnsupportedPipeline (a ValueError, one line) if it has none."""
+    for fam in FAMILIES:
+        if fam.matches(pipe):
+            return fam(pipe)
+    raise UnsupportedPipeline(f"{type(pipe).__name__} is not supported by trust_fast; supported: {SUPPORTED}")
+
+
+# ----------------------------------------------------------------------------------- loading
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def stored_dtype(path: str, variant: str | None = None) -> torch.dtype | None:
+    """The floating dtype of the denoiser's weights as saved in pipeline directory `path` (read from
+    the safetensors header, nothing loaded), or None when it cannot be told."""
+    import json
+
+    for sub in ("unet", "transformer"):
+        name = "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
+        f = os.path.join(path, sub, name)
+        if not os.path.isfile(f):
+            continue
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n < 100_000_000:
+                    return None
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError):
+            return None
+        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        for k, v in header.items():
+            if k != "__metadata__" and v.get("dtype") in names:
+                return names[v["dtype"]]
+    return None
+
+
+def load_pipeline(model: str = "shapes", device: str | None = None, dtype: str = "auto",
+                  variant: str | None = None):
+    """Load a diffusers pipeline by built-in name ("shapes") or directory, offline, and check that
+    trust_fast supports it. `dtype`: "auto" (the dtype the denoiser was saved in), "float32",
+    "float16" or "bfloat16"; `variant`: the weights variant to load ("fp16" for
+    ``diffusion_pytorch_model.fp16.safetensors``). The pipeline remembers its variant
+    (``pipe.trust_fast_variant``) so that saving it writes the same files. ValueError, one line,
+    on a broken or unsupported model."""
+    import diffusers
+    import transformers
+    from diffusers import DiffusionPipeline
+
+    from .world import model_path
+    from .world.pipeline import ShapesPipeline  # noqa: F401  (registers the class with diffusers)
+
+    path = model_path(model)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else (stored_dtype(path, variant) or torch.float32)
+    # loading bars on stderr would bury the CLI's one-line errors
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # its warnings list every missing tensor; we say it in one line
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=torch_dtype,
+                                                 variant=variant)
+    except Exception as e:  # diffusers raises many types for a broken directory
+        first = (str(e).strip().splitlines() or [""])[0]
+        hint = "" if variant else _variant_hint(path)
+        raise ValueError(f"cannot load model {model!r}: {type(e).__name__}: {first}{hint}") from None
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            # diffusers leaves tensors that the weights file lacks on the meta device, without data
+            empty = [k for k, t in [*component.named_parameters(), *component.named_buffers()] if t.is_meta]
+            if empty:
+                raise ValueError(f"cannot load model {model!r}: its {name} weights lack {len(empty)} tensors "
+                                 f"(e.g. {empty[0]!r}); the weights file is incomplete")
+    family_for(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.trust_fast_variant = variant
+    diffusers.utils.logging.set_verbosity_error()  # .to("cpu") of a float16 pipeline warns in 3 lines per call
+    try:
+        return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+
+
+def _variant_hint(path: str) -> str:
+    import glob
+
+    found = sorted({os.path.basename(f).split(".")[-2] for f in glob.glob(os.path.join(path, "*", "*.*.safetensors"))})
+    return f" (its weights are saved as variant {', '.join(found)}: pass --variant)" if found else ""
+
+
+__all__ = ["Family", "StableDiffusion", "StableDiffusionXL", "FAMILIES", "family_for", "UnsupportedPipeline",
+           "UNET_TARGETS", "SUPPORTED", "load_pipeline", "stored_dtype", "DTYPES"]
