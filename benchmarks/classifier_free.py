@@ -17,7 +17,8 @@ import json
 
 def main() -> int:
     from trust_fast import TrustUnlearner
-    from trust_fast.concepts import parse_concept, world_prompts
+    from trust_fast.concepts import parse_concept
+    from trust_fast.world.concepts import world_prompts
     from trust_fast.evaluation import evaluate, generic_report
     from trust_fast.methods import config
     from trust_fast.world import load_classifier, load_pipeline

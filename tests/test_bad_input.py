@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from trust_fast import TrustConfig, TrustUnlearner
-from trust_fast.concepts import parse_concept, world_prompts
+from trust_fast.concepts import parse_concept
+from trust_fast.world.concepts import world_prompts
 from trust_fast.cli import main
 from trust_fast.world import model_path
 

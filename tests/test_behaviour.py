@@ -18,7 +18,8 @@ import copy
 import pytest
 
 from trust_fast import TrustConfig, TrustUnlearner
-from trust_fast.concepts import ConceptSpec, parse_concept, shows, world_prompts
+from trust_fast.concepts import ConceptSpec, parse_concept
+from trust_fast.world.concepts import shows, world_prompts
 from trust_fast.evaluation import paraphrase_attack, softprompt_attack
 from trust_fast.evaluation.metrics import attribute_accuracy, predict_attrs, sample_images
 from trust_fast.world import vocab

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from trust_fast import TrustConfig, TrustUnlearner, ops
-from trust_fast.concepts import parse_concept, world_prompts
+from trust_fast.concepts import parse_concept
+from trust_fast.world.concepts import world_prompts
 from trust_fast.localize import localize_rows
 
 

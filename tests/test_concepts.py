@@ -1,7 +1,8 @@
 """Concept specs and prompt sets."""
 import pytest
 
-from trust_fast.concepts import ConceptSpec, parse_concept, read_prompt_file, shows, user_prompts, world_prompts
+from trust_fast.concepts import ConceptSpec, parse_concept, read_prompt_file, user_prompts
+from trust_fast.world.concepts import shows, world_prompts
 from trust_fast.world import vocab
 
 

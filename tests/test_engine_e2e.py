@@ -24,7 +24,7 @@ def test_trust_erases_red_and_keeps_the_rest(shapes_pipe, classifier):
     assert after["forget_shape_acc"] >= 0.75 * before["forget_shape_acc"]
     # the classifier-free report (what models outside the world get) sees the same thing without the
     # classifier: the red prompts' images moved far more than the other prompts' images
-    from trust_fast.concepts import world_prompts
+    from trust_fast.world.concepts import world_prompts
     from trust_fast.evaluation import generic_report
 
     prompts = world_prompts(spec)

@@ -236,3 +236,14 @@ def test_own_loop_batches_without_forget_or_retain_examples():
     s = u.update(u.forget_loss(noisy, t, cond, anchor), None)
     assert not s["skipped"] and s["loss_retain"] is None and s["selected_rows"] > 0
     assert any(not torch.equal(a, p) for a, p in zip(before, u.params))
+
+
+def test_the_engine_knows_no_world_and_no_cli():
+    """The engine, concepts, families and the algorithm's modules import neither the shapes world
+    nor the CLI: a pipeline that knows its concepts (ShapesPipeline) offers parse_concept and
+    concept_prompts, and the family adapters carry everything model-specific."""
+    code = ("import sys; import trust_fast.engine, trust_fast.concepts, trust_fast.families, trust_fast.localize,"
+            " trust_fast.hessian, trust_fast.optim, trust_fast.objectives, trust_fast.checkpoint;"
+            "print(sorted(m for m in sys.modules if m.startswith(('trust_fast.world', 'trust_fast.cli'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)

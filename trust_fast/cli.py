@@ -203,7 +203,7 @@ def _unlearning_config(args):
 def _neighbor_accuracy(spec, retain_images, n_per_prompt: int) -> dict:
     """For "A+B" and "A|B": accuracy (every attribute right) on retain prompts with A but not B and
     with B but not A, the neighbours an erasure must keep intact."""
-    from .concepts import world_prompts
+    from .world.concepts import world_prompts
     from .evaluation.metrics import attribute_accuracy, predict_attrs
     from .world import load_classifier, vocab
 
@@ -220,11 +220,25 @@ def _neighbor_accuracy(spec, retain_images, n_per_prompt: int) -> dict:
 _NEIGHBOR_KEYS = ("retain_a_without_b_acc", "retain_b_without_a_acc", "forget_condition_kept")
 
 
-def _evaluate_world(pipe, spec, n_per_prompt: int, seed: int):
+@contextlib.contextmanager
+def _showing_progress(desc: str, *pipes):
+    """Show the pipelines' own denoising bars (stderr) for a phase that samples images, so that
+    evaluation is not minutes of silence; hidden again afterwards."""
+    for p in pipes:
+        p.set_progress_bar_config(disable=False, desc=desc, leave=False)
+    try:
+        yield
+    finally:
+        for p in pipes:
+            p.set_progress_bar_config(disable=True)
+
+
+def _evaluate_world(pipe, spec, n_per_prompt: int, seed: int, what: str = "evaluating"):
     from .evaluation import evaluate
 
-    report, forget_imgs, retain_imgs = evaluate(pipe, spec, n_per_prompt=n_per_prompt, seed=seed,
-                                                return_images=True)
+    with _showing_progress(what, pipe):
+        report, forget_imgs, retain_imgs = evaluate(pipe, spec, n_per_prompt=n_per_prompt, seed=seed,
+                                                    return_images=True)
     if spec.b is not None:
         report.update(_neighbor_accuracy(spec, retain_imgs, n_per_prompt))
     return report, (forget_imgs, retain_imgs)
@@ -242,7 +256,8 @@ def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: in
 
     unlearner = TrustUnlearner(pipe, spec, cfg, prompts=prompts)
     # "before" is the original model, so a resumed run evaluates before loading its checkpoint
-    before, imgs_before = _evaluate_world(pipe, spec, n_per_prompt, eval_seed) if world else (None, None)
+    before, imgs_before = (_evaluate_world(pipe, spec, n_per_prompt, eval_seed, "evaluating before")
+                           if world else (None, None))
     if resume is not None:
         done = load_checkpoint(unlearner, resume)
         print(f"resuming from step {done} of {cfg.steps} ({resume})")
@@ -258,7 +273,7 @@ def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: in
 
     unlearner.run(eval_fn=eval_fn if eval_every > 0 else None, eval_interval=eval_every, **run)
     report = unlearner.report()
-    after, imgs_after = _evaluate_world(pipe, spec, n_per_prompt, eval_seed)
+    after, imgs_after = _evaluate_world(pipe, spec, n_per_prompt, eval_seed, "evaluating after")
     report.update({"ua_before": before["ua"], "ua_after": after["ua"], "retain_before": before["retain_acc"],
                    "retain_after": after["retain_acc"], "eval_before": before, "eval_after": after})
     return unlearner, report, (imgs_before, imgs_after)
@@ -268,7 +283,7 @@ def _write_pictures(out: str, spec, n_per_prompt: int, report: dict, images) -> 
     """The world run's pictures in `out`: forget.png and retain.png (one labelled row per prompt, before |
     after, same noise) and, when the run evaluated on a schedule, history.png (UA and retain accuracy
     against the step, the original model at step 0). Returns the file names written."""
-    from .concepts import world_prompts
+    from .world.concepts import world_prompts
     from .evaluation.pictures import plot_history, write_grids
 
     (forget_before, retain_before), (forget_after, retain_after) = images
@@ -290,8 +305,9 @@ def _evaluate_against_original(pipe, model: str, prompts, args, grids: str) -> d
     from .evaluation.generic import generic_report
 
     reference = _load(args, model)
-    return generic_report(pipe, reference, prompts.forget, prompts.retain, n_per_prompt=max(2, args.n_per_prompt),
-                          seed=args.seed, grids=grids)
+    with _showing_progress("comparing with the original", pipe, reference):
+        return generic_report(pipe, reference, prompts.forget, prompts.retain, n_per_prompt=max(2, args.n_per_prompt),
+                              seed=args.seed, grids=grids)
 
 
 def cmd_unlearn(args) -> int:

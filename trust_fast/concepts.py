@@ -1,17 +1,16 @@
-"""Concept specs and the prompt sets built from them.
+"""Concept specs and the prompt sets built from them, for any model.
 
 Grammar: "A" (single concept), "A+B" (combination: erase A and B appearing together, keep each
-alone), "A|B" (conditional: erase A whenever B is present, keep B). For the built-in shapes
-world, A and B are words of its vocabulary (synonyms are accepted and mapped to their canonical
-value); prompt sets are built from the world's templates. For any other model, prompts come
-from the user (files or lists) and A, B are free text.
+alone), "A|B" (conditional: erase A whenever B is present, keep B). For a model of your own, A and
+B are free text and the prompts come from you (files or lists: :func:`user_prompts`). The
+built-in shapes world checks its words and builds its prompt sets itself
+(:mod:`trust_fast.world.concepts`: ``world_prompts``, ``shows``); this module knows no world and
+imports it only when ``parse_concept(..., world=True)`` asks it to check the words.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-from .world import vocab
 
 KINDS = {"": "single", "+": "combination", "|": "conditional"}
 _TERM = r"[A-Za-z][A-Za-z0-9 _'-]*"
@@ -46,7 +45,7 @@ def short(text: str, limit: int = 60) -> str:
 
 def parse_concept(spec: str, world: bool = True) -> ConceptSpec:
     """Parse "A", "A+B" or "A|B". With `world`, both terms must be words of the shapes world naming
-    different attributes. Raises ValueError naming the problem."""
+    different attributes (trust_fast.world.concepts.canonical). Raises ValueError naming the problem."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("concept spec is empty: expected 'A', 'A+B' or 'A|B'")
     if len(spec) > MAX_SPEC:
@@ -57,11 +56,9 @@ def parse_concept(spec: str, world: bool = True) -> ConceptSpec:
     a, op, b = m.group(1).strip().lower(), m.group(2) or "", (m.group(3) or "").strip().lower() or None
     out = ConceptSpec(KINDS[op], a, b)
     if world:
-        meanings = [vocab.meaning(t) for t in out.terms()]
-        if b is not None and meanings[0].attribute == meanings[1].attribute:
-            raise ValueError(f"concept spec {spec!r}: {a!r} and {b!r} are both {meanings[0].attribute}s, "
-                             "and one image shows only one; combine words of different attributes")
-        out = ConceptSpec(out.kind, meanings[0].value, meanings[1].value if b else None)
+        from .world.concepts import canonical
+
+        out = canonical(out, spec)
     return out
 
 
@@ -86,54 +83,6 @@ class PromptSet:
             return [i for i, d in enumerate(self.retain_attrs) if any(t in d.values() for t in spec.terms())]
         words = [re.compile(rf"\b{re.escape(t)}\b", re.I) for t in spec.terms()]
         return [i for i, p in enumerate(self.retain) if any(w.search(p) for w in words)]
-
-
-def shows(spec: ConceptSpec, attrs: dict[str, str]) -> bool:
-    """Whether attributes (of a prompt, or predicted for an image) show the concept to be erased:
-    A for a single concept, A and B together for a combination or a conditional concept."""
-    return all(attrs.get(vocab.meaning(t).attribute) == t for t in spec.terms())
-
-
-def world_prompts(spec: ConceptSpec, templates: range | list[int] | None = None,
-                  synonyms: bool = False, every_template: bool = False) -> PromptSet:
-    """Forget/anchor/retain prompts of the shapes world for a parsed spec.
-
-    Each fully described image kind (texture, color, shape) is one prompt; templates rotate over
-    the prompts (default: the unlearning templates). The anchor replaces A, the first term of the
-    spec, by another value of its attribute, rotating through the alternatives, and keeps B: for
-    "A|B" because B must survive, for "A+B" because replacing either term erases the pair and
-    one fixed choice keeps the edit consistent ("red+circle" -> blue/green/yellow circles; write
-    "circle+red" to map red circles to red squares and triangles instead). Measured on the
-    built-in model (BENCHMARKS.md, "Engine"): replacing the color erases red circles fully
-    (UA 0.000) with red non-circles at 0.95x, replacing the shape leaves UA 0.125, and
-    alternating between the two costs red non-circles 12%.
-    With `synonyms`, each prompt's concept words are written as their first synonym (paraphrases).
-    With `every_template`, each description appears once per template instead (training sets).
-    """
-    if every_template:
-        sets = [world_prompts(spec, [t], synonyms) for t in (templates if templates is not None
-                                                               else range(vocab.N_UNLEARN_TEMPLATES))]
-        return PromptSet(*(sum((getattr(s, f) for s in sets), []) for f in
-                           ("forget", "anchors", "retain", "forget_attrs", "retain_attrs")))
-    templates = list(templates if templates is not None else range(vocab.N_UNLEARN_TEMPLATES))
-    forget, anchors, retain, f_attrs, r_attrs = [], [], [], [], []
-    for d in vocab.descriptions():
-        if shows(spec, d):
-            k = len(forget)
-            replaced = spec.a
-            attr = vocab.meaning(replaced).attribute
-            others = [v for v in vocab.values(attr) if v != replaced]
-            anchor = dict(d, **{attr: others[k % len(others)]})
-            tpl = templates[k % len(templates)]
-            syn = {vocab.meaning(t).attribute: vocab.ATTRIBUTES[vocab.meaning(t).attribute][t][0]
-                   for t in spec.terms()} if synonyms else None
-            forget.append(vocab.caption(d, tpl, syn))
-            anchors.append(vocab.caption(anchor, tpl))
-            f_attrs.append(d)
-        else:
-            retain.append(vocab.caption(d, templates[len(retain) % len(templates)]))
-            r_attrs.append(d)
-    return PromptSet(forget, anchors, retain, f_attrs, r_attrs)
 
 
 def user_prompts(spec: ConceptSpec, forget: list[str], retain: list[str] | None = None,
@@ -182,3 +131,12 @@ def read_prompt_file(path: str, what: str) -> list[str]:
     if not lines:
         raise ValueError(f"{what} file {path!r} is empty")
     return lines
+
+
+def __getattr__(name: str):
+    # the shapes world's helpers, once defined here; they live in trust_fast.world.concepts
+    if name in ("world_prompts", "shows"):
+        from .world import concepts
+
+        return getattr(concepts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

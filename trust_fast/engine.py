@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from . import distributed, objectives
-from .concepts import ConceptSpec, PromptSet, parse_concept, world_prompts
+from .concepts import ConceptSpec, PromptSet, parse_concept
 from .families import family_for
 from .hessian import HESSIAN_MODES, HutchinsonDiagonal, double_backward_attention, grad_and_hvps
 from .localize import DEFAULT_TARGETS, DynamicLocalizer, Target, find_targets, freeze_all_but, static_mask
@@ -142,12 +142,6 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def _is_world(pipe) -> bool:
-    from .world.pipeline import ShapesPipeline
-
-    return isinstance(pipe, ShapesPipeline)
-
-
 @dataclass
 class _Batch:
     noisy: Tensor
@@ -164,12 +158,49 @@ class _History:
     evals: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class _Accumulated:
+    """Sums over the micro-batches of one accumulated step (TrustUnlearner.accumulate)."""
+    n_forget: int = 0
+    n_retain: int = 0
+    loss_f: Tensor | None = None
+    loss_r: Tensor | None = None
+    g_f: list[Tensor] | None = None
+    g_r: list[Tensor] | None = None
+    hv: list[Tensor] | None = None
+    diag_before: tuple | None = None
+
+    @staticmethod
+    def _add(total, new):
+        return list(new) if total is None else [a + b for a, b in zip(total, new)]
+
+    def add_forget(self, loss: Tensor, grads: list[Tensor]) -> None:
+        self.n_forget += 1
+        self.loss_f = loss if self.loss_f is None else self.loss_f + loss
+        self.g_f = self._add(self.g_f, grads)
+
+    def add_retain(self, loss: Tensor, grads: list[Tensor], hv: list[Tensor] | None) -> None:
+        self.n_retain += 1
+        self.loss_r = loss if self.loss_r is None else self.loss_r + loss
+        self.g_r = self._add(self.g_r, grads)
+        if hv is not None:
+            self.hv = self._add(self.hv, hv)
+
+    def mean(self) -> "_Accumulated":
+        f, r = max(1, self.n_forget), max(1, self.n_retain)
+        return _Accumulated(self.n_forget, self.n_retain,
+                            None if self.loss_f is None else self.loss_f / f, None if self.loss_r is None else self.loss_r / r,
+                            None if self.g_f is None else [g / f for g in self.g_f],
+                            None if self.g_r is None else [g / r for g in self.g_r],
+                            None if self.hv is None else [h / r for h in self.hv], self.diag_before)
+
+
 class TrustUnlearner:
     """Unlearn a concept from a diffusers text-to-image pipeline, in place.
 
     Args:
-        pipe: a ShapesPipeline (built-in world) or a StableDiffusionPipeline-style pipeline with
-            unet (UNet2DConditionModel), text_encoder, tokenizer, scheduler and optional vae.
+        pipe: a diffusers pipeline of a supported family (trust_fast.families: SD 1.x/2.x, SDXL,
+            the built-in ShapesPipeline); anything else raises UnsupportedPipeline.
         concept: "A", "A+B" or "A|B". For the built-in world the prompt sets come from its
             vocabulary; for any other model pass `prompts` too (see concepts.user_prompts).
         config: a TrustConfig (default: TRUST's defaults).
@@ -188,15 +219,17 @@ class TrustUnlearner:
                              "does not support soft prefixes yet")
         self.pipe, self.unet = pipe, self.family.denoiser
         self.device, self.dtype = self.unet.device, self.unet.dtype
-        self.world = _is_world(pipe)
+        # a pipeline that knows its own concepts (the built-in world's ShapesPipeline) checks the
+        # concept's words and builds the prompt sets; for any other, the user gives the prompts
+        own_parse, own_prompts = getattr(pipe, "parse_concept", None), getattr(pipe, "concept_prompts", None)
         if isinstance(concept, str):
-            concept = parse_concept(concept, world=self.world)
+            concept = own_parse(concept) if callable(own_parse) else parse_concept(concept, world=False)
         self.concept = concept
         if prompts is None:
-            if concept is None or not self.world:
+            if concept is None or not callable(own_prompts):
                 raise ValueError("outside the shapes world, give prompts (trust_fast.concepts.user_prompts) "
                                  "as well as the concept")
-            prompts = world_prompts(concept, every_template=True)
+            prompts = own_prompts(concept)
         if not prompts.forget:
             raise ValueError(f"concept {str(concept)!r} has no forget prompts")
         if not prompts.retain:
@@ -262,6 +295,20 @@ class TrustUnlearner:
         self.finalized: dict | None = None
         self.resumed_from: str | None = None     # real path of the checkpoint directory it resumed from
         self.failed_checkpoints: list[int] = []  # steps whose checkpoint could not be written
+        self._acc: _Accumulated | None = None    # micro-batches of the step being accumulated
+
+    @property
+    def masked_optimizer(self):
+        """The MaskedAdamW under ``self.optimizer``, which may be a wrapper of it (accelerate's
+        ``AcceleratedOptimizer`` after ``unlearner.optimizer = accelerator.prepare(unlearner.optimizer)``):
+        row selection and the Hessian penalty go to it, ``step()`` through the wrapper."""
+        opt = self.optimizer
+        for _ in range(8):
+            if hasattr(opt, "set_rows"):
+                return opt
+            opt = getattr(opt, "optimizer", None)
+        raise TypeError(f"unlearner.optimizer ({type(self.optimizer).__name__}) wraps no MaskedAdamW; "
+                        "replace it only with a wrapper of the unlearner's own optimizer")
 
     # ------------------------------------------------------------------ models
 
@@ -280,7 +327,7 @@ class TrustUnlearner:
     # --------------------------------------------------------------- data-free
 
     @torch.no_grad()
-    def sample_x0(self, emb: Tensor, n_per: int, batch_size: int = 256) -> Tensor:
+    def sample_x0(self, emb: Tensor, n_per: int, batch_size: int = 256, bar=None) -> Tensor:
         """Data-free x0: (len(emb), n_per, C, H, W) sampled from the frozen model with DDIM and CFG,
         in the space the UNet denoises (latents for a pipeline with a VAE)."""
         from diffusers import DDIMScheduler
@@ -304,21 +351,29 @@ class TrustUnlearner:
                 e_u, e_c = both.chunk(2)
                 xb = sched.step(e_u + guidance * (e_c - e_u), t, xb).prev_sample
             out.append(xb)
+            if bar is not None:
+                bar.update(xb.shape[0])
         return torch.cat(out).view(emb.shape[0], n_per, *x.shape[1:])
 
-    def prepare(self) -> None:
-        """Sample and cache the data-free images (once); SalUn's static mask is computed here too."""
+    def prepare(self, progress: bool = False) -> None:
+        """Sample and cache the data-free images (once; `progress` shows a bar per image batch on
+        stderr); SalUn's static mask is computed here too."""
         if self.pools is not None:
             return
+        from tqdm.auto import tqdm
+
         t0 = time.perf_counter()
         cfg = self.config
-        pools = {}
+        wanted = {}
         if cfg.x0_from in ("forget", "forget+anchor") or cfg.localization == "static" or cfg.adv_prefix:
-            pools["forget"] = self.sample_x0(self.emb_forget, cfg.x0_per_prompt)
+            wanted["forget"] = self.emb_forget
         if cfg.x0_from in ("anchor", "forget+anchor"):
-            pools["anchor"] = self.sample_x0(self.emb_anchor, cfg.x0_per_prompt)
+            wanted["anchor"] = self.emb_anchor
         if cfg.retain_objective != "none" and cfg.alpha > 0:
-            pools["retain"] = self.sample_x0(self.emb_retain, cfg.x0_per_prompt)
+            wanted["retain"] = self.emb_retain
+        total = sum(e.shape[0] for e in wanted.values()) * cfg.x0_per_prompt
+        with tqdm(total=total, desc="data-free images", unit="img", disable=not progress, leave=False) as bar:
+            pools = {name: self.sample_x0(emb, cfg.x0_per_prompt, bar=bar) for name, emb in wanted.items()}
         self.pools = pools
         if cfg.localization == "static":
             self.mask = self._salun_mask()
@@ -481,6 +536,30 @@ class TrustUnlearner:
         gs = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, self.params)]
 
+    def accumulate(self, forget_loss: Tensor | None, retain_loss: Tensor | None = None) -> None:
+        """Gradient accumulation: fold one micro-batch's losses into the current step. Call it for
+        every micro-batch but the last and :meth:`update` with the last; localization, the
+        Hessian term and the optimizer step then run once, on the mean forget and retain gradients
+        (and Hessian products) over the micro-batches, exactly as :meth:`update` on the mean
+        losses would, without holding every micro-batch's graph. Under the diag Hessian each
+        retain micro-batch folds its own probes into the running estimate."""
+        cfg = self.config
+        acc = self._acc = self._acc or _Accumulated()
+        if forget_loss is not None:
+            acc.add_forget(forget_loss.detach(), self._grads(forget_loss))
+        if retain_loss is not None and cfg.alpha > 0:
+            hv = None
+            if cfg.hessian == "hvp" and self._double_backward_now():
+                delta = [p.detach() - p0 for p, p0 in zip(self.params, self.theta0)]
+                g_r, (hv,) = grad_and_hvps(retain_loss, self.params, [delta])
+            elif cfg.hessian == "diag" and self._double_backward_now():
+                if acc.diag_before is None:
+                    acc.diag_before = ([d.clone() for d in self.hutchinson.diags], self.hutchinson.count)
+                g_r = self.hutchinson.update(retain_loss, cfg.diag_samples)
+            else:
+                g_r = self._grads(retain_loss)
+            acc.add_retain(retain_loss.detach(), g_r, hv)
+
     def update(self, forget_loss: Tensor | None, retain_loss: Tensor | None = None) -> dict:
         """Localization + Hessian term + optimizer step for losses you computed (with
         :meth:`forget_loss` / :meth:`retain_loss`). Returns the step's stats (see :meth:`step`).
@@ -488,10 +567,17 @@ class TrustUnlearner:
         localize on (under torch.distributed, on every rank if any rank has none)."""
         cfg = self.config
         t0 = time.perf_counter()
+        pre = None
+        if self._acc is not None:  # the last micro-batch of an accumulated step
+            self.accumulate(forget_loss, retain_loss)
+            pre, self._acc = self._acc.mean(), None
+            forget_loss, retain_loss = pre.loss_f, pre.loss_r
         no_forget = forget_loss is None
         if no_forget:
             forget_loss = torch.zeros((), device=self.device)
             g_f = [torch.zeros_like(p) for p in self.params]
+        elif pre is not None:
+            g_f = pre.g_f
         else:
             g_f = self._grads(forget_loss)
         # data parallel: every rank localizes on the same (averaged) gradient, so all select the same rows
@@ -510,7 +596,13 @@ class TrustUnlearner:
         grads = g_f
         if retain_loss is not None and cfg.alpha > 0 and not skip:
             hv, diag_before = None, None
-            if cfg.hessian == "hvp" and self._double_backward_now():
+            if pre is not None:
+                g_r, hv, diag_before = pre.g_r, pre.hv, pre.diag_before
+                if hv is not None:
+                    distributed.average_(hv)
+                if diag_before is not None:
+                    distributed.average_(self.hutchinson.diags)
+            elif cfg.hessian == "hvp" and self._double_backward_now():
                 delta = [p.detach() - p0 for p, p0 in zip(self.params, self.theta0)]
                 g_r, (hv,) = grad_and_hvps(retain_loss, self.params, [delta])
                 distributed.average_(hv)
@@ -538,13 +630,17 @@ class TrustUnlearner:
                 if hv is not None:
                     grads = [g + cfg.lam * h for g, h in zip(grads, hv)]
         t3 = time.perf_counter()
+        if skip and pre is not None and pre.diag_before is not None and self.hutchinson.count != pre.diag_before[1]:
+            for d, old in zip(self.hutchinson.diags, pre.diag_before[0]):  # probes of a skipped step
+                d.copy_(old)
+            self.hutchinson.count = pre.diag_before[1]
         if skip:
             self.skipped_steps += 1
         else:
             for p, g in zip(self.params, grads):
                 p.grad = g.to(p.dtype)
             if rows is not None:
-                self.optimizer.set_rows({p: r for t, r in zip(self.targets, rows) for p in t.params})
+                self.masked_optimizer.set_rows({p: r for t, r in zip(self.targets, rows) for p in t.params})
             else:
                 if self.hutchinson is not None and self.hutchinson.count > 0:
                     self._diag_penalty_dense()
@@ -568,7 +664,7 @@ class TrustUnlearner:
     def _set_diag_penalty(self) -> None:
         if self.localizer is not None:
             h = self.hutchinson.penalty()
-            self.optimizer.set_penalty({p: (hp, p0) for p, hp, p0 in zip(self.params, h, self.theta0)},
+            self.masked_optimizer.set_penalty({p: (hp, p0) for p, hp, p0 in zip(self.params, h, self.theta0)},
                                        self.config.lam)
 
     def _diag_penalty_dense(self) -> None:
@@ -630,7 +726,7 @@ class TrustUnlearner:
                 stack.enter_context(claim_checkpoint_dir(
                     checkpoint_dir, overwrite=overwrite_checkpoint or self.resumed_from == os.path.realpath(checkpoint_dir),
                     inputs=[("source model", self.source_path())]))
-            self.prepare()
+            self.prepare(progress)
             bar = tqdm(range(steps), desc=f"{self.config.method} {self.concept or ''}".strip(), disable=not progress)
             out = []
             for _ in bar:
@@ -674,7 +770,7 @@ class TrustUnlearner:
         if self.localizer is not None and self.theta0 is not None:
             pos = {id(p): k for k, p in enumerate(self.params)}
             for t in self.targets:
-                rows, counts = self.optimizer.row_updates(t.weight)
+                rows, counts = self.masked_optimizer.row_updates(t.weight)
                 drop = rows[counts < m]
                 changed += rows.numel()
                 reset += drop.numel()

@@ -11,10 +11,11 @@ import time
 
 import torch
 
-from ..concepts import ConceptSpec, shows, world_prompts
+from ..concepts import ConceptSpec
 from ..families import family_for
 from ..softprompt import encode_with_prefix, prefix_hook, prefixed_ids, random_prefix
 from ..world import vocab
+from ..world.concepts import shows, world_prompts
 from .metrics import (DEFAULT_GUIDANCE, DEFAULT_STEPS, initial_noise, predict_attrs, rms_distance, sample_from_noise,
                       sample_images)
 

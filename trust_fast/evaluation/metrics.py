@@ -5,9 +5,10 @@ import time
 
 import torch
 
-from ..concepts import ConceptSpec, PromptSet, shows, world_prompts
+from ..concepts import ConceptSpec, PromptSet
 from ..defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: F401  (re-exported)
 from ..world import vocab
+from ..world.concepts import shows, world_prompts
 
 
 def initial_noise(pipe, n: int, seed: int) -> torch.Tensor:

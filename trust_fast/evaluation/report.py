@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import time
 
-from ..concepts import ConceptSpec, world_prompts
+from ..concepts import ConceptSpec
+from ..world.concepts import world_prompts
 from .attacks import paraphrase_attack, softprompt_attack
 from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, evaluate, quality_distance, sample_images
 

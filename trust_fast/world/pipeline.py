@@ -19,6 +19,19 @@ class ShapesPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
+    def parse_concept(self, text: str):
+        """A concept spec checked against the world's words (how TrustUnlearner reads a string concept)."""
+        from ..concepts import parse_concept
+
+        return parse_concept(text, world=True)
+
+    def concept_prompts(self, spec):
+        """The world's training prompt sets for a concept (TrustUnlearner's default prompts): every
+        description under each unlearning template."""
+        from .concepts import world_prompts
+
+        return world_prompts(spec, every_template=True)
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings (N, L, D) for a list of prompts, on the UNet's device and dtype."""

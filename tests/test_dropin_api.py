@@ -1,0 +1,95 @@
+"""The step API inside a user's own stack: accelerate-wrapped optimizers and gradient
+accumulation over micro-batches (TrustUnlearner.accumulate)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tiny_pipelines import tiny_sd_pipeline
+from trust_fast import TrustConfig, TrustUnlearner
+from trust_fast.concepts import parse_concept, user_prompts
+
+SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=2, retain_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline()
+
+
+def unlearner(pipe, **kw):
+    spec = parse_concept("red", world=False)
+    prompts = user_prompts(spec, ["a red circle", "a red square", "red car"], ["a blue square", "a green circle"])
+    u = TrustUnlearner(copy.deepcopy(pipe), spec, TrustConfig(**{**SMALL, **kw}), prompts=prompts)
+    u.prepare()
+    return u
+
+
+def batches(u, n: int, seed: int):
+    """n micro-batches (noisy, t, cond, anchor) of forget and retain, fixed by `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        t = torch.randint(0, 1000, (2,), generator=g)
+        out.append((x, t, u.emb_forget[:2], u.emb_anchor[:2], u.emb_retain[:2]))
+    return out
+
+
+@pytest.mark.parametrize("hessian", ["none", "hvp"])
+def test_accumulated_micro_batches_step_like_the_mean_loss(pipe, hessian):
+    """accumulate(b1); update(b2) == update(mean of b1, b2): the same rows and the same weights
+    (gradients and Hessian-vector products are linear in the loss)."""
+    a, b = unlearner(pipe, hessian=hessian), unlearner(pipe, hessian=hessian)
+    for step in range(2):  # the second step has Delta != 0, so the hvp term is non-zero
+        mb = batches(a, 2, seed=step)
+        for i, (x, t, c, anc, r) in enumerate(mb):
+            lf, lr = a.forget_loss(x, t, c, anc), a.retain_loss(x, t, r)
+            if i < len(mb) - 1:
+                a.accumulate(lf, lr)
+            else:
+                sa = a.update(lf, lr)
+        lf = sum(b.forget_loss(x, t, c, anc) for x, t, c, anc, _ in mb) / len(mb)
+        lr = sum(b.retain_loss(x, t, r) for x, t, _, _, r in mb) / len(mb)
+        sb = b.update(lf, lr)
+        assert sa["selected_rows"] == sb["selected_rows"] > 0
+        assert all(torch.equal(ra, rb) for ra, rb in zip(a.selected_rows, b.selected_rows))
+        assert sa["loss_forget"] == pytest.approx(sb["loss_forget"], rel=1e-6)
+    for pa, pb in zip(a.params, b.params):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(a.params, a.theta0))
+
+
+def test_accumulation_under_the_diag_hessian_folds_every_micro_batch_probe(pipe):
+    u = unlearner(pipe, hessian="diag", diag_samples=1, diag_interval=1)
+    mb = batches(u, 3, seed=0)
+    for x, t, c, anc, r in mb[:-1]:
+        u.accumulate(u.forget_loss(x, t, c, anc), u.retain_loss(x, t, r))
+    x, t, c, anc, r = mb[-1]
+    s = u.update(u.forget_loss(x, t, c, anc), u.retain_loss(x, t, r))
+    assert not s["skipped"] and u.hutchinson.count == 3 and u.step_count == 1
+
+
+def test_a_non_finite_micro_batch_skips_the_accumulated_step_and_its_probes(pipe):
+    u = unlearner(pipe, hessian="diag", diag_samples=1, diag_interval=1)
+    before = [p.detach().clone() for p in u.params]
+    (x, t, c, anc, r), (x2, t2, *_) = batches(u, 2, seed=1)
+    u.accumulate(u.forget_loss(x, t, c, anc) * float("nan"), u.retain_loss(x, t, r))
+    s = u.update(u.forget_loss(x2, t2, c, anc), u.retain_loss(x2, t2, r))
+    assert s["skipped"] and u.hutchinson.count == 0
+    assert all(torch.equal(p, q) for p, q in zip(before, u.params))
+
+
+def test_accelerate_prepared_optimizer_works_with_update(pipe):
+    accelerate = pytest.importorskip("accelerate")  # a test extra: installed in CI
+    u, ref = unlearner(pipe), unlearner(pipe)
+    _, u.optimizer = accelerate.Accelerator(cpu=True).prepare(u.unet, u.optimizer)
+    assert type(u.optimizer).__name__ == "AcceleratedOptimizer"
+    for _ in range(2):
+        s, sr = u.step(), ref.step()
+        assert s["selected_rows"] == sr["selected_rows"] > 0
+    for p, q in zip(u.params, ref.params):
+        assert torch.equal(p, q)
+    assert u.finalize()["rows_reset"] >= 0
