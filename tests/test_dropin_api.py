@@ -93,3 +93,58 @@ def test_accelerate_prepared_optimizer_works_with_update(pipe):
     for p, q in zip(u.params, ref.params):
         assert torch.equal(p, q)
     assert u.finalize()["rows_reset"] >= 0
+
+
+# ----------------------------------------------------------------------------- half precision
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_trains_float32_masters_and_writes_their_rows(pipe, dtype):
+    """A half-precision model steps float32 master weights: the model's target rows are the masters
+    rounded, rows never selected keep their original bits, and an update far below the
+    half-precision step still accumulates in the master."""
+    u = unlearner(copy.deepcopy(pipe).to(dtype), lr=1e-5)
+    assert u.master is not None and all(q.dtype == torch.float32 for q in u.master)
+    assert (u.loss_scale is not None) == (dtype == torch.float16)
+    original = [p.detach().clone() for p in u.params]
+    for _ in range(3):
+        s = u.step()
+        assert not s["skipped"]
+    for t, (rows, _) in zip(u.targets, (u.masked_optimizer.row_updates(u._opt[id(t.weight)]) for t in u.targets)):
+        for p in t.params:
+            q = u._opt[id(p)]
+            i = next(k for k, x in enumerate(u.params) if x is p)
+            assert torch.equal(p.detach(), q.to(dtype)), t.name      # model == rounded master
+            untouched = torch.ones(p.shape[0], dtype=torch.bool)
+            untouched[rows] = False
+            assert torch.equal(p.detach()[untouched], original[i][untouched])
+    moved = sum(int((q != p0.float()).any(-1).sum()) for q, p0 in zip(u.master, original) if q.dim() == 2)
+    assert moved > 0  # lr 1e-5 moves the masters, though many such steps round away in the model
+
+
+def test_float16_overflow_halves_the_loss_scale_and_skips_the_step(pipe):
+    u = unlearner(copy.deepcopy(pipe).to(torch.float16))
+    u.loss_scale = 2.0 ** 40  # any gradient overflows float16 at this scale
+    before = [p.detach().clone() for p in u.params]
+    s = u.step()
+    assert s["skipped"] and u.loss_scale == 2.0 ** 39
+    assert all(torch.equal(a, p) for a, p in zip(before, u.params))
+    u.loss_scale = 2.0 ** 10
+    assert not u.step()["skipped"] and u._good_steps == 1
+
+
+def test_float16_runs_resume_bit_identically(pipe, tmp_path):
+    from trust_fast.checkpoint import load_checkpoint, save_checkpoint
+
+    half = copy.deepcopy(pipe).to(torch.float16)
+    a = unlearner(half)
+    for _ in range(2):
+        a.step()
+    save_checkpoint(a, str(tmp_path / "ck"))
+    a.step()
+    b = unlearner(half)
+    load_checkpoint(b, str(tmp_path / "ck"))
+    b.step()
+    assert b.loss_scale == a.loss_scale
+    assert all(torch.equal(p, q) for p, q in zip(a.params, b.params))
+    assert all(torch.equal(p, q) for p, q in zip(a.master, b.master))

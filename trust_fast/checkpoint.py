@@ -11,6 +11,7 @@ same base model, which a fingerprint of the frozen target weights checks.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict
@@ -61,6 +62,8 @@ def save_checkpoint(unlearner, directory: str) -> str:
         "names": list(u._names),
         "base_digest": distributed.weights_digest(base) if base is not None else None,
         "params": [p.detach().cpu().clone() for p in u.params],
+        "master": None if u.master is None else [q.detach().cpu().clone() for q in u.master],
+        "loss_scale": None if u.loss_scale is None else {"scale": u.loss_scale, "good_steps": u._good_steps},
         "optimizer": u.optimizer.state_dict(),
         "localizer_rows": (None if u.localizer is None or u.localizer.rows is None
                            else [r.cpu() for r in u.localizer.rows]),
@@ -126,6 +129,11 @@ def load_checkpoint(unlearner, directory: str) -> int:
     u.optimizer.load_state_dict(state["optimizer"])
     for p, v in zip(u.params, state["params"], strict=True):
         p.copy_(v.to(p.device, p.dtype))
+    if u.master is not None:
+        for q, v in zip(u.master, state["master"], strict=True):
+            q.copy_(v.to(q.device, q.dtype))
+    if u.loss_scale is not None:
+        u.loss_scale, u._good_steps = float(state["loss_scale"]["scale"]), int(state["loss_scale"]["good_steps"])
     if u.localizer is not None and state["localizer_rows"] is not None:
         u.localizer.rows = [r.to(u.device) for r in state["localizer_rows"]]
     if u.hutchinson is not None and state["hutchinson"] is not None:
@@ -196,6 +204,12 @@ def _check_tensors(path: str, state: dict, u) -> None:
             expect(not a.is_floating_point() or bool(torch.isfinite(a).all()), f"{what} {k} is not finite")
 
     same_shapes(state["params"], u.params, "target parameter")
+    if u.master is not None:
+        same_shapes(state.get("master"), u.master, "float32 master weight")
+    if u.loss_scale is not None:
+        ls = state.get("loss_scale")
+        expect(isinstance(ls, dict) and isinstance(ls.get("scale"), float) and math.isfinite(ls["scale"])
+               and ls["scale"] >= 1 and isinstance(ls.get("good_steps"), int), "float16 loss scale")
     if u.localizer is not None and state.get("localizer_rows") is not None:
         rows = state["localizer_rows"]
         expect(isinstance(rows, list) and len(rows) == len(u.targets), "localizer rows per target")

@@ -142,6 +142,10 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+LOSS_SCALE_INIT = 2.0 ** 16   # float16 models: the first loss scale
+LOSS_SCALE_GROWTH = 100      # good steps between doublings of the loss scale
+
+
 @dataclass
 class _Batch:
     noisy: Tensor
@@ -253,6 +257,17 @@ class TrustUnlearner:
                         or cfg.hessian != "none")
         self.theta0: list[Tensor] | None = [p.detach().clone() for p in self.params] if needs_frozen else None
         self._frozen = dict(zip(self._names, self.theta0)) if self.theta0 is not None else None
+        # Half-precision models (float16, bfloat16) train on float32 master values of the target
+        # weights: the optimizer steps the masters and the model's rows are refreshed from them, so
+        # updates smaller than a half-precision step are not lost. float16 also scales its losses
+        # (dynamic: halved after a step with an overflow, doubled after LOSS_SCALE_GROWTH good ones).
+        half = any(p.dtype in (torch.float16, torch.bfloat16) for p in self.params)
+        self.master: list[Tensor] | None = [p.detach().float().clone() for p in self.params] if half else None
+        self.opt_params: list[Tensor] = self.master if half else self.params
+        self._opt = {id(p): q for p, q in zip(self.params, self.opt_params)}
+        self.loss_scale: float | None = (LOSS_SCALE_INIT if any(p.dtype == torch.float16 for p in self.params)
+                                         else None)
+        self._good_steps = 0
 
         sched = pipe.scheduler
         self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
@@ -270,12 +285,12 @@ class TrustUnlearner:
         if cfg.localization == "dynamic":
             from .optim import MaskedAdamW
 
-            self.optimizer = MaskedAdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+            self.optimizer = MaskedAdamW(self.opt_params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                          weight_decay=cfg.weight_decay, compile=cfg.compile)
             self.localizer = DynamicLocalizer(self.targets, cfg.xi, cfg.loc_interval, cfg.saliency, cfg.max_fraction,
                                               compile=cfg.compile)
         else:
-            self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+            self.optimizer = torch.optim.AdamW(self.opt_params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                                weight_decay=cfg.weight_decay)
             self.localizer = None
         self.mask: list[Tensor] | None = None
@@ -533,8 +548,24 @@ class TrustUnlearner:
     # ------------------------------------------------------------------ update
 
     def _grads(self, loss: Tensor) -> list[Tensor]:
+        """Gradient of `loss` w.r.t. the target parameters (float16: through the loss scale, returned
+        unscaled in float32)."""
+        if self.loss_scale is not None:
+            gs = torch.autograd.grad(loss * self.loss_scale, self.params, allow_unused=True)
+            return [g.float() / self.loss_scale if g is not None else torch.zeros_like(p, dtype=torch.float32)
+                    for g, p in zip(gs, self.params)]
         gs = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, self.params)]
+
+    def _grad_and_hvp(self, loss: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Retain gradient and H_r Delta (Delta = current minus original weights, from the float32
+        masters when there are any), unscaled like :meth:`_grads`."""
+        delta = [q.detach() - p0.to(q.dtype) for q, p0 in zip(self.opt_params, self.theta0)]
+        if self.loss_scale is None:
+            g_r, (hv,) = grad_and_hvps(loss, self.params, [delta])
+            return g_r, hv
+        g_r, (hv,) = grad_and_hvps(loss * self.loss_scale, self.params, [delta])
+        return [g.float() / self.loss_scale for g in g_r], [h.float() / self.loss_scale for h in hv]
 
     def accumulate(self, forget_loss: Tensor | None, retain_loss: Tensor | None = None) -> None:
         """Gradient accumulation: fold one micro-batch's losses into the current step. Call it for
@@ -550,12 +581,11 @@ class TrustUnlearner:
         if retain_loss is not None and cfg.alpha > 0:
             hv = None
             if cfg.hessian == "hvp" and self._double_backward_now():
-                delta = [p.detach() - p0 for p, p0 in zip(self.params, self.theta0)]
-                g_r, (hv,) = grad_and_hvps(retain_loss, self.params, [delta])
+                g_r, hv = self._grad_and_hvp(retain_loss)
             elif cfg.hessian == "diag" and self._double_backward_now():
                 if acc.diag_before is None:
                     acc.diag_before = ([d.clone() for d in self.hutchinson.diags], self.hutchinson.count)
-                g_r = self.hutchinson.update(retain_loss, cfg.diag_samples)
+                g_r = self.hutchinson.update(retain_loss, cfg.diag_samples, self.loss_scale)
             else:
                 g_r = self._grads(retain_loss)
             acc.add_retain(retain_loss.detach(), g_r, hv)
@@ -603,12 +633,11 @@ class TrustUnlearner:
                 if diag_before is not None:
                     distributed.average_(self.hutchinson.diags)
             elif cfg.hessian == "hvp" and self._double_backward_now():
-                delta = [p.detach() - p0 for p, p0 in zip(self.params, self.theta0)]
-                g_r, (hv,) = grad_and_hvps(retain_loss, self.params, [delta])
+                g_r, hv = self._grad_and_hvp(retain_loss)
                 distributed.average_(hv)
             elif cfg.hessian == "diag" and self._double_backward_now():
                 diag_before = ([d.clone() for d in self.hutchinson.diags], self.hutchinson.count)
-                g_r = self.hutchinson.update(retain_loss, cfg.diag_samples)
+                g_r = self.hutchinson.update(retain_loss, cfg.diag_samples, self.loss_scale)
                 distributed.average_(self.hutchinson.diags)
             else:
                 g_r = self._grads(retain_loss)
@@ -634,44 +663,71 @@ class TrustUnlearner:
             for d, old in zip(self.hutchinson.diags, pre.diag_before[0]):  # probes of a skipped step
                 d.copy_(old)
             self.hutchinson.count = pre.diag_before[1]
+        if self.loss_scale is not None:
+            self._update_loss_scale(skip)
         if skip:
             self.skipped_steps += 1
         else:
-            for p, g in zip(self.params, grads):
+            for p, g in zip(self.opt_params, grads):
                 p.grad = g.to(p.dtype)
             if rows is not None:
-                self.masked_optimizer.set_rows({p: r for t, r in zip(self.targets, rows) for p in t.params})
+                self.masked_optimizer.set_rows({self._opt[id(p)]: r for t, r in zip(self.targets, rows)
+                                                for p in t.params})
             else:
                 if self.hutchinson is not None and self.hutchinson.count > 0:
                     self._diag_penalty_dense()
                 if self.mask is not None:
-                    for p, m in zip(self.params, self.mask):
+                    for p, m in zip(self.opt_params, self.mask):
                         p.grad.mul_(m)
             self.optimizer.step()
-            for p in self.params:
+            for p in self.opt_params:
                 p.grad = None
+            if self.master is not None:
+                self._refresh_from_master(rows)
         t4 = time.perf_counter()
         n_sel = 0 if skip else sum(r.numel() for r in rows) if rows is not None else self.total_rows
         self.selected_rows = rows if rows is not None else []
         stats = {"step": self.step_count, "loss_forget": None if no_forget else float(forget_loss.detach()),
                  "loss_retain": float(retain_loss.detach()) if retain_loss is not None else None,
                  "selected_rows": n_sel, "selected_fraction": n_sel / max(1, self.total_rows), "skipped": skip,
+                 **({"loss_scale": self.loss_scale} if self.loss_scale is not None else {}),
                  "time_forget_backward": t1 - t0, "time_localize": t2 - t1, "time_retain_backward": t3 - t2,
                  "time_optimizer": t4 - t3}
         self.step_count += 1
         return stats
 
+    @torch.no_grad()
+    def _refresh_from_master(self, rows: list[Tensor] | None) -> None:
+        """Write the float32 masters into the model's half-precision target weights: the selected
+        rows (all rows after a dense step)."""
+        if rows is None:
+            for p, q in zip(self.params, self.master):
+                p.copy_(q)
+            return
+        for t, r in zip(self.targets, rows):
+            if r.numel():
+                for p in t.params:
+                    p.index_copy_(0, r, self._opt[id(p)].index_select(0, r).to(p.dtype))
+
+    def _update_loss_scale(self, overflow: bool) -> None:
+        if overflow:
+            self.loss_scale, self._good_steps = max(1.0, self.loss_scale / 2), 0
+        else:
+            self._good_steps += 1
+            if self._good_steps % LOSS_SCALE_GROWTH == 0:
+                self.loss_scale = min(LOSS_SCALE_INIT * 2 ** 8, self.loss_scale * 2)
+
     def _set_diag_penalty(self) -> None:
         if self.localizer is not None:
             h = self.hutchinson.penalty()
-            self.masked_optimizer.set_penalty({p: (hp, p0) for p, hp, p0 in zip(self.params, h, self.theta0)},
+            self.masked_optimizer.set_penalty({p: (hp, p0) for p, hp, p0 in zip(self.opt_params, h, self.theta0)},
                                        self.config.lam)
 
     def _diag_penalty_dense(self) -> None:
         """Dense optimizers have no fused penalty: add lam * h * Delta to the gradients."""
         h = self.hutchinson.penalty()
-        for p, hp, p0 in zip(self.params, h, self.theta0):
-            p.grad.add_(self.config.lam * hp.to(p.dtype) * (p.detach() - p0))
+        for p, hp, p0 in zip(self.opt_params, h, self.theta0):
+            p.grad.add_(self.config.lam * hp.to(p.dtype) * (p.detach() - p0.to(p.dtype)))
 
     # -------------------------------------------------------------------- step
 
@@ -770,13 +826,15 @@ class TrustUnlearner:
         if self.localizer is not None and self.theta0 is not None:
             pos = {id(p): k for k, p in enumerate(self.params)}
             for t in self.targets:
-                rows, counts = self.masked_optimizer.row_updates(t.weight)
+                rows, counts = self.masked_optimizer.row_updates(self._opt[id(t.weight)])
                 drop = rows[counts < m]
                 changed += rows.numel()
                 reset += drop.numel()
                 if drop.numel():
                     for p in t.params:
                         p[drop] = self.theta0[pos[id(p)]][drop].to(p.dtype)
+                        if self.master is not None:
+                            self.master[pos[id(p)]][drop] = self.theta0[pos[id(p)]][drop].float()
         self.finalized = {"rows_ever_updated": changed, "rows_reset": reset, "rows_kept": changed - reset,
                           "min_row_updates": m}
         return self.finalized

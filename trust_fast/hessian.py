@@ -74,10 +74,16 @@ class HutchinsonDiagonal:
         self.count = 0
         self.generator = generator
 
-    def update(self, loss: Tensor, samples: int = 1) -> list[Tensor]:
-        """Fold `samples` probes of the Hessian of `loss` into the estimate; returns grad of `loss`."""
+    def update(self, loss: Tensor, samples: int = 1, scale: float | None = None) -> list[Tensor]:
+        """Fold `samples` probes of the Hessian of `loss` into the estimate; returns grad of `loss`.
+        `scale` (float16 loss scaling): differentiate ``loss * scale`` and divide the gradient and
+        the Hessian products by it, in float32, before anything is folded in."""
         probes = [ops.rademacher_like(self.params, self.generator) for _ in range(samples)]
-        grads, hzs = grad_and_hvps(loss, self.params, probes)
+        grads, hzs = grad_and_hvps(loss if scale is None else loss * scale, self.params, probes)
+        if scale is not None:
+            grads = [g.float() / scale for g in grads]
+            hzs = [[h.float() / scale for h in hz] for hz in hzs]
+            probes = [[zz.float() for zz in z] for z in probes]  # +-1: exact in float32
         for z, hz in zip(probes, hzs):
             ops.hutchinson_diag_(self.diags, hz, z, None, self.count)
             self.count += 1
