@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--x0-steps", type=int, default=4, help="DDIM steps of the data-free pool (default 4)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs of the same structure (tests, seconds)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per method")
+    ap.add_argument("--mem-limit-gb", type=float, default=None,
+                    help="address-space limit of each method's process (CPU: a method that needs more fails "
+                         "with an out-of-memory error instead of waking the kernel's OOM killer)")
     ap.add_argument("--out", help="write the rows as CSV here")
     ap.add_argument("--benchmarks-md", help="append the table, with the command, to this Markdown file")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process, print JSON
@@ -348,10 +351,18 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--tiny"] if a.tiny else []
         print(f"[e2e] {m} ...", file=sys.stderr, flush=True)
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            limit = None
+            if a.mem_limit_gb:
+                import resource
+
+                n = int(a.mem_limit_gb * 2 ** 30)
+                limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (n, n))  # noqa: E731
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, preexec_fn=limit)
             line = next((ln for ln in r.stdout.splitlines() if ln.startswith("E2E-RESULT ")), None)
             if line is None:
-                why = "killed (out of memory?)" if r.returncode < 0 else f"exit {r.returncode}"
+                oom = "out of memory" in r.stderr.lower() or "MemoryError" in r.stderr or "can't allocate" in r.stderr
+                why = ("out of memory" + (f" (limit {a.mem_limit_gb:g} GB)" if a.mem_limit_gb else "") if oom
+                       else "killed" if r.returncode < 0 else f"exit {r.returncode}")
                 tail = (r.stderr.strip().splitlines() or [""])[-1][:120]
                 rows.append({"method": m, "error": f"{why}: {tail}"})
             else:

@@ -8,14 +8,8 @@
 #      with achieved bandwidth against a measured device-to-device copy.
 # Everything is written to $OUT (gpu_check.log, gpu_bench.csv).
 # Usage: OUT=/some/dir benchmarks/gpu_check.sh
-set -uo pipefail
-cd "$(dirname "$0")/.."
-ROOT="$(pwd)"
-OUT="${OUT:-$ROOT/benchmarks/results/gpu}"
-mkdir -p "$OUT"
-exec > >(tee "$OUT/gpu_check.log") 2>&1
-status=0
-stage() { echo; echo "=== $* ($(date -u +%T))"; }
+# shellcheck source=benchmarks/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh" gpu_check
 
 stage "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
