@@ -43,7 +43,7 @@ def test_add_noise_and_the_three_targets_by_hand():
     # v = sqrt(abar) eps - sqrt(1 - abar) x0
     assert v.flatten().tolist() == pytest.approx([0.8 * -1 - 0.6 * 2, 0.6 * -1 - 0.8 * 2])
     with pytest.raises(ValueError, match="unsupported prediction_type"):
-        objectives.diffusion_target(x0, noise, t, abar, "flow")
+        objectives.diffusion_target(x0, noise, t, abar, "x_prediction")
 
 
 @pytest.mark.parametrize("eta", [0.5, 1.0, 3.0])

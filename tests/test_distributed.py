@@ -109,7 +109,7 @@ def test_cli_unlearn_under_torchrun_two_ranks(tmp_path):
     from trust_fast.world import load_pipeline
 
     pipe = load_pipeline(str(out), "cpu")
-    names = report["config"]["targets"]
+    names = report["target_patterns"]
     from trust_fast.localize import find_targets
 
     params = [p for t in find_targets(pipe.unet, names) for p in t.params]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_unsupported_pipeline
+from tiny_pipelines import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_unsupported_pipeline
 from trust_fast import TrustConfig, TrustUnlearner
 from trust_fast.cli import main
 from trust_fast.concepts import parse_concept, user_prompts
@@ -28,10 +28,14 @@ def _prompts():
 
 
 def _captured_unet_call(pipe, prompt: str) -> tuple[tuple, dict]:
-    """The positional and keyword arguments of the UNet's first call inside the pipeline's own
+    return _captured_call(pipe.unet, pipe, prompt)
+
+
+def _captured_call(denoiser, pipe, prompt: str) -> tuple[tuple, dict]:
+    """The positional and keyword arguments of the denoiser's first call inside the pipeline's own
     __call__ (guidance 1: one conditional call per step)."""
     seen = []
-    handle = pipe.unet.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True)
+    handle = denoiser.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True)
     try:
         pipe(prompt, num_inference_steps=1, guidance_scale=1.0, output_type="latent",
              generator=torch.Generator().manual_seed(0))
@@ -78,7 +82,8 @@ def test_sdxl_conditioning_is_what_the_pipeline_itself_feeds_its_unet():
         assert torch.equal(ours["added_cond_kwargs"][k], kw["added_cond_kwargs"][k].to(ours["added_cond_kwargs"][k])), k
     sample, t = args[0], args[1]
     with torch.no_grad():
-        assert torch.equal(pipe.unet(sample, t, **ours).sample, pipe.unet(*args, **{**kw, "return_dict": True}).sample)
+        assert torch.equal(pipe.unet(**fam.denoiser_inputs(sample, t, fam.encode(["a red circle"]))).sample,
+                           pipe.unet(*args, **{**kw, "return_dict": True}).sample)
     # the unconditional conditioning is the pipeline's zeros (force_zeros_for_empty_prompt)
     assert fam.uncond().abs().max() == 0 and fam.uncond().shape == fam.encode([""]).shape
 
@@ -134,6 +139,71 @@ def test_sdxl_through_the_cli_saves_an_sdxl_pipeline(tmp_path):
     assert type(new).__name__ == "StableDiffusionXLPipeline"
     diffs = [n for (n, p), q in zip(new.unet.named_parameters(), old.unet.parameters()) if not torch.equal(p, q)]
     assert diffs and all(("attn2" in n or ".ff." in n) for n in diffs), diffs
+
+
+# ----------------------------------------------------------------------------- SD3 (MMDiT, flow matching)
+
+
+def test_sd3_conditioning_is_what_the_pipeline_itself_feeds_its_transformer():
+    pipe = tiny_sd3_pipeline()
+    fam = family_for(pipe)
+    assert fam.name == "sd3" and fam.prediction_type == "flow" and not fam.supports_prefix
+    _, kw = _captured_call(pipe.transformer, pipe, "a red circle")
+    ours = fam.denoiser_inputs(kw["hidden_states"], kw["timestep"], fam.encode(["a red circle"]))
+    for k in ("encoder_hidden_states", "pooled_projections"):
+        assert torch.equal(ours[k], kw[k]), k
+    with torch.no_grad():
+        assert torch.equal(pipe.transformer(**ours).sample, pipe.transformer(**{**kw, "return_dict": True}).sample)
+
+
+def test_flow_matching_noising_and_target_by_hand():
+    from trust_fast import objectives
+
+    x0, noise, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0, 250, 999])
+    s = torch.tensor([0.0, 0.25, 0.999]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(objectives.add_noise_flow(x0, noise, t, 1000), (1 - s) * x0 + s * noise)
+    assert torch.equal(objectives.add_noise_flow(x0, noise, t, 1000)[0], x0[0])  # t = 0 is the clean image
+    assert torch.equal(objectives.diffusion_target(x0, noise, t, None, "flow"), noise - x0)
+
+
+def test_sd3_unlearning_edits_only_selected_rows_of_its_default_targets():
+    pipe = tiny_sd3_pipeline()
+    spec, prompts = _prompts()
+    before = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    u = TrustUnlearner(pipe, spec, TrustConfig(**SMALL), prompts=prompts)
+    assert u.target_patterns == family_for(pipe).default_targets
+    assert {t.name.rsplit(".", 1)[-1] for t in u.targets} == {"to_q", "add_q_proj", "add_k_proj", "add_v_proj",
+                                                              "proj", "2"}
+    changed = set()
+    for _ in range(3):
+        s = u.step()
+        assert torch.isfinite(torch.tensor(s["loss_forget"])) and 0 < s["selected_rows"] < 0.5 * u.total_rows
+        changed |= {(t.name, r) for t, rows in zip(u.targets, u.selected_rows) for r in rows.tolist()}
+    moved = 0
+    for n, p in pipe.transformer.named_parameters():
+        diff = p.detach() != before[n]
+        if diff.any():
+            rows = diff.reshape(diff.shape[0], -1).any(1).nonzero().flatten().tolist()
+            assert {(n.rsplit(".", 1)[0], r) for r in rows} <= changed, n
+            moved += len(rows)
+    assert moved > 0
+
+
+def test_sd3_through_the_cli(tmp_path):
+    model = tmp_path / "sd3"
+    tiny_sd3_pipeline().save_pretrained(model)
+    (tmp_path / "f.txt").write_text("\n".join(FORGET))
+    (tmp_path / "r.txt").write_text("\n".join(RETAIN))
+    out = tmp_path / "out"
+    rc = main(["unlearn", "--model", str(model), "--concept", "red", "--forget-prompts", str(tmp_path / "f.txt"),
+               "--retain-prompts", str(tmp_path / "r.txt"), "--steps", "3", "--x0-per-prompt", "1",
+               "--x0-steps", "2", "--min-row-updates", "1", "--n-per-prompt", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval_vs_original"]["forget_change"] > 0 and "*attn.add_k_proj" in report["target_patterns"]
+    # diffusers' own from_pretrained cannot load an SD3 saved without T5; trust_fast's loader can
+    new = load_pipeline(str(out), "cpu")
+    assert type(new).__name__ == "StableDiffusion3Pipeline" and new.text_encoder_3 is None
 
 
 # ----------------------------------------------------------------------------- SD 2.x

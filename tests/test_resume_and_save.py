@@ -249,7 +249,7 @@ def test_cli_unlearn_writes_the_weights_its_report_describes(shapes_pipe, tmp_pa
     assert saved.keys() == shipped.keys()
     # the target parameters in the engine's order: modules matching the patterns in model order,
     # each weight then its bias
-    patterns = report["config"]["targets"]
+    patterns = report["target_patterns"]  # the resolved patterns (config "targets" None: the family's)
     names = []
     for mod_name, mod in shapes_pipe.unet.named_modules():
         if "weight" in mod._parameters and any(fnmatch.fnmatchcase(mod_name, p) for p in patterns):

@@ -97,3 +97,27 @@ def tiny_unsupported_pipeline():
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=8)
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
+
+
+def tiny_sd3_pipeline():
+    """A randomly initialised StableDiffusion3Pipeline: an SD3Transformer2DModel (MMDiT) with two
+    CLIP encoders with projections and no T5 (diffusers then feeds zeros in its place), flow
+    matching (FlowMatchEulerDiscreteScheduler)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    te = CLIPTextModelWithProjection(_text_config(tok, 16, projection_dim=8))
+    te2 = CLIPTextModelWithProjection(_text_config(tok, 16, projection_dim=8))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -31,7 +31,7 @@ from . import distributed, objectives
 from .concepts import ConceptSpec, PromptSet, parse_concept
 from .families import family_for
 from .hessian import HESSIAN_MODES, HutchinsonDiagonal, double_backward_attention, grad_and_hvps
-from .localize import DEFAULT_TARGETS, DynamicLocalizer, Target, find_targets, freeze_all_but, static_mask
+from .localize import DynamicLocalizer, Target, find_targets, freeze_all_but, static_mask
 
 LOCALIZATIONS = ("dynamic", "static", "dense")
 X0_SOURCES = ("forget", "anchor", "forget+anchor")
@@ -53,7 +53,7 @@ class TrustConfig:
     forget_objective: str = "anchor"   # anchor | esd (negative guidance) | pseudo (SalUn: current model on anchor)
     retain_objective: str = "distill"  # distill (frozen model) | diffusion (noise target) | none
     eta: float = 1.0                   # negative-guidance scale of the esd objective
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] | None = None  # glob patterns of the edited modules; None: the model family's
     localization: str = "dynamic"      # dynamic (TRUST) | static (SalUn mask) | dense (all target weights)
     xi: float = 2.0                    # z-score threshold of dynamic localization
     max_fraction: float | None = None  # optional cap on the fraction of a layer's rows selected per step
@@ -114,7 +114,7 @@ class TrustConfig:
             raise ValueError(f"unknown TrustConfig field(s): {unknown}")
         out = copy.copy(self)
         for k, v in changes.items():
-            setattr(out, k, tuple(v) if k in ("targets", "betas") else v)
+            setattr(out, k, tuple(v) if k in ("targets", "betas") and v is not None else v)
         return out
 
 
@@ -128,12 +128,14 @@ def encode_images(pipe, images: Tensor) -> Tensor:
     """Images (N, 3, H, W) in [-1, 1] -> what the UNet denoises: VAE latents times the VAE's
     scaling factor when the pipeline has a VAE, the pixels themselves otherwise."""
     vae = getattr(pipe, "vae", None)
-    images = images.to(pipe.unet.device)
+    denoiser = family_for(pipe).denoiser
+    images = images.to(denoiser.device)
     if vae is None:
-        return images.to(pipe.unet.dtype)
+        return images.to(denoiser.dtype)
     with torch.no_grad():
         lat = vae.encode(images.to(vae.dtype)).latent_dist.sample()
-    return (lat * vae.config.scaling_factor).to(pipe.unet.dtype)
+    shift = vae.config.get("shift_factor") or 0.0  # SD3's VAE is shifted, then scaled
+    return ((lat - shift) * vae.config.scaling_factor).to(denoiser.dtype)
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
@@ -242,7 +244,10 @@ class TrustUnlearner:
         self._neighbors = (torch.tensor(prompts.neighbors(concept), dtype=torch.int64, device=self.device)
                            if concept is not None else torch.zeros(0, dtype=torch.int64, device=self.device))
 
-        self.targets: list[Target] = find_targets(self.unet, cfg.targets)
+        # default targets: the family's (a UNet's cross-attention q/k/v and feed-forward layers; an
+        # MMDiT's joint-attention text and query projections and image feed-forward layers)
+        self.target_patterns = tuple(cfg.targets if cfg.targets is not None else self.family.default_targets)
+        self.targets: list[Target] = find_targets(self.unet, self.target_patterns)
         self.trainable_params = freeze_all_but(self.unet, self.targets)
         for component in pipe.components.values():  # text encoders, VAE: never trained
             if isinstance(component, torch.nn.Module) and component is not self.unet:
@@ -264,15 +269,15 @@ class TrustUnlearner:
         half = any(p.dtype in (torch.float16, torch.bfloat16) for p in self.params)
         self.master: list[Tensor] | None = [p.detach().float().clone() for p in self.params] if half else None
         self.opt_params: list[Tensor] = self.master if half else self.params
-        self._opt = {id(p): q for p, q in zip(self.params, self.opt_params)}
         self.loss_scale: float | None = (LOSS_SCALE_INIT if any(p.dtype == torch.float16 for p in self.params)
                                          else None)
         self._good_steps = 0
 
         sched = pipe.scheduler
-        self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
-        self.num_train_timesteps = int(sched.config.num_train_timesteps)
         self.prediction_type = self.family.prediction_type
+        self.alphas_cumprod = (None if self.prediction_type == "flow"  # flow matching has no abar
+                               else sched.alphas_cumprod.to(self.device, torch.float32))
+        self.num_train_timesteps = int(sched.config.num_train_timesteps)
         # under torch.distributed each rank draws its own batches (its gradients are averaged in update)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + distributed.rank())
 
@@ -313,6 +318,12 @@ class TrustUnlearner:
         self._acc: _Accumulated | None = None    # micro-batches of the step being accumulated
 
     @property
+    def _opt(self) -> dict:
+        """The tensor the optimizer steps for each target parameter (by id): its float32 master, or
+        itself. Built on demand, so that a deep copy of the unlearner maps its own tensors."""
+        return {id(p): q for p, q in zip(self.params, self.opt_params)}
+
+    @property
     def masked_optimizer(self):
         """The MaskedAdamW under ``self.optimizer``, which may be a wrapper of it (accelerate's
         ``AcceleratedOptimizer`` after ``unlearner.optimizer = accelerator.prepare(unlearner.optimizer)``):
@@ -331,36 +342,37 @@ class TrustUnlearner:
         """eps_0 (or v_0): the original model's prediction, without grad."""
         with torch.no_grad():
             if self._frozen is None:
-                return self.unet(noisy, t, **self.family.denoiser_kwargs(cond)).sample
-            return functional_call(self.unet, self._frozen, (noisy, t), self.family.denoiser_kwargs(cond),
+                return self.unet(**self.family.denoiser_inputs(noisy, t, cond)).sample
+            return functional_call(self.unet, self._frozen, (), self.family.denoiser_inputs(noisy, t, cond),
                                    strict=False).sample
 
     def pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """The edited model's prediction, with grad to the target parameters."""
-        return self.unet(noisy, t, **self.family.denoiser_kwargs(cond)).sample
+        return self.unet(**self.family.denoiser_inputs(noisy, t, cond)).sample
 
     # --------------------------------------------------------------- data-free
 
     @torch.no_grad()
     def sample_x0(self, emb: Tensor, n_per: int, batch_size: int = 256, bar=None) -> Tensor:
-        """Data-free x0: (len(emb), n_per, C, H, W) sampled from the frozen model with DDIM and CFG,
-        in the space the UNet denoises (latents for a pipeline with a VAE)."""
-        from diffusers import DDIMScheduler
-
+        """Data-free x0: (len(emb), n_per, C, H, W) sampled from the frozen model with CFG and the
+        family's sampler (DDIM; flow-matching Euler for SD3), in the space the denoiser denoises
+        (latents for a pipeline with a VAE)."""
         cfg = self.config
         guidance = cfg.x0_guidance
         if guidance is None:
             guidance = inspect.signature(type(self.pipe).__call__).parameters.get("guidance_scale")
             guidance = 7.5 if guidance is None or guidance.default is inspect.Parameter.empty else guidance.default
-        sched = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        sched = self.family.sampler()
         sched.set_timesteps(cfg.x0_steps, device=self.device)
         conds = emb.repeat_interleave(n_per, 0)
         x = torch.randn(conds.shape[0], *self.family.sample_shape(), generator=self.generator, device=self.device,
-                        dtype=self.dtype) * sched.init_noise_sigma
+                        dtype=self.dtype) * getattr(sched, "init_noise_sigma", 1.0)
         out = []
         for i in range(0, conds.shape[0], batch_size):
             xb, cb = x[i:i + batch_size], conds[i:i + batch_size]
             ub = self.emb_uncond.expand(cb.shape[0], -1, -1)
+            if i:  # stateful samplers (flow-matching Euler) count their steps: start each batch afresh
+                sched.set_timesteps(cfg.x0_steps, device=self.device)
             for t in sched.timesteps:
                 both = self.frozen_pred(torch.cat([xb, xb]), t.expand(2 * xb.shape[0]), torch.cat([ub, cb]))
                 e_u, e_c = both.chunk(2)
@@ -400,6 +412,8 @@ class TrustUnlearner:
         if t is None:
             t = torch.randint(0, self.num_train_timesteps, (n,), generator=self.generator, device=self.device)
         noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
+        if self.alphas_cumprod is None:
+            return objectives.add_noise_flow(x0, noise, t, self.num_train_timesteps), t, noise
         return objectives.add_noise(x0, noise, t, self.alphas_cumprod), t, noise
 
     def _forget_batch(self, n: int) -> _Batch:
@@ -867,7 +881,8 @@ class TrustUnlearner:
                 "failed_checkpoints": self.failed_checkpoints,
                 "seconds": self.seconds,
                 "x0_sampling_seconds": self.pool_seconds, "trainable_params": self.trainable_params,
-                "target_modules": len(self.targets), "target_rows": self.total_rows,
+                "target_modules": len(self.targets), "target_patterns": list(self.target_patterns),
+                "target_rows": self.total_rows,
                 "mean_selected_rows": mean_rows, "mean_selected_fraction": mean_rows / max(1, self.total_rows),
                 "finalized": self.finalized,
                 "mask_fraction": (sum(float(m.sum()) for m in self.mask) / sum(m.numel() for m in self.mask)

@@ -7,9 +7,13 @@ pipeline's family for
   device and dtype. Everything the engine does with conditionings (index, concatenate, repeat) is
   done on that tensor, so a family with extra conditions packs them into it;
 - ``uncond()``: the conditioning classifier-free guidance uses for "no prompt";
-- ``denoiser_kwargs(cond)``: the keyword arguments of the denoiser call for a packed conditioning;
+- ``denoiser_inputs(noisy, t, cond)``: the keyword arguments of the denoiser call (sample,
+  timestep and the conditioning unpacked);
 - ``default_targets``: the module patterns TRUST edits by default;
-- ``prediction_type``: what the denoiser predicts (from the scheduler's config);
+- ``prediction_type``: what the denoiser predicts: "epsilon", "v_prediction" or "sample" (from the
+  scheduler's config), or "flow" (flow matching: x_t = (1 - s) x0 + s noise with s = t / T, the
+  velocity noise - x0 as target);
+- ``sampler()``: a fresh scheduler of the pipeline's kind for sampling the data-free images;
 - ``supports_prefix``: whether soft prompt prefixes (the adversary, the soft-prompt attack) apply.
 
 Families:
@@ -22,7 +26,14 @@ Families:
           added conditions. The pooled embedding is packed into the conditioning tensor as extra
           rows after the tokens (zero-padded to D); the time ids are the same for every image
           (original = target size = the UNet's sample size in pixels, no crop) and are built in
-          ``denoiser_kwargs``.
+          ``denoiser_inputs``.
+``sd3``   Stable Diffusion 3 (MMDiT, ``SD3Transformer2DModel``): two CLIP encoders (penultimate
+          states concatenated, zero-padded to the joint width) followed by T5's states (zeros when
+          the pipeline has no third encoder, as diffusers does), the two pooled embeddings as
+          ``pooled_projections`` (packed like SDXL's), flow matching. Default targets: the image
+          queries and the text stream's query/key/value projections of every joint attention (where
+          the prompt reaches the image: the MMDiT counterpart of a UNet's cross-attention q/k/v)
+          and the image stream's feed-forward layers (the counterpart of the UNet's ff layers).
 
 Anything else is refused up front with one line naming the class and the supported families.
 """
@@ -36,7 +47,7 @@ from torch import Tensor
 
 from .localize import DEFAULT_TARGETS as UNET_TARGETS  # cross-attention q/k/v and the feed-forward layers
 
-SUPPORTED = "StableDiffusionPipeline (1.x, 2.x), StableDiffusionXLPipeline, ShapesPipeline"
+SUPPORTED = "StableDiffusionPipeline (1.x, 2.x), StableDiffusionXLPipeline, StableDiffusion3Pipeline, ShapesPipeline"
 
 
 class UnsupportedPipeline(ValueError):
@@ -90,7 +101,18 @@ class Family:
         raise NotImplementedError
 
     def denoiser_kwargs(self, cond: Tensor) -> dict:
+        """The conditioning keywords of the denoiser call for a packed conditioning."""
         raise NotImplementedError
+
+    def denoiser_inputs(self, noisy: Tensor, t: Tensor, cond: Tensor) -> dict:
+        """Every keyword of one denoiser call: ``denoiser(**inputs).sample`` is its prediction."""
+        return {"sample": noisy, "timestep": t, **self.denoiser_kwargs(cond)}
+
+    def sampler(self):
+        """A fresh scheduler that samples the data-free images: DDIM on the pipeline's noise schedule."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.pipe.scheduler.config)
 
 
 class StableDiffusion(Family):
@@ -114,17 +136,35 @@ class StableDiffusion(Family):
         return {"encoder_hidden_states": cond}
 
 
-class StableDiffusionXL(Family):
+class PackedPooled:
+    """Pooled text embeddings packed as extra rows after the tokens of a conditioning (SDXL, SD3)."""
+
+    def _pack_setup(self, width: int, pooled_dim: int) -> None:
+        self.width, self.pooled_dim = width, pooled_dim
+        self.pooled_rows = math.ceil(pooled_dim / width)
+
+    def pack(self, hidden: Tensor, pooled: Tensor) -> Tensor:
+        """(N, L, D) token states + (N, P) pooled -> (N, L + ceil(P / D), D)."""
+        n = hidden.shape[0]
+        pad = hidden.new_zeros(n, self.pooled_rows * self.width)
+        pad[:, :self.pooled_dim] = pooled.to(hidden.dtype)
+        return torch.cat([hidden, pad.view(n, self.pooled_rows, self.width)], 1)
+
+    def unpack(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        n = cond.shape[0]
+        hidden = cond[:, :cond.shape[1] - self.pooled_rows]
+        pooled = cond[:, cond.shape[1] - self.pooled_rows:].reshape(n, -1)[:, :self.pooled_dim]
+        return hidden, pooled
+
+
+class StableDiffusionXL(PackedPooled, Family):
     """SDXL base: two text encoders, pooled text embedding and time ids as added conditions."""
 
     name = "sdxl"
 
     def __init__(self, pipe):
         super().__init__(pipe)
-        self.tokens = pipe.tokenizer_2.model_max_length
-        self.width = pipe.unet.config.cross_attention_dim
-        self.pooled_dim = pipe.text_encoder_2.config.projection_dim
-        self.pooled_rows = math.ceil(self.pooled_dim / self.width)
+        self._pack_setup(pipe.unet.config.cross_attention_dim, pipe.text_encoder_2.config.projection_dim)
         scale = getattr(pipe, "vae_scale_factor", 8)  # pixels per latent, as the pipeline computes it
         _, h, w = self.sample_shape()
         self.time_ids = [h * scale, w * scale, 0, 0, h * scale, w * scale]
@@ -152,19 +192,6 @@ class StableDiffusionXL(Family):
             pooled = out[0].to(self.denoiser.device)  # the last encoder's pooled projection
         return self.pack(torch.cat(hidden, -1), pooled)
 
-    def pack(self, hidden: Tensor, pooled: Tensor) -> Tensor:
-        """(N, L, D) token states + (N, P) pooled -> (N, L + ceil(P / D), D)."""
-        n = hidden.shape[0]
-        pad = hidden.new_zeros(n, self.pooled_rows * self.width)
-        pad[:, :self.pooled_dim] = pooled.to(hidden.dtype)
-        return torch.cat([hidden, pad.view(n, self.pooled_rows, self.width)], 1)
-
-    def unpack(self, cond: Tensor) -> tuple[Tensor, Tensor]:
-        n = cond.shape[0]
-        hidden = cond[:, :cond.shape[1] - self.pooled_rows]
-        pooled = cond[:, cond.shape[1] - self.pooled_rows:].reshape(n, -1)[:, :self.pooled_dim]
-        return hidden, pooled
-
     def uncond(self) -> Tensor:
         if self.pipe.config.get("force_zeros_for_empty_prompt", True):
             return torch.zeros_like(self.encode([""]))  # what the pipeline does for an empty negative prompt
@@ -176,7 +203,62 @@ class StableDiffusionXL(Family):
         return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
 
 
-FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL)
+class StableDiffusion3(PackedPooled, Family):
+    """SD3 / SD3.5 (MMDiT): CLIP-L, CLIP-G and optional T5 states, pooled projections, flow matching."""
+
+    name = "sd3"
+    default_targets = ("*attn.to_q", "*attn.add_q_proj", "*attn.add_k_proj", "*attn.add_v_proj",
+                       "*ff.net.0.proj", "*ff.net.2")
+    prediction_type = "flow"
+    t5_tokens = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.denoiser = pipe.transformer
+        c = pipe.transformer.config
+        self._pack_setup(c.joint_attention_dim, c.pooled_projection_dim)
+
+    @staticmethod
+    def matches(pipe) -> bool:
+        return (type(getattr(pipe, "transformer", None)).__name__ == "SD3Transformer2DModel"
+                and getattr(pipe, "text_encoder", None) is not None
+                and getattr(pipe, "text_encoder_2", None) is not None)
+
+    def _encode(self, prompts: list[str]) -> Tensor:
+        dev = self.denoiser.device
+        hidden, pooled = [], []
+        for tok, te in ((self.pipe.tokenizer, self.pipe.text_encoder), (self.pipe.tokenizer_2, self.pipe.text_encoder_2)):
+            out = te(_tokens(tok, prompts).to(te.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].to(dev))
+            pooled.append(out[0].to(dev))
+        clip = torch.cat(hidden, -1)
+        clip = torch.nn.functional.pad(clip, (0, self.width - clip.shape[-1]))
+        te3 = getattr(self.pipe, "text_encoder_3", None)
+        if te3 is None:  # what the pipeline does without T5: zeros in its place
+            t5 = clip.new_zeros(len(prompts), self.t5_tokens, self.width)
+        else:
+            tok3 = self.pipe.tokenizer_3
+            ids = tok3(prompts, padding="max_length", max_length=self.t5_tokens, truncation=True,
+                       return_tensors="pt").input_ids
+            t5 = te3(ids.to(te3.device))[0].to(dev, clip.dtype)
+        return self.pack(torch.cat([clip, t5], -2), torch.cat(pooled, -1))
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        c = self.denoiser.config
+        return c.in_channels, c.sample_size, c.sample_size
+
+    def denoiser_kwargs(self, cond: Tensor) -> dict:
+        hidden, pooled = self.unpack(cond)
+        return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
+
+    def denoiser_inputs(self, noisy: Tensor, t: Tensor, cond: Tensor) -> dict:
+        return {"hidden_states": noisy, "timestep": t, **self.denoiser_kwargs(cond)}
+
+    def sampler(self):
+        return type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+
+
+FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3)
 
 
 def family_for(pipe) -> Family:
@@ -243,7 +325,7 @@ def load_pipeline(model: str = "shapes", device: str | None = None, dtype: str =
     diffusers.utils.logging.set_verbosity_error()  # its warnings list every missing tensor; we say it in one line
     try:
         pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=torch_dtype,
-                                                 variant=variant)
+                                                 variant=variant, **_absent_components(path))
     except Exception as e:  # diffusers raises many types for a broken directory
         first = (str(e).strip().splitlines() or [""])[0]
         hint = "" if variant else _variant_hint(path)
@@ -265,6 +347,19 @@ def load_pipeline(model: str = "shapes", device: str | None = None, dtype: str =
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
+
+
+def _absent_components(path: str) -> dict:
+    """Components a pipeline was saved without ([null, null] in model_index.json, e.g. SD3 without
+    its T5 encoder), passed as None: diffusers refuses to load such a pipeline otherwise."""
+    import json
+
+    try:
+        with open(os.path.join(path, "model_index.json")) as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
 
 
 def _variant_hint(path: str) -> str:

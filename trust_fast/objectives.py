@@ -19,8 +19,18 @@ def add_noise(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> T
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def diffusion_target(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str) -> Tensor:
-    """What the model regresses in ordinary training: epsilon, or v = sqrt(abar) eps - sqrt(1-abar) x0."""
+def add_noise_flow(x0: Tensor, noise: Tensor, t: Tensor, num_train_timesteps: int) -> Tensor:
+    """Flow matching (rectified flow, SD3): x_t = (1 - s) x0 + s noise with s = t / T; t (N,) int64."""
+    s = (t.to(x0.device, x0.dtype) / num_train_timesteps).view(-1, 1, 1, 1)
+    return (1 - s) * x0 + s * noise
+
+
+def diffusion_target(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor | None,
+                     prediction_type: str) -> Tensor:
+    """What the model regresses in ordinary training: epsilon, v = sqrt(abar) eps - sqrt(1-abar) x0,
+    the sample x0, or (flow matching) the velocity noise - x0."""
+    if prediction_type == "flow":
+        return noise - x0
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":

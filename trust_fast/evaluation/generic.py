@@ -39,11 +39,12 @@ CLASSIFIER_METRICS = ("ua", "retain_acc", "per-attribute accuracies")
 
 def check_comparable(pipe, reference) -> None:
     """Paired comparisons need the same starting-noise shape and the same sampler in both models."""
-    a, b = pipe.unet.config, reference.unet.config
-    mine = (a.in_channels, a.sample_size, type(pipe.scheduler).__name__)
-    theirs = (b.in_channels, b.sample_size, type(reference.scheduler).__name__)
+    from ..families import family_for
+
+    mine = (*family_for(pipe).sample_shape(), type(pipe.scheduler).__name__)
+    theirs = (*family_for(reference).sample_shape(), type(reference.scheduler).__name__)
     if mine != theirs:
-        raise ValueError(f"the model and its reference sample differently (in_channels, sample_size, scheduler): "
+        raise ValueError(f"the model and its reference sample differently (channels, height, width, scheduler): "
                          f"{mine} vs {theirs}; evaluate a model against the original it was unlearned from")
 
 

@@ -13,8 +13,9 @@ from ..world.concepts import shows, world_prompts
 
 def initial_noise(pipe, n: int, seed: int) -> torch.Tensor:
     """The (n, C, H, W) float32 CPU starting noise that `sample_images` gives n images from `seed`."""
-    size = pipe.unet.config.sample_size
-    return torch.randn(n, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    from ..families import family_for
+
+    return torch.randn(n, *family_for(pipe).sample_shape(), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -22,7 +23,9 @@ def sample_from_noise(pipe, noise: torch.Tensor, seed: int, steps: int, guidance
     """Sample from the given starting noise; `seed` also seeds the sampler's per-step noise (ancestral and
     DDPM schedulers), so two models called with the same noise and seed are compared image by image.
     `prompt_kw`: `prompt=[...]` or `prompt_embeds=...` (with `num_images_per_prompt`)."""
-    unet = pipe.unet
+    from ..families import family_for
+
+    unet = family_for(pipe).denoiser
     return pipe(**prompt_kw, num_inference_steps=steps, guidance_scale=guidance,
                 latents=noise.to(unet.device, unet.dtype), generator=torch.Generator().manual_seed(seed),
                 output_type="latent").images.float().cpu()
