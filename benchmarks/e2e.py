@@ -300,7 +300,7 @@ def table(rows: list[dict]) -> str:
     out = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['method']} | {r['error']} |" + " |" * (len(cols) - 2))
+            out.append(f"| {r['method']} | {r['error'].split(':')[0]} |" + " |" * (len(cols) - 2))
             continue
         cells = []
         for c in cols:
@@ -314,7 +314,8 @@ def table(rows: list[dict]) -> str:
                 cells.append("-")
             else:
                 v = r[c]
-                cells.append(f"{v:.3f}" if isinstance(v, float) and v < 10 else f"{v:.0f}")
+                cells.append(f"{v:.3f}" if isinstance(v, float) and v < 10 else
+                             f"{v:.1f}" if isinstance(v, float) and v < 100 else f"{v:.0f}")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -337,8 +338,14 @@ def main(argv: list[str] | None = None) -> int:
                          "with an out-of-memory error instead of waking the kernel's OOM killer)")
     ap.add_argument("--out", help="write the rows as CSV here")
     ap.add_argument("--benchmarks-md", help="append the table, with the command, to this Markdown file")
+    ap.add_argument("--table-from", nargs="+", metavar="CSV",
+                    help="print (and with --benchmarks-md append) the table of rows saved by earlier --out runs")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process, print JSON
     a = ap.parse_args(argv)
+    if a.table_from:
+        rows = [_typed(r) for f in a.table_from for r in csv.DictReader(open(f))]
+        _report(rows, a, argv)
+        return 0
     if a.one:
         a.method = a.one
         print("E2E-RESULT " + json.dumps(run_one(a)), flush=True)
@@ -370,6 +377,27 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             rows.append({"method": m, "error": f"over {a.timeout} s"})
         print(f"[e2e] {m}: {rows[-1].get('s_per_step', rows[-1].get('error'))}", file=sys.stderr, flush=True)
+    _report(rows, a, argv)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def _typed(row: dict) -> dict:
+    """A CSV row with its numbers as numbers and empty cells dropped."""
+    out = {}
+    for k, v in row.items():
+        if v in ("", None):
+            continue
+        try:
+            out[k] = int(v)
+        except ValueError:
+            try:
+                out[k] = float(v)
+            except ValueError:
+                out[k] = v
+    return out
+
+
+def _report(rows: list[dict], a, argv) -> None:
     md = table(rows)
     print(md)
     if a.out:
@@ -383,7 +411,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.benchmarks_md, "a") as f:
             f.write(f"\n`python benchmarks/e2e.py {shown}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}):\n\n"
                     + md + "\n")
-    return 0 if all("error" not in r for r in rows) else 1
 
 
 if __name__ == "__main__":
