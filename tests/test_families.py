@@ -120,11 +120,11 @@ def test_sdxl_refuses_the_adversarial_prefix_in_one_line():
         TrustUnlearner(tiny_sdxl_pipeline(), spec, TrustConfig(adv_prefix=3, **SMALL), prompts=prompts)
 
 
-def test_sdxl_through_the_cli_saves_an_sdxl_pipeline(tmp_path):
-    from diffusers import DiffusionPipeline
-
-    model = tmp_path / "sdxl"
-    tiny_sdxl_pipeline().save_pretrained(model)
+def _cli_unlearn(pipe, tmp_path):
+    """Save `pipe`, unlearn "red" from it through the CLI (3 steps, prompt files, the classifier-free
+    evaluation); returns (model dir, output dir, report)."""
+    model = tmp_path / "model"
+    pipe.save_pretrained(model)
     (tmp_path / "f.txt").write_text("\n".join(FORGET))
     (tmp_path / "r.txt").write_text("\n".join(RETAIN))
     out = tmp_path / "out"
@@ -134,6 +134,13 @@ def test_sdxl_through_the_cli_saves_an_sdxl_pipeline(tmp_path):
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 3 and report["eval_vs_original"]["forget_change"] > 0
+    return model, out, report
+
+
+def test_sdxl_through_the_cli_saves_an_sdxl_pipeline(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    model, out, _ = _cli_unlearn(tiny_sdxl_pipeline(), tmp_path)
     new = DiffusionPipeline.from_pretrained(out)
     old = DiffusionPipeline.from_pretrained(model)
     assert type(new).__name__ == "StableDiffusionXLPipeline"
@@ -190,17 +197,8 @@ def test_sd3_unlearning_edits_only_selected_rows_of_its_default_targets():
 
 
 def test_sd3_through_the_cli(tmp_path):
-    model = tmp_path / "sd3"
-    tiny_sd3_pipeline().save_pretrained(model)
-    (tmp_path / "f.txt").write_text("\n".join(FORGET))
-    (tmp_path / "r.txt").write_text("\n".join(RETAIN))
-    out = tmp_path / "out"
-    rc = main(["unlearn", "--model", str(model), "--concept", "red", "--forget-prompts", str(tmp_path / "f.txt"),
-               "--retain-prompts", str(tmp_path / "r.txt"), "--steps", "3", "--x0-per-prompt", "1",
-               "--x0-steps", "2", "--min-row-updates", "1", "--n-per-prompt", "1", "--out", str(out)])
-    assert rc == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["eval_vs_original"]["forget_change"] > 0 and "*attn.add_k_proj" in report["target_patterns"]
+    _, out, report = _cli_unlearn(tiny_sd3_pipeline(), tmp_path)
+    assert "*attn.add_k_proj" in report["target_patterns"]
     # diffusers' own from_pretrained cannot load an SD3 saved without T5; trust_fast's loader can
     new = load_pipeline(str(out), "cpu")
     assert type(new).__name__ == "StableDiffusion3Pipeline" and new.text_encoder_3 is None
