@@ -324,8 +324,8 @@ def load_pipeline(model: str = "shapes", device: str | None = None, dtype: str =
     verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()  # its warnings list every missing tensor; we say it in one line
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=torch_dtype,
-                                                 variant=variant, **_absent_components(path))
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, variant=variant,
+                                                 **{_dtype_keyword(): torch_dtype}, **_absent_components(path))
     except Exception as e:  # diffusers raises many types for a broken directory
         first = (str(e).strip().splitlines() or [""])[0]
         hint = "" if variant else _variant_hint(path)
@@ -347,6 +347,14 @@ def load_pipeline(model: str = "shapes", device: str | None = None, dtype: str =
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
+
+
+def _dtype_keyword() -> str:
+    """from_pretrained's dtype keyword: ``dtype`` in diffusers releases that deprecated
+    ``torch_dtype`` (they warn on it), ``torch_dtype`` before (they do not know ``dtype``)."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
 def _absent_components(path: str) -> dict:
