@@ -17,6 +17,7 @@ writes the rows as CSV; ``--benchmarks-md`` appends the table to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -336,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-limit-gb", type=float, default=None,
                     help="address-space limit of each method's process (CPU: a method that needs more fails "
                          "with an out-of-memory error instead of waking the kernel's OOM killer)")
-    ap.add_argument("--out", help="write the rows as CSV here")
+    ap.add_argument("--out", help="write the rows as CSV here (new, or an earlier one of ours with --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier --out of this script")
     ap.add_argument("--benchmarks-md", help="append the table, with the command, to this Markdown file")
     ap.add_argument("--table-from", nargs="+", metavar="CSV",
                     help="print (and with --benchmarks-md append) the table of rows saved by earlier --out runs")
@@ -344,12 +346,21 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.table_from:
         rows = [_typed(r) for f in a.table_from for r in csv.DictReader(open(f))]
-        _report(rows, a, argv)
+        with _claim_out(a) as out:
+            _report(rows, a, argv, out)
         return 0
     if a.one:
         a.method = a.one
         print("E2E-RESULT " + json.dumps(run_one(a)), flush=True)
         return 0
+    with _claim_out(a) as out:
+        rows = _run_methods(a)
+        _report(rows, a, argv, out)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def _run_methods(a) -> list[dict]:
+    """Each method in a fresh process; a row of figures, or of the error that stopped it."""
     rows = []
     for m in a.methods:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", m, "--arch", a.arch, "--latent", str(a.latent),
@@ -377,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             rows.append({"method": m, "error": f"over {a.timeout} s"})
         print(f"[e2e] {m}: {rows[-1].get('s_per_step', rows[-1].get('error'))}", file=sys.stderr, flush=True)
-    _report(rows, a, argv)
-    return 0 if all("error" not in r for r in rows) else 1
+    return rows
 
 
 def _typed(row: dict) -> dict:
@@ -397,20 +407,40 @@ def _typed(row: dict) -> dict:
     return out
 
 
-def _report(rows: list[dict], a, argv) -> None:
+def _is_e2e_csv(path: str) -> bool:
+    """An earlier --out of this script (its header has the s_per_step column)."""
+    try:
+        with open(path, newline="") as f:
+            return "s_per_step" in (next(csv.reader(f), None) or [])
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _claim_out(a):
+    """--out, claimed before any work like every trust_fast output: new, or an earlier e2e CSV with
+    --overwrite (trust_fast.io.claim_output)."""
+    from trust_fast.io import claim_output
+
+    if not a.out:
+        return contextlib.nullcontext(None)
+    return claim_output(a.out, "--out", kind="file", overwrite=a.overwrite, recognize=_is_e2e_csv)
+
+
+def _report(rows: list[dict], a, argv, out) -> None:
+    from trust_fast.io import atomic_path, write_csv_atomic
+
     md = table(rows)
     print(md)
-    if a.out:
+    if out is not None:
         keys = sorted({k for r in rows for k in r})
-        with open(a.out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+        write_csv_atomic([{k: r.get(k, "") for k in keys} for r in rows], out.path)
     if a.benchmarks_md:
         shown = " ".join(argv if argv is not None else sys.argv[1:])
-        with open(a.benchmarks_md, "a") as f:
-            f.write(f"\n`python benchmarks/e2e.py {shown}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}):\n\n"
-                    + md + "\n")
+        with open(a.benchmarks_md, encoding="utf-8") as f:  # appended to, never truncated: all or nothing
+            text = f.read()
+        with atomic_path(a.benchmarks_md, ".md") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(text + f"\n`python benchmarks/e2e.py {shown}` "
+                    f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}):\n\n" + md + "\n")
 
 
 if __name__ == "__main__":

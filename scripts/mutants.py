@@ -122,7 +122,8 @@ MUTANTS = [
            ("tests/test_engine.py::test_masked_steps_touch_only_selected_rows_and_nothing_outside_the_targets",),
            "weights outside the target modules are trainable"),
     Mutant("nonfinite_steps_not_skipped", "trust_fast/engine.py",
-           "skip = distributed.any_rank(not _all_finite([forget_loss.detach(), *g_f]))", "skip = False",
+           "skip = distributed.any_rank(no_forget or not _all_finite([forget_loss.detach(), *g_f]))",
+           "skip = distributed.any_rank(no_forget)",
            ("tests/test_bad_input.py::test_a_non_finite_forget_loss_alone_skips_the_step",),
            "a NaN forget loss is applied to the weights"),
     # behaviour on the shipped world (tests/test_behaviour.py: held-out prompts, attacks)

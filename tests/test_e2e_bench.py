@@ -63,3 +63,24 @@ def test_the_script_reports_every_method_with_ratios(e2e, tmp_path, capsys):
     assert e2e.main(["--table-from", str(out)]) == 0
     rendered = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("|")]
     assert rendered == [ln for ln in table.splitlines() if ln.startswith("|")]
+
+
+def test_out_is_claimed_like_every_output(e2e, tmp_path, capsys):
+    """--out goes through trust_fast.io.claim_output: a file that is not an earlier e2e CSV is never
+    replaced, an earlier one only with --overwrite."""
+    saved = tmp_path / "saved.csv"
+    saved.write_text("method,s_per_step,selected_fraction,x0_pool_s,peak_mem_mb,optimizer_state_mb,projected_run_s\n"
+                     "trust,1.5,0.05,2.0,100,1.0,92\n")
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own\n1,2\n")
+    from trust_fast.io import OutputError
+
+    with pytest.raises(OutputError):
+        e2e.main(["--table-from", str(saved), "--out", str(notes), "--overwrite"])
+    assert notes.read_text() == "my,own\n1,2\n"
+    out = tmp_path / "table.csv"
+    assert e2e.main(["--table-from", str(saved), "--out", str(out)]) == 0
+    with pytest.raises(OutputError):
+        e2e.main(["--table-from", str(saved), "--out", str(out)])
+    assert e2e.main(["--table-from", str(saved), "--out", str(out), "--overwrite"]) == 0
+    assert list(csv.DictReader(open(out)))[0]["s_per_step"] == "1.5"

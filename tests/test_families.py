@@ -27,10 +27,6 @@ def _prompts():
     return spec, user_prompts(spec, FORGET, RETAIN)
 
 
-def _captured_unet_call(pipe, prompt: str) -> tuple[tuple, dict]:
-    return _captured_call(pipe.unet, pipe, prompt)
-
-
 def _captured_call(denoiser, pipe, prompt: str) -> tuple[tuple, dict]:
     """The positional and keyword arguments of the denoiser's first call inside the pipeline's own
     __call__ (guidance 1: one conditional call per step)."""
@@ -75,7 +71,7 @@ def test_sdxl_conditioning_is_what_the_pipeline_itself_feeds_its_unet():
     pipe = tiny_sdxl_pipeline()
     fam = family_for(pipe)
     assert fam.name == "sdxl" and not fam.supports_prefix
-    args, kw = _captured_unet_call(pipe, "a red circle")
+    args, kw = _captured_call(pipe.unet, pipe, "a red circle")
     ours = fam.denoiser_kwargs(fam.encode(["a red circle"]))
     assert torch.equal(ours["encoder_hidden_states"], kw["encoder_hidden_states"])
     for k in ("text_embeds", "time_ids"):

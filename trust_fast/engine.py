@@ -593,16 +593,21 @@ class TrustUnlearner:
         if forget_loss is not None:
             acc.add_forget(forget_loss.detach(), self._grads(forget_loss))
         if retain_loss is not None and cfg.alpha > 0:
-            hv = None
-            if cfg.hessian == "hvp" and self._double_backward_now():
-                g_r, hv = self._grad_and_hvp(retain_loss)
-            elif cfg.hessian == "diag" and self._double_backward_now():
-                if acc.diag_before is None:
-                    acc.diag_before = ([d.clone() for d in self.hutchinson.diags], self.hutchinson.count)
-                g_r = self.hutchinson.update(retain_loss, cfg.diag_samples, self.loss_scale)
-            else:
-                g_r = self._grads(retain_loss)
+            g_r, hv, before = self._retain_terms(retain_loss, keep_before=acc.diag_before is None)
+            acc.diag_before = acc.diag_before or before  # the state before the step's first probes
             acc.add_retain(retain_loss.detach(), g_r, hv)
+
+    def _retain_terms(self, retain_loss: Tensor, keep_before: bool = True):
+        """(retain gradient, H_r Delta or None, Hutchinson state before new probes or None) of one
+        retain loss: the hvp and diag Hessian terms on the steps that differentiate twice."""
+        cfg = self.config
+        if cfg.hessian == "hvp" and self._double_backward_now():
+            g_r, hv = self._grad_and_hvp(retain_loss)
+            return g_r, hv, None
+        if cfg.hessian == "diag" and self._double_backward_now():
+            before = ([d.clone() for d in self.hutchinson.diags], self.hutchinson.count) if keep_before else None
+            return self.hutchinson.update(retain_loss, cfg.diag_samples, self.loss_scale), None, before
+        return self._grads(retain_loss), None, None
 
     def update(self, forget_loss: Tensor | None, retain_loss: Tensor | None = None) -> dict:
         """Localization + Hessian term + optimizer step for losses you computed (with
@@ -628,8 +633,7 @@ class TrustUnlearner:
         distributed.average_(g_f)
         # a non-finite loss or gradient on any rank skips the step on all ranks: weights, optimizer,
         # localization and Hessian state stay as they were
-        skip = distributed.any_rank(not _all_finite([forget_loss.detach(), *g_f]))
-        skip = distributed.any_rank(no_forget) or skip
+        skip = distributed.any_rank(no_forget or not _all_finite([forget_loss.detach(), *g_f]))
         t1 = time.perf_counter()
         rows = None
         prev_rows = self.localizer.rows if self.localizer is not None else None
@@ -639,22 +643,12 @@ class TrustUnlearner:
         t2 = time.perf_counter()
         grads = g_f
         if retain_loss is not None and cfg.alpha > 0 and not skip:
-            hv, diag_before = None, None
-            if pre is not None:
-                g_r, hv, diag_before = pre.g_r, pre.hv, pre.diag_before
-                if hv is not None:
-                    distributed.average_(hv)
-                if diag_before is not None:
-                    distributed.average_(self.hutchinson.diags)
-            elif cfg.hessian == "hvp" and self._double_backward_now():
-                g_r, hv = self._grad_and_hvp(retain_loss)
+            g_r, hv, diag_before = ((pre.g_r, pre.hv, pre.diag_before) if pre is not None
+                                    else self._retain_terms(retain_loss))
+            if hv is not None:
                 distributed.average_(hv)
-            elif cfg.hessian == "diag" and self._double_backward_now():
-                diag_before = ([d.clone() for d in self.hutchinson.diags], self.hutchinson.count)
-                g_r = self.hutchinson.update(retain_loss, cfg.diag_samples, self.loss_scale)
+            if diag_before is not None:
                 distributed.average_(self.hutchinson.diags)
-            else:
-                g_r = self._grads(retain_loss)
             distributed.average_(g_r)
             fresh = [*g_r, *(hv or []), *(self.hutchinson.diags if diag_before is not None else [])]
             skip = distributed.any_rank(not _all_finite([retain_loss.detach(), *fresh]))

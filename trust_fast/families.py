@@ -322,28 +322,27 @@ def load_pipeline(model: str = "shapes", device: str | None = None, dtype: str =
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     verbosity = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()  # its warnings list every missing tensor; we say it in one line
+    # its warnings list every missing tensor (we say it in one line) and repeat, in three lines per
+    # call, that a float16 pipeline moved to the CPU is slow
+    diffusers.utils.logging.set_verbosity_error()
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, variant=variant,
-                                                 **{_dtype_keyword(): torch_dtype}, **_absent_components(path))
-    except Exception as e:  # diffusers raises many types for a broken directory
-        first = (str(e).strip().splitlines() or [""])[0]
-        hint = "" if variant else _variant_hint(path)
-        raise ValueError(f"cannot load model {model!r}: {type(e).__name__}: {first}{hint}") from None
-    finally:
-        diffusers.utils.logging.set_verbosity(verbosity)
-    for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module):
-            # diffusers leaves tensors that the weights file lacks on the meta device, without data
-            empty = [k for k, t in [*component.named_parameters(), *component.named_buffers()] if t.is_meta]
-            if empty:
-                raise ValueError(f"cannot load model {model!r}: its {name} weights lack {len(empty)} tensors "
-                                 f"(e.g. {empty[0]!r}); the weights file is incomplete")
-    family_for(pipe)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.trust_fast_variant = variant
-    diffusers.utils.logging.set_verbosity_error()  # .to("cpu") of a float16 pipeline warns in 3 lines per call
-    try:
+        try:
+            pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, variant=variant,
+                                                     **{_dtype_keyword(): torch_dtype}, **_absent_components(path))
+        except Exception as e:  # diffusers raises many types for a broken directory
+            first = (str(e).strip().splitlines() or [""])[0]
+            hint = "" if variant else _variant_hint(path)
+            raise ValueError(f"cannot load model {model!r}: {type(e).__name__}: {first}{hint}") from None
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module):
+                # diffusers leaves tensors that the weights file lacks on the meta device, without data
+                empty = [k for k, t in [*component.named_parameters(), *component.named_buffers()] if t.is_meta]
+                if empty:
+                    raise ValueError(f"cannot load model {model!r}: its {name} weights lack {len(empty)} tensors "
+                                     f"(e.g. {empty[0]!r}); the weights file is incomplete")
+        family_for(pipe)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.trust_fast_variant = variant
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
