@@ -642,6 +642,7 @@ class TrustUnlearner:
             distributed.check_same_rows(rows, self.step_count)
         t2 = time.perf_counter()
         grads = g_f
+        diag_before = pre.diag_before if pre is not None else None  # Hutchinson state to restore on a skip
         if retain_loss is not None and cfg.alpha > 0 and not skip:
             g_r, hv, diag_before = ((pre.g_r, pre.hv, pre.diag_before) if pre is not None
                                     else self._retain_terms(retain_loss))
@@ -653,10 +654,6 @@ class TrustUnlearner:
             fresh = [*g_r, *(hv or []), *(self.hutchinson.diags if diag_before is not None else [])]
             skip = distributed.any_rank(not _all_finite([retain_loss.detach(), *fresh]))
             if skip:
-                if diag_before is not None:
-                    for d, old in zip(self.hutchinson.diags, diag_before[0]):
-                        d.copy_(old)
-                    self.hutchinson.count = diag_before[1]
                 if self.localizer is not None:
                     self.localizer.rows = prev_rows
                 rows = None
@@ -667,10 +664,10 @@ class TrustUnlearner:
                 if hv is not None:
                     grads = [g + cfg.lam * h for g, h in zip(grads, hv)]
         t3 = time.perf_counter()
-        if skip and pre is not None and pre.diag_before is not None and self.hutchinson.count != pre.diag_before[1]:
-            for d, old in zip(self.hutchinson.diags, pre.diag_before[0]):  # probes of a skipped step
+        if skip and diag_before is not None:  # a skipped step leaves no Hessian probes behind
+            for d, old in zip(self.hutchinson.diags, diag_before[0]):
                 d.copy_(old)
-            self.hutchinson.count = pre.diag_before[1]
+            self.hutchinson.count = diag_before[1]
         if self.loss_scale is not None:
             self._update_loss_scale(skip)
         if skip:
@@ -679,8 +676,8 @@ class TrustUnlearner:
             for p, g in zip(self.opt_params, grads):
                 p.grad = g.to(p.dtype)
             if rows is not None:
-                self.masked_optimizer.set_rows({self._opt[id(p)]: r for t, r in zip(self.targets, rows)
-                                                for p in t.params})
+                opt = self._opt
+                self.masked_optimizer.set_rows({opt[id(p)]: r for t, r in zip(self.targets, rows) for p in t.params})
             else:
                 if self.hutchinson is not None and self.hutchinson.count > 0:
                     self._diag_penalty_dense()
@@ -712,10 +709,11 @@ class TrustUnlearner:
             for p, q in zip(self.params, self.master):
                 p.copy_(q)
             return
+        opt = self._opt
         for t, r in zip(self.targets, rows):
             if r.numel():
                 for p in t.params:
-                    p.index_copy_(0, r, self._opt[id(p)].index_select(0, r).to(p.dtype))
+                    p.index_copy_(0, r, opt[id(p)].index_select(0, r).to(p.dtype))
 
     def _update_loss_scale(self, overflow: bool) -> None:
         if overflow:
@@ -834,7 +832,7 @@ class TrustUnlearner:
         if self.localizer is not None and self.theta0 is not None:
             pos = {id(p): k for k, p in enumerate(self.params)}
             for t in self.targets:
-                rows, counts = self.masked_optimizer.row_updates(self._opt[id(t.weight)])
+                rows, counts = self.masked_optimizer.row_updates(self.opt_params[pos[id(t.weight)]])
                 drop = rows[counts < m]
                 changed += rows.numel()
                 reset += drop.numel()
