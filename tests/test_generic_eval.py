@@ -46,17 +46,22 @@ def test_an_unchanged_model_shows_no_change(sd_dirs, tmp_path):
 
 def test_cli_reports_change_attack_grids_and_what_it_skipped(sd_dirs, tmp_path, capsys):
     out, grids = tmp_path / "r.json", tmp_path / "grids"
-    assert _evaluate(sd_dirs, "edited", "--attack", "all", "--softprompt-steps", "2", "--grids", str(grids),
-                     "--out", str(out)) == 0
+    assert _evaluate(sd_dirs, "edited", "--attack", "all", "--softprompt-steps", "2", "--embedding-steps", "2",
+                     "--inversion-steps", "2", "--grids", str(grids), "--out", str(out)) == 0
     r = json.loads(out.read_text())
     assert r["forget_change"] > 0 and r["retain_change"] > 0 and r["selectivity"] > 0
     assert r["softprompt_change"] > 0 and r["softprompt_n"] == 4 and len(r["softprompt"]["per_prompt"]) == 2
     assert "ua" not in r and "asr_softprompt" not in r
+    for name in ("embedding", "inversion"):  # the stronger attacks report the same figures
+        assert r[f"{name}_change"] > 0 and r[f"{name}_n"] == 4 and f"{name}_recovery" in r
+        assert r[f"{name}_change_original"] >= 0 and f"asr_{name}" not in r
+    assert r["embedding"]["steps"] == r["inversion"]["steps"] == 2 and r["inversion"]["word"] == "red"
     skipped = " ".join(r["skipped"])
-    for what in ("ua", "retain_acc", "asr_paraphrase", "asr_softprompt"):
+    for what in ("ua", "retain_acc", "asr_paraphrase", "asr_softprompt", "asr_embedding", "asr_inversion"):
         assert what in skipped, what
     printed = capsys.readouterr().out
     assert "skipped: ua (needs a classifier; none judges these prompts)" in printed and "forget_change" in printed
+    assert "inversion_recovery" in printed
     # the attack also ran on the original: the prefix alone moves an image this far
     assert r["softprompt_change_original"] > 0 and "softprompt_recovery" in r
     from PIL import Image
@@ -90,7 +95,7 @@ def test_generic_report_checks_its_arguments(sd_dirs):
         generic_report(pipe, pipe, [], ["a blue circle"])
     with pytest.raises(ValueError, match="n_per_prompt must be >= 2"):
         generic_report(pipe, pipe, ["a red circle"], [], n_per_prompt=1)
-    with pytest.raises(ValueError, match="attack must be one of"):
+    with pytest.raises(ValueError, match="unknown attack"):
         generic_report(pipe, pipe, ["a red circle"], [], attack="bogus")
     # no retain prompts: the forget side alone, and the report says what it could not measure
     r = generic_report(pipe, pipe, ["a red circle"], [], n_per_prompt=2, steps=2)
@@ -121,6 +126,11 @@ def test_cli_refuses_bad_arguments_before_loading_any_model(sd_dirs, tmp_path, c
     assert "--grids" in capsys.readouterr().err and blocker.read_text() == "x"
     assert _evaluate(sd_dirs, "edited", "--steps", "0") == 2
     assert "--steps must be positive" in capsys.readouterr().err
+    assert _evaluate(sd_dirs, "edited", "--inversion-steps", "0") == 2
+    assert "--inversion-steps must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: one line naming the bad attack, exit 2
+        _evaluate(sd_dirs, "edited", "--attack", "softprompt,fgsm")
+    assert e.value.code == 2 and "unknown attack(s) 'fgsm'" in capsys.readouterr().err
     assert main(["evaluate", "--concept", "red", "--reference", "none", "--grids", str(tmp_path / "g")]) == 2
     assert "it needs a --reference" in capsys.readouterr().err and not (tmp_path / "g").exists()
 

@@ -26,10 +26,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 # (argument, rule) for every number a command takes: one checker runs them all before any work
-_AT_LEAST_ONE = ("n", "n_per_prompt", "steps", "softprompt_steps", "diffusion_steps", "classifier_steps",
+_AT_LEAST_ONE = ("n", "n_per_prompt", "steps", "softprompt_steps", "embedding_steps", "inversion_steps", "diffusion_steps", "classifier_steps",
                  "batch_size", "x0_per_prompt", "x0_steps", "loc_interval", "min_row_updates")
 _AT_LEAST_ZERO = ("eval_every", "checkpoint_every", "adv_prefix")
-_POSITIVE = ("lr", "max_minutes")
+_POSITIVE = ("lr", "max_minutes", "attack_lr")
 _FINITE = ("guidance", "alpha", "lam")
 SEED_LIMIT = 2**63  # torch generators take seeds in [0, 2**64); keep them in int64 for every backend
 
@@ -144,6 +144,27 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _attack_settings(args) -> dict:
+    """Per-attack settings from the evaluate flags (each attack keeps its own defaults otherwise)."""
+    out: dict = {name: {"attack_steps": steps} for name, steps in (("embedding", args.embedding_steps),
+                                                                   ("inversion", args.inversion_steps)) if steps}
+    if args.attack_lr is not None:
+        for name in ("softprompt", "embedding", "inversion"):
+            out.setdefault(name, {})["lr"] = args.attack_lr
+    return out
+
+
+def _attack_choice(text: str) -> str:
+    """argparse type of --attack: 'none', 'all' or a comma-separated list of attack names."""
+    from .evaluation.attacks import parse_attacks
+
+    try:
+        parse_attacks(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _evaluate(args, spec, world: bool, generic: bool, reference_name, prompts, grids):
     """The report of `trust-fast evaluate` and the keys its table shows."""
     from .evaluation import full_report
@@ -153,9 +174,9 @@ def _evaluate(args, spec, world: bool, generic: bool, reference_name, prompts, g
         reference = None if reference_name == "none" else _load(args, reference_name)
         report = full_report(pipe, spec, reference, args.attack, n_per_prompt=args.n_per_prompt, seed=args.seed,
                              steps=args.steps, guidance=args.guidance, softprompt_steps=args.softprompt_steps,
-                             grids=grids)
-        keys = [k for k in report if k.endswith("acc") or k in ("ua", "fd", "fd_self", "asr_paraphrase",
-                                                                 "asr_softprompt")] + ["n_images", "seconds"]
+                             grids=grids, settings=_attack_settings(args))
+        keys = [k for k in report if k.endswith("acc") or k in ("ua", "fd", "fd_self")
+                or (k.startswith("asr_") and not k.endswith(("_hits", "_n")))] + ["n_images", "seconds"]
     else:
         # no classifier judges these images (another model, or the user's own prompts): compare with the
         # original model, prompt by prompt
@@ -165,10 +186,12 @@ def _evaluate(args, spec, world: bool, generic: bool, reference_name, prompts, g
         reference = _load(args, reference_name)
         report = generic_report(pipe, reference, prompts.forget, prompts.retain, args.attack,
                                 n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps,
-                                guidance=args.guidance, softprompt_steps=args.softprompt_steps, grids=grids)
+                                guidance=args.guidance, softprompt_steps=args.softprompt_steps, grids=grids,
+                                settings=_attack_settings(args), concept_word=spec.a)
         report["concept"] = str(spec)
-        keys = [k for k in ("forget_change", "retain_change", "selectivity", "fd", "fd_self", "softprompt_change",
-                            "softprompt_change_original", "softprompt_recovery") if k in report] + ["seconds"]
+        keys = [k for k in ("forget_change", "retain_change", "selectivity", "fd", "fd_self") if k in report]
+        keys += [k for k in report if k.endswith(("_change", "_change_original", "_recovery")) and k not in keys]
+        keys += ["seconds"]
     report.update(model=args.model, reference=reference_name, written_by="trust_fast")
     return report, keys
 
@@ -480,6 +503,8 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .defaults import EMBEDDING_STEPS, INVERSION_STEPS
+
     ap = argparse.ArgumentParser(prog="trust-fast", description="TRUST concept unlearning for diffusion models")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -508,8 +533,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "comparison (default: shapes for shapes-world models; 'none' skips them there)")
     p.add_argument("--forget-prompts", help="file of prompts showing the concept (one a line; required outside the world)")
     p.add_argument("--retain-prompts", help="file of prompts whose images must not change")
-    p.add_argument("--attack", choices=["none", "paraphrase", "softprompt", "all"], default="none")
+    p.add_argument("--attack", type=_attack_choice, default="none", metavar="none|all|NAME[,NAME...]",
+                   help="attacks to run: paraphrase (synonyms, held-out templates), softprompt (5-token optimized "
+                        "prefix), embedding (every token embedding of the prompt optimized), inversion (a learned "
+                        "word for the concept, textual-inversion style); 'all' runs the four")
     p.add_argument("--softprompt-steps", type=int, default=40, help="Adam steps of the soft-prompt attack")
+    p.add_argument("--embedding-steps", type=int, default=None,
+                   help=f"Adam steps of the embedding attack (default {EMBEDDING_STEPS})")
+    p.add_argument("--inversion-steps", type=int, default=None,
+                   help=f"Adam steps of the inversion attack (default {INVERSION_STEPS})")
+    p.add_argument("--attack-lr", type=float, default=None,
+                   help="learning rate of the optimized attacks (default: each attack's own: 0.01, inversion 0.05)")
     p.add_argument("--grids", metavar="DIR", help="write labelled original | evaluated image grids here "
                                                   "(forget.png, retain.png)")
     _add_sampling(p)

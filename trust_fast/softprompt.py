@@ -1,33 +1,55 @@
-"""Soft prompt prefixes: k free token embeddings placed before a prompt, inside the text encoder.
+"""Free token embeddings inside the text encoder: soft prefixes, whole prompts, placeholder words.
 
-UnlearnDiffAtk-style attacks optimize such a prefix to bring an erased concept back
-(:mod:`trust_fast.evaluation.attacks`); the engine's adversarial option (``TrustConfig.adv_prefix``)
-optimizes one against the model being unlearned and trains on it, so the erasure also holds for the
-prefixes an attacker would find.
+UnlearnDiffAtk-style attacks optimize a soft prefix (k free embeddings before a prompt) to bring an
+erased concept back, the embedding attack optimizes every token of the prompt, and the inversion
+attack one placeholder word (:mod:`trust_fast.evaluation.attacks`); the engine's adversarial option
+(``TrustConfig.adv_prefix``) optimizes a prefix against the model being unlearned and trains on it,
+so the erasure also holds for the prefixes an attacker would find.
 """
 from __future__ import annotations
 
 import contextlib
+import re
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 
 @contextlib.contextmanager
-def prefix_hook(text_encoder, prefix: Tensor):
-    """While active, the token embeddings at positions 1..k of every input are replaced by
-    `prefix` (k, D) (position 0 is the start token)."""
-    k = prefix.shape[0]
-    emb = text_encoder.get_input_embeddings()
-
-    def hook(_module, _inputs, out):
-        return torch.cat([out[:, :1], prefix.to(out.dtype).expand(out.shape[0], -1, -1), out[:, 1 + k:]], 1)
-
-    handle = emb.register_forward_hook(hook)
+def embedding_hook(text_encoder, replace: Callable[[Tensor], Tensor]):
+    """While active, the token embeddings (N, L, D) the text encoder looks up are passed through
+    `replace` (before position embeddings are added); `replace` returns the same shape."""
+    handle = text_encoder.get_input_embeddings().register_forward_hook(lambda _m, _i, out: replace(out))
     try:
         yield
     finally:
         handle.remove()
+
+
+def prefix_hook(text_encoder, prefix: Tensor):
+    """While active, the token embeddings at positions 1..k of every input are replaced by
+    `prefix` (k, D) (position 0 is the start token)."""
+    k = prefix.shape[0]
+    return embedding_hook(text_encoder, lambda out: torch.cat(
+        [out[:, :1], prefix.to(out.dtype).expand(out.shape[0], -1, -1), out[:, 1 + k:]], 1))
+
+
+def placeholder_ids(tokenizer, prompt: str, word: str) -> tuple[Tensor, int]:
+    """Token ids (1, L) of `prompt` with the first whole-word occurrence of `word` (any case) written as
+    one placeholder token, and that token's position; without `word` in the prompt the placeholder
+    goes first ("<v> prompt"). The placeholder's own id is the tokenizer's unknown token: an
+    embedding hook replaces its embedding (the inversion attack's learned word)."""
+    found = re.search(rf"(?<!\w){re.escape(word.strip())}(?!\w)", prompt, flags=re.IGNORECASE) if word.strip() else None
+    before, after = (prompt[:found.start()], prompt[found.end():]) if found else ("", prompt)
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids if text.strip() else []  # noqa: E731
+    filler = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
+    length = tokenizer.model_max_length
+    head = encode(before)[:length - 3]
+    body = head + [filler] + encode(after)
+    ids = [tokenizer.bos_token_id] + body[:length - 2] + [tokenizer.eos_token_id]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return torch.tensor([ids + [pad] * (length - len(ids))]), 1 + len(head)
 
 
 def prefixed_ids(tokenizer, prompts: list[str], k: int) -> Tensor:
@@ -50,4 +72,4 @@ def random_prefix(text_encoder, k: int, generator: torch.Generator) -> Tensor:
     return table[idx.to(table.device)].clone().float()
 
 
-__all__ = ["prefix_hook", "prefixed_ids", "encode_with_prefix", "random_prefix"]
+__all__ = ["embedding_hook", "prefix_hook", "placeholder_ids", "prefixed_ids", "encode_with_prefix", "random_prefix"]

@@ -1,19 +1,32 @@
-"""Adversarial prompt attacks on an unlearned model: paraphrases and UnlearnDiffAtk-style soft prompts.
+"""Adversarial prompt attacks on an unlearned model.
 
-Both report an attack success rate (ASR): the fraction of attacked generations in which the
+- ``paraphrase``: the concept under its synonyms and in held-out templates (no optimization);
+- ``softprompt``: UnlearnDiffAtk's soft prefix, k free token embeddings before each forget prompt;
+- ``embedding``: every token embedding of each forget prompt optimized (a strictly larger search
+  space than the prefix: the words themselves may move);
+- ``inversion``: Concept-Inversion-style textual inversion: one new word embedding learned from the
+  original model's images of the concept, against the unlearned model, shared by every prompt.
+
+The optimized attacks all minimize the unlearned model's denoising loss on images of the concept
+sampled from the original model, then sample from the unlearned model with what they found. Each
+reports an attack success rate, ``asr_<name>``: the fraction of attacked generations in which the
 shipped classifier sees the erased concept again. Without a classifier (a model outside the shapes
-world) the soft-prompt attack reports how close its generations come to the original model's
-instead (:func:`trust_fast.evaluation.generic.generic_report`).
+world) each reports ``<name>_distance`` instead, how close its generations come to the original
+model's (:func:`trust_fast.evaluation.generic.generic_report`). Both models stay unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
 from ..concepts import ConceptSpec
+from ..defaults import EMBEDDING_STEPS, INVERSION_STEPS
 from ..families import family_for
-from ..softprompt import encode_with_prefix, prefix_hook, prefixed_ids, random_prefix
+from ..objectives import add_noise, diffusion_target, mse
+from ..softprompt import (embedding_hook, encode_with_prefix, placeholder_ids, prefix_hook, prefixed_ids,
+                          random_prefix)
 from ..world import vocab
 from ..world.concepts import shows, world_prompts
 from .metrics import (DEFAULT_GUIDANCE, DEFAULT_STEPS, initial_noise, predict_attrs, rms_distance, sample_from_noise,
@@ -30,6 +43,90 @@ def paraphrase_attack(pipe, spec: ConceptSpec, classifier, n_per_prompt: int = 4
     hits = sum(shows(spec, p) for p in preds)
     return {"asr_paraphrase": hits / max(1, len(preds)), "asr_paraphrase_hits": hits,
             "asr_paraphrase_n": len(preds), "paraphrase_prompts": prompts}
+
+
+@contextlib.contextmanager
+def _frozen(*modules):
+    """Every parameter of `modules` without gradient while active (restored after)."""
+    req = {p: p.requires_grad for m in modules for p in m.parameters()}
+    for p in req:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in req.items():
+            p.requires_grad_(r)
+
+
+def _check(pipe, name: str, classifier, prompts, **counts: int):
+    """One line naming what is wrong with an attack's arguments (ValueError), else the pipeline's family."""
+    bad = {k: v for k, v in counts.items() if v < 1}
+    if bad:
+        raise ValueError(f"the {name} attack's {', '.join(f'{k}={v}' for k, v in bad.items())}: each must be >= 1")
+    if classifier is None and not prompts:
+        raise ValueError(f"without a classifier the {name} attack needs its prompts (the forget prompts)")
+    family = family_for(pipe)
+    if not family.supports_prefix:
+        raise ValueError(f"the {name} attack needs a single-text-encoder pipeline; the {family.name} family "
+                         "does not support free token embeddings yet")
+    return family
+
+
+class _Attack:
+    """What the optimized attacks share: the concept's images from the original model, the
+    unlearned model's denoising loss on them, and sampling + judging with the conditioning found."""
+
+    def __init__(self, pipe, original, spec, classifier, name: str, seed: int, steps: int, guidance: float):
+        self.pipe, self.original, self.spec, self.classifier, self.name = pipe, original, spec, classifier, name
+        self.seed, self.steps, self.guidance = seed, steps, guidance
+        self.family = family_for(pipe)
+        self.unet, self.te, self.tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
+        self.dev = self.unet.device
+        self.abar = pipe.scheduler.alphas_cumprod.to(self.dev, torch.float32)
+        self.g = torch.Generator().manual_seed(seed)
+        self.hits, self.total, self.per_prompt, self.distances = 0, 0, [], []
+        self.t0 = time.perf_counter()
+
+    def concept_images(self, i: int, prompt: str, n: int) -> torch.Tensor:
+        """n images of forget prompt i from the original model (the attack's training data)."""
+        return sample_images(self.original, [prompt], n, self.seed + 1000 + i, self.steps,
+                             self.guidance).to(self.dev, self.unet.dtype)
+
+    def loss(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The unlearned model's denoising loss on x0 under `cond` (one random timestep per image)."""
+        t = torch.randint(0, self.abar.numel(), (x0.shape[0],), generator=self.g).to(self.dev)
+        noise = torch.randn(x0.shape, generator=self.g).to(self.dev, x0.dtype)
+        x_t = add_noise(x0, noise, t, self.abar)
+        target = diffusion_target(x0, noise, t, self.abar, self.family.prediction_type)
+        return mse(self.unet(x_t, t, encoder_hidden_states=cond.to(self.dev, self.unet.dtype)).sample, target)
+
+    def judge(self, i: int, prompt: str, cond: torch.Tensor, n: int, **extra) -> None:
+        """Sample n images of prompt i from the unlearned model under `cond` (1, L, D) and count how
+        many show the concept (or, without a classifier, their distance to the original's image of
+        the plain prompt from the same noise)."""
+        # the noise (initial and per step) that sample_images(.., [prompt], n, s) uses
+        s = self.seed + 2000 + i
+        with torch.no_grad():
+            imgs = sample_from_noise(self.pipe, initial_noise(self.pipe, n, s), s, self.steps, self.guidance,
+                                     prompt_embeds=cond.detach().to(self.dev, self.unet.dtype),
+                                     num_images_per_prompt=n)
+        self.total += n
+        if self.classifier is None:
+            d = rms_distance(imgs, sample_images(self.original, [prompt], n, s, self.steps, self.guidance))
+            self.distances.append(d)
+            self.per_prompt.append({"prompt": prompt, "distance": d.mean().item(), "n": n, **extra})
+            return
+        h = sum(shows(self.spec, p) for p in predict_attrs(self.classifier, imgs))
+        self.per_prompt.append({"prompt": prompt, "hits": h, "n": n, **extra})
+        self.hits += h
+
+    def result(self, **settings) -> dict:
+        name = self.name
+        info = {**settings, "per_prompt": self.per_prompt, "seconds": time.perf_counter() - self.t0}
+        if self.classifier is None:
+            return {f"{name}_distance": torch.cat(self.distances).mean().item(), f"{name}_n": self.total, name: info}
+        return {f"asr_{name}": self.hits / max(1, self.total), f"asr_{name}_hits": self.hits,
+                f"asr_{name}_n": self.total, name: info}
 
 
 def softprompt_attack(pipe, original, spec: ConceptSpec | None, classifier, k: int = 5, attack_steps: int = 40,
@@ -49,63 +146,132 @@ def softprompt_attack(pipe, original, spec: ConceptSpec | None, classifier, k: i
     prompt from the same initial noise, and ``softprompt_distance`` (mean per-image RMS distance,
     in the space the pipeline samples in) replaces the ASR keys. An attack that brings the concept
     back drives it toward 0."""
-    t0 = time.perf_counter()
-    if attack_steps < 1 or k < 1 or n_images < 1 or n_per_prompt < 1:
-        raise ValueError(f"attack_steps, k, n_images and n_per_prompt must be >= 1, got {attack_steps}, {k}, "
-                         f"{n_images}, {n_per_prompt}")
-    if classifier is None and not prompts:
-        raise ValueError("without a classifier the soft-prompt attack needs its prompts (the forget prompts)")
-    family = family_for(pipe)
-    if not family.supports_prefix:
-        raise ValueError(f"the soft-prompt attack needs a single-text-encoder pipeline; the {family.name} family "
-                         "does not support soft prefixes yet")
+    _check(pipe, "soft-prompt", classifier, prompts, attack_steps=attack_steps, n_images=n_images,
+           n_per_prompt=n_per_prompt, k=k)
     prompts = prompts or world_prompts(spec).forget
-    unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
-    dev = unet.device
-    abar = pipe.scheduler.alphas_cumprod.to(dev, torch.float32)
-    g = torch.Generator().manual_seed(seed)
-    req = {p: p.requires_grad for p in list(unet.parameters()) + list(te.parameters())}
-    for p in req:
-        p.requires_grad_(False)
-    hits, total, per_prompt, distances = 0, 0, [], []
-    try:
+    a = _Attack(pipe, original, spec, classifier, "softprompt", seed, steps, guidance)
+    with _frozen(a.unet, a.te):
         for i, prompt in enumerate(prompts):
-            x0 = sample_images(original, [prompt], n_images, seed + 1000 + i, steps, guidance).to(dev, unet.dtype)
-            ids = prefixed_ids(tok, [prompt], k).to(te.device)
-            prefix = random_prefix(te, k, g).requires_grad_(True)
+            x0 = a.concept_images(i, prompt, n_images)
+            ids = prefixed_ids(a.tok, [prompt], k).to(a.te.device)
+            prefix = random_prefix(a.te, k, a.g).requires_grad_(True)
             opt = torch.optim.Adam([prefix], lr=lr)
             for _ in range(attack_steps):
-                t = torch.randint(0, abar.numel(), (n_images,), generator=g).to(dev)
-                noise = torch.randn(x0.shape, generator=g).to(dev, x0.dtype)
-                a = abar[t].view(-1, 1, 1, 1)
-                x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-                cond = encode_with_prefix(te, ids, prefix).to(dev, unet.dtype).expand(n_images, -1, -1)
-                loss = torch.nn.functional.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample.float(), noise.float())
+                loss = a.loss(x0, encode_with_prefix(a.te, ids, prefix).expand(n_images, -1, -1))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            with torch.no_grad(), prefix_hook(te, prefix.detach()):
-                cond = te(ids)[0]
-            # the noise (initial and per step) that sample_images(.., [prompt], n_per_prompt, s) uses
-            s = seed + 2000 + i
-            imgs = sample_from_noise(pipe, initial_noise(pipe, n_per_prompt, s), s, steps, guidance,
-                                     prompt_embeds=cond, num_images_per_prompt=n_per_prompt)
-            total += n_per_prompt
-            if classifier is None:  # same noise, plain prompt, original model
-                ref = sample_images(original, [prompt], n_per_prompt, s, steps, guidance)
-                d = rms_distance(imgs, ref)
-                distances.append(d)
-                per_prompt.append({"prompt": prompt, "distance": d.mean().item(), "n": n_per_prompt,
-                                   "final_loss": loss.item()})
-                continue
-            h = sum(shows(spec, p) for p in predict_attrs(classifier, imgs))
-            per_prompt.append({"prompt": prompt, "hits": h, "n": n_per_prompt, "final_loss": loss.item()})
-            hits += h
-    finally:
-        for p, r in req.items():
-            p.requires_grad_(r)
-    info = {"k": k, "steps": attack_steps, "lr": lr, "per_prompt": per_prompt, "seconds": time.perf_counter() - t0}
-    if classifier is None:
-        return {"softprompt_distance": torch.cat(distances).mean().item(), "softprompt_n": total, "softprompt": info}
-    return {"asr_softprompt": hits / max(1, total), "asr_softprompt_hits": hits, "asr_softprompt_n": total,
-            "softprompt": info}
+            with torch.no_grad(), prefix_hook(a.te, prefix.detach()):
+                cond = a.te(ids)[0]
+            a.judge(i, prompt, cond, n_per_prompt, final_loss=loss.item())
+    return a.result(k=k, steps=attack_steps, lr=lr)
+
+
+def embedding_attack(pipe, original, spec: ConceptSpec | None, classifier, attack_steps: int = EMBEDDING_STEPS,
+                     lr: float = 0.01, n_images: int = 4, n_per_prompt: int = 4, seed: int = 0,
+                     steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                     prompts: list[str] | None = None) -> dict:
+    """Every input token embedding of each forget prompt optimized against the unlearned model.
+
+    Starts from the prompt's own token embeddings and frees every position after the start token
+    (the words, the end token and the padding the denoiser also attends to), then proceeds as the
+    soft-prompt attack does (Adam, `lr`, `attack_steps`, on `n_images` images of the concept from
+    the original model; `n_per_prompt` attacked images per prompt). Reports ``asr_embedding`` (or,
+    without a classifier, ``embedding_distance``)."""
+    _check(pipe, "embedding", classifier, prompts, attack_steps=attack_steps, n_images=n_images,
+           n_per_prompt=n_per_prompt)
+    prompts = prompts or world_prompts(spec).forget
+    a = _Attack(pipe, original, spec, classifier, "embedding", seed, steps, guidance)
+    table = a.te.get_input_embeddings()
+    with _frozen(a.unet, a.te):
+        for i, prompt in enumerate(prompts):
+            x0 = a.concept_images(i, prompt, n_images)
+            ids = a.tok([prompt], padding="max_length", max_length=a.tok.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(a.te.device)
+            with torch.no_grad():
+                free = table(ids)[0, 1:].float().clone().requires_grad_(True)
+            replace = lambda out: torch.cat([out[:, :1], free.to(out.dtype).expand(out.shape[0], -1, -1)], 1)  # noqa: E731,B023
+            opt = torch.optim.Adam([free], lr=lr)
+            with embedding_hook(a.te, replace):
+                for _ in range(attack_steps):
+                    loss = a.loss(x0, a.te(ids)[0].expand(n_images, -1, -1))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                with torch.no_grad():
+                    cond = a.te(ids)[0]
+            a.judge(i, prompt, cond, n_per_prompt, final_loss=loss.item())
+    return a.result(steps=attack_steps, lr=lr)
+
+
+def inversion_attack(pipe, original, spec: ConceptSpec | None, classifier, attack_steps: int = INVERSION_STEPS,
+                     lr: float = 0.05, n_images: int = 4, n_per_prompt: int = 4, seed: int = 0,
+                     steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                     prompts: list[str] | None = None, word: str | None = None, batch_size: int = 8) -> dict:
+    """Concept-Inversion-style attack: textual inversion of the erased concept against the unlearned model.
+
+    In every forget prompt the concept's word (`word`; default: the spec's first term, "red" for
+    "red" and "red+circle") becomes one placeholder token (prepended where the word does not occur).
+    One embedding for it, shared by all prompts and started from a random vocabulary token, is
+    learned (Adam, `lr`, `attack_steps` steps of `batch_size` images drawn from the `n_images` per
+    prompt the original model made of the concept) to minimize the unlearned model's denoising loss.
+    Then every forget prompt is sampled with the placeholder (`n_per_prompt` images each). Reports
+    ``asr_inversion`` (or, without a classifier, ``inversion_distance``)."""
+    _check(pipe, "inversion", classifier, prompts, attack_steps=attack_steps, n_images=n_images,
+           n_per_prompt=n_per_prompt, batch_size=batch_size)
+    prompts = prompts or world_prompts(spec).forget
+    word = word if word is not None else (spec.a if spec is not None else "")
+    a = _Attack(pipe, original, spec, classifier, "inversion", seed, steps, guidance)
+    placed = [placeholder_ids(a.tok, p, word) for p in prompts]
+    ids = torch.cat([i for i, _ in placed]).to(a.te.device)
+    at = torch.zeros(ids.shape, dtype=torch.bool)
+    at[torch.arange(len(placed)), torch.tensor([pos for _, pos in placed])] = True
+    at = at.to(a.te.device)
+    with _frozen(a.unet, a.te):
+        x0 = torch.cat([a.concept_images(i, p, n_images) for i, p in enumerate(prompts)])
+        owner = torch.arange(len(prompts)).repeat_interleave(n_images)
+        v = random_prefix(a.te, 1, a.g)[0].requires_grad_(True)
+        rows = lambda sel: embedding_hook(a.te, lambda out: torch.where(  # noqa: E731
+            at[sel].unsqueeze(-1), v.to(out.dtype), out))
+        opt = torch.optim.Adam([v], lr=lr)
+        for _ in range(attack_steps):
+            pick = torch.randperm(x0.shape[0], generator=a.g)[:batch_size]
+            who = owner[pick].to(a.te.device)
+            with rows(who):
+                cond = a.te(ids[who])[0]
+            loss = a.loss(x0[pick.to(x0.device)], cond)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for i, prompt in enumerate(prompts):
+            sel = torch.tensor([i], device=a.te.device)
+            with torch.no_grad(), rows(sel):
+                cond = a.te(ids[sel])[0]
+            a.judge(i, prompt, cond, n_per_prompt)
+    return a.result(steps=attack_steps, lr=lr, word=word, batch_size=batch_size, final_loss=loss.item())
+
+
+OPTIMIZED = {"softprompt": softprompt_attack, "embedding": embedding_attack, "inversion": inversion_attack}
+ATTACK_NAMES = ("paraphrase", *OPTIMIZED)
+
+
+def parse_attacks(attack: str) -> list[str]:
+    """'none', 'all', or a comma-separated list of attack names -> the attacks to run, in a fixed
+    order. ValueError naming the unknown ones."""
+    text = (attack or "none").strip().lower()
+    if text == "none":
+        return []
+    if text == "all":
+        return list(ATTACK_NAMES)
+    asked = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in asked if a not in ATTACK_NAMES]
+    if unknown or not asked:
+        raise ValueError(f"unknown attack(s) {', '.join(map(repr, unknown)) or repr(attack)}: choose none, all, or "
+                         f"a comma-separated list of {', '.join(ATTACK_NAMES)}")
+    return [a for a in ATTACK_NAMES if a in asked]
+
+
+def run_optimized(name: str, pipe, original, spec, classifier, settings: dict | None = None, **common) -> dict:
+    """One optimized attack by name with its per-attack `settings` (its own keywords: attack_steps,
+    lr, k, ...) and the `common` ones (n_per_prompt, seed, steps, guidance, prompts)."""
+    return OPTIMIZED[name](pipe, original, spec, classifier, **common, **(settings or {}))

@@ -14,13 +14,14 @@ model's generations moved away from the original model's, prompt by prompt:
   prompts, against the original's own sampling-noise floor, as in the shapes-world report (from the
   same samples as the change: the model's and the original's images from one noise, the original's
   from another).
-- soft-prompt attack: the same optimization as on the world; ``softprompt_change`` is the attacked
-  images' distance to the original model's images (same noise, plain prompt) over ``noise_floor``.
-  The prefix itself changes an image, so the same attack is also run on the original model:
-  ``softprompt_change_original`` is where a fully restored concept would land. An attack that
-  restores the concept pulls ``softprompt_change`` down from ``forget_change`` toward it;
-  ``softprompt_recovery`` = (forget_change - softprompt_change) / (forget_change -
-  softprompt_change_original) is that pull as a fraction (0: the attack restores nothing, 1: all).
+- optimized attacks (``softprompt``, ``embedding``, ``inversion``): the same optimization as on the
+  world; ``<name>_change`` is the attacked images' distance to the original model's images (same
+  noise, plain prompt) over ``noise_floor``. The attack itself changes an image (a prefix, moved
+  word embeddings, a learned word), so the same attack is also run on the original model:
+  ``<name>_change_original`` is where a fully restored concept would land. An attack that
+  restores the concept pulls ``<name>_change`` down from ``forget_change`` toward it;
+  ``<name>_recovery`` = (forget_change - <name>_change) / (forget_change - <name>_change_original)
+  is that pull as a fraction (0: the attack restores nothing, 1: all).
 
 Distances are measured where the pipeline samples: VAE latents for latent diffusion pipelines,
 pixels for the shapes world. Every metric that needs a classifier is listed under ``skipped``.
@@ -31,7 +32,7 @@ import time
 
 import torch
 
-from .attacks import softprompt_attack
+from .attacks import OPTIMIZED, parse_attacks, run_optimized
 from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, fd_from_images, rms_distance, sample_images, to_pixels
 
 CLASSIFIER_METRICS = ("ua", "retain_acc", "per-attribute accuracies")
@@ -54,15 +55,20 @@ def _mean(x: torch.Tensor) -> float:
 
 def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: list[str], attack: str = "none",
                    n_per_prompt: int = 4, seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-                   softprompt_steps: int = 40, softprompt_k: int = 5, grids: str | None = None) -> dict:
+                   softprompt_steps: int = 40, softprompt_k: int = 5, grids: str | None = None,
+                   settings: dict | None = None, concept_word: str | None = None) -> dict:
     """Classifier-free report of `pipe` against `reference` (the original model); see the module doc.
+    `settings`: per-attack keywords (:func:`trust_fast.evaluation.report.attack_settings`);
+    `concept_word`: the word the inversion attack replaces by its learned token.
 
     `grids`: a directory to write ``forget.png`` and ``retain.png`` into (one row per prompt: the
     original's images | the model's, same noise)."""
-    from .report import ATTACKS
+    from .report import attack_settings
 
-    if attack not in ATTACKS:
-        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, not {attack!r}")
+    attacks = parse_attacks(attack)
+    settings = attack_settings(softprompt_steps, softprompt_k, settings)
+    if concept_word is not None:
+        settings["inversion"].setdefault("word", concept_word)
     if reference is None:
         raise ValueError("a model without a classifier is evaluated against its original: give the reference model")
     if not forget_prompts:
@@ -98,19 +104,19 @@ def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: l
     skipped = [f"{m} (needs a classifier; none judges these prompts)" for m in CLASSIFIER_METRICS]
     if not retain_prompts:
         skipped.append("retain_change, selectivity and fd (no retain prompts given)")
-    if attack in ("paraphrase", "all"):
+    if "paraphrase" in attacks:
         skipped.append("asr_paraphrase (paraphrases come from the shapes world's vocabulary)")
-    if attack in ("softprompt", "all"):
-        kw = dict(k=softprompt_k, attack_steps=softprompt_steps, n_per_prompt=n_per_prompt, seed=seed, steps=steps,
-                  guidance=guidance, prompts=forget_prompts)
-        sp = softprompt_attack(pipe, reference, None, None, **kw)
-        # the same attack on the original: how far the prefix alone moves an image whose concept is intact
-        base = softprompt_attack(reference, reference, None, None, **kw)["softprompt_distance"]
-        report.update(sp, softprompt_change=sp["softprompt_distance"] / floor, softprompt_change_original=base / floor)
-        span = report["forget_change"] - report["softprompt_change_original"]
-        report["softprompt_recovery"] = ((report["forget_change"] - report["softprompt_change"]) / span
-                                         if span > 0 else float("nan"))
-        skipped.append("asr_softprompt (no classifier: softprompt_change measures the attack instead)")
+    for name in (a for a in attacks if a in OPTIMIZED):
+        common = dict(n_per_prompt=n_per_prompt, seed=seed, steps=steps, guidance=guidance, prompts=forget_prompts)
+        found = run_optimized(name, pipe, reference, None, None, settings[name], **common)
+        # the same attack on the original: how far the attack alone moves an image whose concept is intact
+        base = run_optimized(name, reference, reference, None, None, settings[name], **common)[f"{name}_distance"]
+        report.update(found, **{f"{name}_change": found[f"{name}_distance"] / floor,
+                                f"{name}_change_original": base / floor})
+        span = report["forget_change"] - report[f"{name}_change_original"]
+        report[f"{name}_recovery"] = ((report["forget_change"] - report[f"{name}_change"]) / span
+                                      if span > 0 else float("nan"))
+        skipped.append(f"asr_{name} (no classifier: {name}_change measures the attack instead)")
     if grids:
         from .pictures import write_grids
 

@@ -5,24 +5,41 @@ import time
 
 from ..concepts import ConceptSpec
 from ..world.concepts import world_prompts
-from .attacks import paraphrase_attack, softprompt_attack
+from .attacks import ATTACK_NAMES, OPTIMIZED, paraphrase_attack, parse_attacks, run_optimized
 from .metrics import DEFAULT_GUIDANCE, DEFAULT_STEPS, evaluate, quality_distance, sample_images
 
-ATTACKS = ("none", "paraphrase", "softprompt", "all")
+ATTACKS = ("none", *ATTACK_NAMES, "all")  # --attack takes one of these or a comma-separated list
+
+
+def attack_settings(softprompt_steps: int = 40, softprompt_k: int = 5, settings: dict | None = None) -> dict:
+    """Per-attack keyword settings: the soft-prompt shorthands merged under `settings`
+    ({"embedding": {"attack_steps": 200}, ...})."""
+    out = {name: {} for name in OPTIMIZED}
+    out["softprompt"].update(attack_steps=softprompt_steps, k=softprompt_k)
+    for name, kw in (settings or {}).items():
+        if name not in OPTIMIZED:
+            raise ValueError(f"no settings for attack {name!r}: only {', '.join(OPTIMIZED)} take settings")
+        out[name].update(kw)
+    return out
 
 
 def full_report(pipe, spec: ConceptSpec, reference=None, attack: str = "none", classifier=None,
                 n_per_prompt: int = 4, seed: int = 0, steps: int = DEFAULT_STEPS,
                 guidance: float = DEFAULT_GUIDANCE, softprompt_steps: int = 40, softprompt_k: int = 5,
-                grids: str | None = None) -> dict:
+                grids: str | None = None, settings: dict | None = None) -> dict:
     """evaluate() plus, with a reference (the original model), fd on the retain prompts, plus attacks.
-    The soft-prompt attack needs the reference: it attacks with the original model's images.
+    `attack`: 'none', 'all' or a comma-separated list of :data:`ATTACKS`; `settings`: per-attack
+    keywords (see :func:`attack_settings`). The optimized attacks (softprompt, embedding, inversion)
+    need the reference: they attack with the original model's images.
     `grids`: a directory for ``forget.png`` and ``retain.png``, labelled original | evaluated
     images from the same noise (needs the reference)."""
     from ..world import load_classifier
 
-    if attack not in ATTACKS:
-        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, not {attack!r}")
+    attacks = parse_attacks(attack)
+    settings = attack_settings(softprompt_steps, softprompt_k, settings)
+    if reference is None and set(attacks) & set(OPTIMIZED):
+        raise ValueError(f"the {', '.join(a for a in attacks if a in OPTIMIZED)} attack(s) need the original "
+                         "model (--reference)")
     t0 = time.perf_counter()
     classifier = classifier or load_classifier()
     report, forget_imgs, retain_imgs = evaluate(pipe, spec, classifier, n_per_prompt, seed, steps, guidance,
@@ -44,14 +61,12 @@ def full_report(pipe, spec: ConceptSpec, reference=None, attack: str = "none", c
                                        n_per_prompt, seed, steps, guidance))
     else:
         skipped.append("fd (no reference model)")
-    if attack in ("paraphrase", "all"):
-        report.update(paraphrase_attack(pipe, spec, classifier, n_per_prompt, seed, steps, guidance))
-    if attack in ("softprompt", "all"):
-        if reference is None:
-            raise ValueError("the soft-prompt attack needs the original model (--reference)")
-        report.update(softprompt_attack(pipe, reference, spec, classifier, k=softprompt_k,
-                                        attack_steps=softprompt_steps, n_per_prompt=n_per_prompt, seed=seed,
-                                        steps=steps, guidance=guidance))
+    for name in attacks:
+        if name == "paraphrase":
+            report.update(paraphrase_attack(pipe, spec, classifier, n_per_prompt, seed, steps, guidance))
+        else:
+            report.update(run_optimized(name, pipe, reference, spec, classifier, settings[name],
+                                        n_per_prompt=n_per_prompt, seed=seed, steps=steps, guidance=guidance))
     report["skipped"] = skipped
     report["seconds"] = time.perf_counter() - t0
     return report
