@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import time
 
 import torch
+
+from trust_fast.evaluation.metrics import wilson
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PARTS = ("red", "pair", "paraphrase", "attack", "adv")
@@ -82,17 +83,6 @@ def run(seeds: list[int], parts: list[str], out: str) -> None:
             print(json.dumps(rec), flush=True)
             with open(out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95% interval of k successes in n trials."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def summary(path: str) -> str:

@@ -1,25 +1,37 @@
-"""TRUST vs SalUn vs ESD on the built-in shapes model: same seeds, same evaluation, one table.
+"""TRUST vs SalUn vs ESD on the built-in shapes model: same seeds, same evaluation, same attacks, one table.
 
-Each (concept, method) runs in its own subprocess so that its peak memory is its own. During a
-run, UA and retain accuracy are evaluated on a schedule (small sample, evaluation time excluded
-from the clock); `secs_to_ua05` is the method's own wall-clock (data-free image cache + steps) at
-the first evaluation with UA <= 0.05. At the end: the full report (UA, retain, fd, paraphrase and
-soft-prompt attacks) on the default evaluation sample. Methods: trust (TrustConfig defaults),
-trust-adv (the same with its opt-in adversarial prefix, adv_prefix=5), salun, esd.
+Each (concept, method, seed) trains in its own subprocess so that its peak memory is its own;
+concepts the world gives identical training sets ("red+circle" and "red|circle") share one
+training run and are each evaluated on it. During a run, UA and retain accuracy are evaluated on
+a schedule (small sample, evaluation time excluded from the clock); `secs_to_ua05` is the
+method's own wall-clock (data-free image cache + steps) at the first evaluation with UA <= 0.05.
+At the end: the full report (UA, retain, fd) on at least `--images` forget images per run, and
+the attacks (paraphrase, softprompt, embedding, inversion) on at least `--attack-images` attacked
+images per run and attack. Methods: trust (TrustConfig defaults), trust-adv (the same with its
+adversarial prefix, adv_prefix=5), salun, esd.
 
-    python benchmarks/compare_methods.py                       # all 5 concepts x 4 methods
-    python benchmarks/compare_methods.py --concepts red --methods trust,esd
+Every finished run is appended to benchmarks/results/compare_runs.jsonl; a run already there
+(same concept, method, seed and settings) is not repeated, so a long comparison can be stopped
+and continued. The table pools each (concept, method) over its seeds: rates are pooled counts
+with their Wilson 95% interval, "worst" is the worst seed, retain is the lowest seed's ratio to
+the original.
 
-Writes benchmarks/results/compare.csv, compare.json, compare.png, the per-run history plots, and the
-Markdown table between the COMPARE markers of BENCHMARKS.md.
+    python benchmarks/compare_methods.py --seeds 0 1 2 --jobs 2          # 5 concepts x 4 methods x 3 seeds
+    python benchmarks/compare_methods.py --concepts red --methods trust,esd --seeds 0
+    python benchmarks/compare_methods.py --table                          # the table from the saved runs
+
+Writes benchmarks/results/compare.csv, compare.json, compare.png, the history plots of the first
+seed, and the Markdown table between the COMPARE markers of BENCHMARKS.md and README.md.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 CONCEPTS = ["red", "circle", "striped", "red+circle", "red|circle"]
 METHODS = ["trust", "trust-adv", "salun", "esd"]
+ATTACKS = ["paraphrase", "softprompt", "embedding", "inversion"]
 # named configurations beside the registered methods: TRUST with its opt-in adversarial prefix
 VARIANTS = {"trust-adv": ("trust", {"adv_prefix": 5})}
 
@@ -38,9 +51,11 @@ def method_config(name: str, **overrides):
 
     base, extra = VARIANTS.get(name, (name, {}))
     return config(base, **extra, **overrides)
-COLUMNS = ["concept", "method", "ua", "retain_acc", "retain_before", "fd", "fd_self", "asr_paraphrase",
-           "asr_softprompt", "secs_to_ua05", "seconds", "steps", "peak_rss_mb", "train_mem_mb", "trainable_params",
-           "mean_selected_rows", "optimizer_state_bytes"]
+
+
+COLUMNS = ["concept", "method", "seeds", "ua", "ua_k", "ua_n", "ua_lo", "ua_hi", "ua_worst", "retain_ratio_min",
+           "fd_ratio", *[f"asr_{a}{x}" for a in ATTACKS for x in ("", "_k", "_n", "_lo", "_hi")],
+           "secs_to_ua05", "seconds", "peak_rss_mb", "train_mem_mb", "optimizer_state_bytes"]
 
 
 def _rss_mb() -> float:
@@ -48,8 +63,36 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_one(concept: str, method: str, steps: int | None, seed: int, eval_every: int, n_per_prompt: int,
-            softprompt_steps: int) -> dict:
+def per_prompt(concept: str, images: int) -> int:
+    """Images per forget prompt so that a run evaluates at least `images` forget images."""
+    from trust_fast.concepts import parse_concept
+    from trust_fast.world.concepts import world_prompts
+
+    return max(1, math.ceil(images / len(world_prompts(parse_concept(concept)).forget)))
+
+
+def training_groups(concepts: list[str]) -> list[list[str]]:
+    """Concepts whose training is identical (same world prompt sets) share one run: the first trains."""
+    from trust_fast.concepts import parse_concept
+    from trust_fast.world.concepts import world_prompts
+
+    groups: dict = {}
+    for c in concepts:
+        p = world_prompts(parse_concept(c))
+        groups.setdefault((tuple(p.forget), tuple(p.anchors), tuple(p.retain)), []).append(c)
+    return list(groups.values())
+
+
+def run_key(row: dict) -> tuple:
+    return (row["concept"], row["method"], row["seed"], row["steps_override"], row.get("sample_steps"), row["images"],
+            row["attack_images"],
+            tuple(row["attacks"]), json.dumps(row["attack_settings"], sort_keys=True))
+
+
+def run_group(concepts: list[str], method: str, seed: int, steps: int | None, eval_every: int, images: int,
+              attack_images: int, attacks: list[str], settings: dict, plots: str | None,
+              sample_steps: int | None = None) -> list[dict]:
+    """Train `method` once on concepts[0] and report every concept of the group on the result."""
     import torch
 
     from trust_fast import TrustUnlearner
@@ -58,17 +101,16 @@ def run_one(concept: str, method: str, steps: int | None, seed: int, eval_every:
     from trust_fast.world import load_classifier, load_pipeline
 
     torch.manual_seed(seed)
-    spec = parse_concept(concept)
+    specs = [parse_concept(c) for c in concepts]
     classifier = load_classifier()
     reference = load_pipeline("shapes")
-    before = evaluate(reference, spec, classifier, n_per_prompt=n_per_prompt, seed=seed)
     pipe = load_pipeline("shapes")
     cfg = method_config(method, seed=seed, **({"steps": steps} if steps else {}))
     rss0 = _rss_mb()
-    u = TrustUnlearner(pipe, concept=spec, config=cfg)
+    u = TrustUnlearner(pipe, concept=specs[0], config=cfg)
 
     def quick_eval(unl) -> dict:
-        r = evaluate(unl.pipe, spec, classifier, n_per_prompt=1, seed=seed + 99)
+        r = evaluate(unl.pipe, specs[0], classifier, n_per_prompt=1, seed=seed + 99)
         return {"ua": r["ua"], "retain_acc": r["retain_acc"], "train_seconds": unl.seconds}
 
     u.history.evals.append({"step": 0, **quick_eval(u)})
@@ -76,24 +118,74 @@ def run_one(concept: str, method: str, steps: int | None, seed: int, eval_every:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     hits = [e for e in u.history.evals if e["ua"] <= 0.05 and e["step"] > 0]
     rep = u.report()
-    final = full_report(u.pipe, spec, reference, attack="all", classifier=classifier, n_per_prompt=n_per_prompt,
-                        seed=seed, softprompt_steps=softprompt_steps)
-    from trust_fast.evaluation.pictures import plot_history
+    rows = []
+    for concept, spec in zip(concepts, specs):
+        n, n_attack = per_prompt(concept, images), per_prompt(concept, attack_images)
+        sampling = {"steps": sample_steps} if sample_steps else {}
+        before = evaluate(reference, spec, classifier, n_per_prompt=n, seed=seed, **sampling)
+        final = full_report(u.pipe, spec, reference, attack=",".join(attacks) or "none", classifier=classifier,
+                            n_per_prompt=n, seed=seed, settings=settings, attack_n_per_prompt=n_attack, **sampling)
+        row = {"concept": concept, "method": method, "seed": seed, "steps_override": steps, "images": images,
+               "sample_steps": sample_steps,
+               "attack_images": attack_images, "attacks": attacks, "attack_settings": settings,
+               "trained_on": concepts[0], "ua": final["ua"], "n_forget": final["n_forget"],
+               "retain_acc": final["retain_acc"], "n_retain": final["n_retain"], "ua_before": before["ua"],
+               "retain_before": before["retain_acc"], "fd": final["fd"], "fd_self": final["fd_self"],
+               "secs_to_ua05": hits[0]["train_seconds"] if hits else None, "seconds": u.seconds,
+               "steps": u.step_count, "peak_rss_mb": peak, "train_mem_mb": max(0.0, peak - rss0),
+               "trainable_params": rep.get("trainable_params"), "mean_selected_rows": rep.get("mean_selected_rows"),
+               "optimizer_state_bytes": u.state_bytes()["optimizer_state_bytes"], "evals": u.history.evals,
+               "phases": {k: sum(s.get(k, 0.0) for s in rep["history"]) for k in rep["history"][0]
+                          if k.startswith("time_")},
+               "pool_seconds": u.pool_seconds, "config": rep.get("config"), "threads": torch.get_num_threads(),
+               "eval_seconds": final["seconds"]}
+        for a in attacks:
+            row.update({f"asr_{a}": final[f"asr_{a}"], f"asr_{a}_hits": final[f"asr_{a}_hits"],
+                        f"asr_{a}_n": final[f"asr_{a}_n"]})
+            if a != "paraphrase":
+                row[f"{a}_seconds"] = final[a]["seconds"]
+        rows.append(row)
+        if plots:  # a directory for the history plot
+            from trust_fast.evaluation.pictures import plot_history
 
-    os.makedirs(RESULTS, exist_ok=True)
-    plot_history(u.history.evals, os.path.join(RESULTS, f"history_{method}_{concept.replace('|', '_if_')}.png"),
-                 title=f"{method}: {concept}")
-    return {"concept": concept, "method": method, "ua": final["ua"], "retain_acc": final["retain_acc"],
-            "ua_before": before["ua"], "retain_before": before["retain_acc"],
-            "fd": final["fd"], "fd_self": final["fd_self"], "asr_paraphrase": final["asr_paraphrase"],
-            "asr_softprompt": final["asr_softprompt"],
-            "secs_to_ua05": hits[0]["train_seconds"] if hits else None,
-            "seconds": u.seconds, "steps": u.step_count, "peak_rss_mb": peak, "train_mem_mb": max(0.0, peak - rss0),
-            "trainable_params": rep.get("trainable_params"), "mean_selected_rows": rep.get("mean_selected_rows"),
-            "optimizer_state_bytes": u.state_bytes()["optimizer_state_bytes"],
-            "evals": u.history.evals, "final": {k: v for k, v in final.items() if k != "softprompt"},
-            "phases": {k: sum(s.get(k, 0.0) for s in rep["history"]) for k in rep["history"][0] if k.startswith("time_")},
-            "pool_seconds": u.pool_seconds, "config": rep.get("config"), "threads": torch.get_num_threads()}
+            os.makedirs(plots, exist_ok=True)
+            plot_history(u.history.evals, os.path.join(plots, f"history_{method}_{concept.replace('|', '_if_')}.png"),
+                         title=f"{method}: {concept} (seed {seed})")
+    return rows
+
+
+def aggregate(runs: list[dict], concepts: list[str], methods: list[str]) -> list[dict]:
+    """One row per (concept, method): rates pooled over seeds with Wilson intervals, worst seed, medians."""
+    from trust_fast.evaluation.metrics import wilson
+
+    out = []
+    for c in concepts:
+        for m in methods:
+            rs = sorted((r for r in runs if r["concept"] == c and r["method"] == m), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            k = sum(round(r["ua"] * r["n_forget"]) for r in rs)
+            n = sum(r["n_forget"] for r in rs)
+            row = {"concept": c, "method": m, "seeds": " ".join(str(r["seed"]) for r in rs), "ua": k / n,
+                   "ua_k": k, "ua_n": n, "ua_worst": max(r["ua"] for r in rs),
+                   "retain_ratio_min": min(r["retain_acc"] / r["retain_before"] for r in rs),
+                   "fd_ratio": statistics.mean(r["fd"] / r["fd_self"] for r in rs),
+                   "seconds": statistics.median(r["seconds"] for r in rs),
+                   "secs_to_ua05": (statistics.median(r["secs_to_ua05"] for r in rs)
+                                    if all(r["secs_to_ua05"] is not None for r in rs) else None),
+                   "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+                   "train_mem_mb": statistics.median(r["train_mem_mb"] for r in rs),
+                   "optimizer_state_bytes": statistics.median(r["optimizer_state_bytes"] for r in rs)}
+            row["ua_lo"], row["ua_hi"] = wilson(k, n)
+            for a in ATTACKS:
+                have = [r for r in rs if f"asr_{a}_n" in r]
+                if not have:
+                    continue
+                ka, na = sum(r[f"asr_{a}_hits"] for r in have), sum(r[f"asr_{a}_n"] for r in have)
+                row.update({f"asr_{a}": ka / na, f"asr_{a}_k": ka, f"asr_{a}_n": na})
+                row[f"asr_{a}_lo"], row[f"asr_{a}_hi"] = wilson(ka, na)
+            out.append(row)
+    return out
 
 
 def fmt(v) -> str:
@@ -104,24 +196,48 @@ def fmt(v) -> str:
     return str(v)
 
 
+def rate(row: dict, name: str) -> str:
+    """'0.021 (2/96; 0.01-0.07)': a pooled rate, its counts and its Wilson 95% interval."""
+    if f"{name}_n" not in row:
+        return "-"
+    return f"{row[name]:.3f} ({row[name + '_k']}/{row[name + '_n']}; {row[name + '_lo']:.2f}-{row[name + '_hi']:.2f})"
+
+
 def markdown(rows: list[dict]) -> str:
-    cols = ["concept", "method", "ua", "retain_acc", "fd", "asr_paraphrase", "asr_softprompt", "secs_to_ua05",
-            "seconds", "train_mem_mb"]
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    cell = lambda v: fmt(v).replace("|", "\\|")  # noqa: E731  ("red|circle" inside a table)
-    return head + "".join("| " + " | ".join(cell(r.get(c)) for c in cols) + " |\n" for r in rows)
+    head = ["concept", "method", "seeds", "UA (pooled; 95% CI)", "UA worst seed", "retain ratio (worst seed)",
+            "fd / fd_self", *[f"asr_{a}" for a in ATTACKS], "s to UA<=0.05", "s (median)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["concept"], r["method"], r["seeds"], rate(r, "ua"), fmt(r["ua_worst"]), fmt(r["retain_ratio_min"]),
+                 f"{r['fd_ratio']:.2f}", *[rate(r, f"asr_{a}") for a in ATTACKS], fmt(r["secs_to_ua05"]),
+                 f"{r['seconds']:.1f}"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
-def write_outputs(rows: list[dict], command: str) -> None:
+def read_runs(path: str, **wanted) -> list[dict]:
+    """The saved runs whose settings equal `wanted` (all of them without)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        runs = [json.loads(line) for line in f if line.strip()]
+    return [r for r in runs if all(r.get(k) == v for k, v in wanted.items())]
+
+
+def write_outputs(rows: list[dict], command: str, results: str = RESULTS) -> None:
+    """compare.csv/json/png under `results`; the Markdown block into BENCHMARKS.md and README.md only
+    for the repository's own results directory."""
     from trust_fast.io import atomic_path, write_json_atomic
 
-    os.makedirs(RESULTS, exist_ok=True)
-    with atomic_path(os.path.join(RESULTS, "compare.csv"), ".csv") as tmp, open(tmp, "w", newline="") as f:
+    os.makedirs(results, exist_ok=True)
+    with atomic_path(os.path.join(results, "compare.csv"), ".csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    write_json_atomic(rows, os.path.join(RESULTS, "compare.json"))
-    plot(rows, os.path.join(RESULTS, "compare.png"))
+    write_json_atomic(rows, os.path.join(results, "compare.json"))
+    plot(rows, os.path.join(results, "compare.png"))
+    if os.path.abspath(results) != os.path.abspath(RESULTS):
+        return
     block = (f"{BEGIN}\nCommand: `{command}`\n\n{markdown(rows)}\n"
              f"![UA and seconds per method](benchmarks/results/compare.png)\n{END}")
     root = os.path.dirname(HERE)
@@ -153,6 +269,7 @@ def replace_block(path: str, block: str, heading: str | None = None) -> None:
 
 
 def plot(rows: list[dict], path: str) -> None:
+    """Pooled UA, worst retain ratio, and each attack's pooled ASR per concept and method (95% intervals)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,19 +279,24 @@ def plot(rows: list[dict], path: str) -> None:
 
     concepts = list(dict.fromkeys(r["concept"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
+    panels = [("ua", "UA after, pooled over seeds"), ("retain_ratio_min", "retain / original (worst seed)")]
+    panels += [(f"asr_{a}", f"asr_{a}") for a in ATTACKS if any(f"asr_{a}_n" in r for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), dpi=110, squeeze=False)
     width = 0.8 / len(methods)
-    for k, m in enumerate(methods):
-        by = {r["concept"]: r for r in rows if r["method"] == m}
-        xs = [i + k * width for i in range(len(concepts))]
-        axes[0].bar(xs, [by[c]["ua"] if c in by else 0 for c in concepts], width, label=m)
-        axes[1].bar(xs, [by[c]["retain_acc"] if c in by else 0 for c in concepts], width, label=m)
-        axes[2].bar(xs, [by[c]["secs_to_ua05"] or 0 for c in concepts], width, label=m)
-    for ax, title in zip(axes, ["UA after (lower is better)", "retain accuracy after", "seconds to UA <= 0.05 (0 = never)"]):
+    for ax, (key, title) in zip(axes[0], panels):
+        for k, m in enumerate(methods):
+            by = {r["concept"]: r for r in rows if r["method"] == m}
+            xs = [i + k * width for i in range(len(concepts))]
+            vals = [by[c].get(key, 0) if c in by else 0 for c in concepts]
+            err = None
+            if f"{key}_lo" in next(iter(by.values()), {}):
+                err = [[max(0.0, v - by[c].get(f"{key}_lo", v)) if c in by else 0 for c, v in zip(concepts, vals)],
+                       [max(0.0, by[c].get(f"{key}_hi", v) - v) if c in by else 0 for c, v in zip(concepts, vals)]]
+            ax.bar(xs, vals, width, label=m, yerr=err, capsize=2)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(concepts))], concepts, rotation=20)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend()
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png")
@@ -185,62 +307,103 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concepts", default=",".join(CONCEPTS))
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     ap.add_argument("--steps", type=int, default=None, help="override every method's step count")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--n-per-prompt", type=int, default=4)
+    ap.add_argument("--sample-steps", type=int, default=None,
+                    help="sampling steps of every evaluation and attack image (default: the evaluation's own)")
+    ap.add_argument("--images", type=int, default=96, help="forget images per run for UA (at least)")
+    ap.add_argument("--attack-images", type=int, default=32, help="attacked images per run and attack (at least)")
+    ap.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated, or 'none'")
     ap.add_argument("--softprompt-steps", type=int, default=40)
+    ap.add_argument("--embedding-steps", type=int, default=None)
+    ap.add_argument("--inversion-steps", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (each then uses one thread)")
-    ap.add_argument("--one", nargs=2, metavar=("CONCEPT", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--table", action="store_true", help="only write the table from the saved runs")
+    ap.add_argument("--results", default=RESULTS, help="directory of the runs and outputs (default "
+                    "benchmarks/results; BENCHMARKS.md and README.md are updated only for that one)")
+    ap.add_argument("--group", help=argparse.SUPPRESS)
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one:
-        row = run_one(args.one[0], args.one[1], args.steps, args.seed, args.eval_every, args.n_per_prompt,
-                      args.softprompt_steps)
+    from trust_fast.evaluation.attacks import parse_attacks
+
+    attacks = parse_attacks(args.attacks)
+    settings = {"softprompt": {"attack_steps": args.softprompt_steps}}
+    for name in ("embedding", "inversion"):
+        if getattr(args, f"{name}_steps"):
+            settings[name] = {"attack_steps": getattr(args, f"{name}_steps")}
+    runs_path = os.path.join(args.results, "compare_runs.jsonl")
+    if args.group:
+        rows = run_group(args.group.split(","), args.method, args.seed, args.steps, args.eval_every, args.images,
+                         args.attack_images, attacks, settings,
+                         plots=args.results if args.seed == args.seeds[0] else None, sample_steps=args.sample_steps)
         with open(args.json_out, "w") as f:
-            json.dump(row, f)
+            json.dump(rows, f)
         return 0
-    runs = [(c, m) for c in args.concepts.split(",") for m in args.methods.split(",")]
+    concepts, methods = args.concepts.split(","), args.methods.split(",")
     from trust_fast.methods import METHODS as REGISTERED
 
-    unknown = sorted({m for _, m in runs} - set(REGISTERED) - set(VARIANTS))
+    unknown = sorted(set(methods) - set(REGISTERED) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(list(REGISTERED) + list(VARIANTS))}")
-    os.makedirs(RESULTS, exist_ok=True)
+    command = "python benchmarks/compare_methods.py " + " ".join(a for a in sys.argv[1:] if a != "--table")
+    wanted = {"steps_override": args.steps, "sample_steps": args.sample_steps, "images": args.images, "attack_images": args.attack_images,
+              "attacks": attacks, "attack_settings": settings}
+    if args.table:
+        rows = aggregate([r for r in read_runs(runs_path, **wanted) if r["seed"] in args.seeds], concepts, methods)
+        write_outputs(rows, command, args.results)
+        print(markdown(rows))
+        return 0
+    have = {run_key(r) for r in read_runs(runs_path)}
+    todo = [(g, m, s) for s in args.seeds for g in training_groups(concepts) for m in methods
+            if any(run_key({"concept": c, "method": m, "seed": s, **wanted}) not in have for c in g)]
+    os.makedirs(args.results, exist_ok=True)
     env = dict(os.environ)
     if args.jobs > 1:  # runs side by side: one thread each, so they do not fight over the cores
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    pending, running, done = list(runs), [], {}
+    pending, running = list(todo), []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(runs), desc="compare")
+    bar = tqdm(total=len(todo), desc="compare (training runs)")
     while pending or running:
         while pending and len(running) < args.jobs:
-            concept, method = pending.pop(0)
-            out = os.path.join(RESULTS, f".run_{method}_{concept.replace('|', '_if_')}.json")
-            cmd = [sys.executable, __file__, "--one", concept, method, "--json-out", out, "--seed", str(args.seed),
-                   "--eval-every", str(args.eval_every), "--n-per-prompt", str(args.n_per_prompt),
-                   "--softprompt-steps", str(args.softprompt_steps)] + (["--steps", str(args.steps)] if args.steps else [])
-            running.append((concept, method, out, time.perf_counter(),
+            group, method, seed = pending.pop(0)
+            out = os.path.join(args.results, f".run_{method}_{group[0].replace('|', '_if_')}_{seed}.json")
+            cmd = [sys.executable, __file__, "--group", ",".join(group), "--method", method, "--seed", str(seed),
+                   "--json-out", out, "--seeds", *map(str, args.seeds), "--eval-every", str(args.eval_every),
+                   "--images", str(args.images), "--attack-images", str(args.attack_images),
+                   "--attacks", ",".join(attacks) or "none", "--softprompt-steps", str(args.softprompt_steps),
+                   "--results", args.results]
+            for name in ("steps", "sample_steps", "embedding_steps", "inversion_steps"):
+                if getattr(args, name):
+                    cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            running.append((group, method, seed, out, time.perf_counter(),
                             subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)))
         time.sleep(1.0)
         for item in list(running):
-            concept, method, out, t0, proc = item
+            group, method, seed, out, t0, proc = item
             if proc.poll() is None:
                 continue
             running.remove(item)
             if proc.returncode != 0:
-                raise SystemExit(f"run {concept} / {method} failed with exit code {proc.returncode}")
+                raise SystemExit(f"run {'/'.join(group)} / {method} / seed {seed} failed with exit code "
+                                 f"{proc.returncode}")
             with open(out) as f:
-                r = done[(concept, method)] = json.load(f)
+                rows = json.load(f)
             os.unlink(out)
+            with open(runs_path, "a") as f:  # one line per finished run: the comparison can be continued
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
             bar.update(1)
-            bar.write(f"{concept:12s} {method:6s} ua {r['ua']:.3f} retain {r['retain_acc']:.3f} "
-                      f"to-0.05 {fmt(r['secs_to_ua05'])} s, total {r['seconds']:.1f} s "
-                      f"(run {time.perf_counter() - t0:.0f} s)")
+            for r in rows:
+                asr = " ".join(f"{a} {r[f'asr_{a}']:.3f}" for a in attacks)
+                bar.write(f"{r['concept']:12s} {method:9s} seed {seed} ua {r['ua']:.3f} retain {r['retain_acc']:.3f} "
+                          f"{asr} train {r['seconds']:.1f} s (run {time.perf_counter() - t0:.0f} s)")
     bar.close()
-    rows = [done[k] for k in runs]
-    write_outputs(rows, "python benchmarks/compare_methods.py " + " ".join(sys.argv[1:]))
+    rows = aggregate([r for r in read_runs(runs_path, **wanted) if r["seed"] in args.seeds], concepts, methods)
+    write_outputs(rows, command, args.results)
     print(markdown(rows))
     return 0
 

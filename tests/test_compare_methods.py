@@ -1,4 +1,5 @@
-"""benchmarks/compare_methods.py: its method names resolve to valid engine configurations."""
+"""benchmarks/compare_methods.py: its method names resolve to valid engine configurations, shared
+training runs, pooled rates with intervals, and a tiny end-to-end comparison that resumes."""
 import importlib.util
 import os
 import sys
@@ -50,3 +51,55 @@ def test_results_block_replaces_only_the_marked_part(compare, tmp_path):
     compare.replace_block(str(bench), block, "## TRUST vs SalUn vs ESD")
     assert bench.read_text() == "# Benchmarks\n\n## TRUST vs SalUn vs ESD\n\n" + block + "\n"
     assert list(tmp_path.iterdir()) and not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
+
+
+def test_pairs_with_the_same_training_share_one_run(compare):
+    assert compare.training_groups(["red", "red+circle", "circle", "red|circle"]) == [
+        ["red"], ["red+circle", "red|circle"], ["circle"]]
+    assert compare.per_prompt("red", 96) * 6 >= 96 and compare.per_prompt("red+circle", 96) == 48
+
+
+def test_rates_are_pooled_over_seeds_with_wilson_intervals(compare):
+    from trust_fast.evaluation.metrics import wilson
+
+    def run(seed, ua, hits):
+        return {"concept": "red", "method": "trust", "seed": seed, "ua": ua, "n_forget": 96, "retain_acc": 0.95,
+                "retain_before": 1.0 if seed else 0.95, "fd": 110.0, "fd_self": 100.0, "seconds": 40.0 + seed,
+                "secs_to_ua05": None if seed == 2 else 10.0, "peak_rss_mb": 1.0, "train_mem_mb": 1.0,
+                "optimizer_state_bytes": 8, "asr_softprompt": hits / 32, "asr_softprompt_hits": hits,
+                "asr_softprompt_n": 32}
+
+    (row,) = compare.aggregate([run(0, 0.0, 1), run(1, 2 / 96, 3), run(2, 4 / 96, 0)], ["red"], ["trust"])
+    assert (row["ua_k"], row["ua_n"], row["ua_worst"]) == (6, 288, 4 / 96)
+    assert (row["ua_lo"], row["ua_hi"]) == wilson(6, 288)
+    assert (row["asr_softprompt_k"], row["asr_softprompt_n"]) == (4, 96)
+    assert row["retain_ratio_min"] == 0.95 and row["seconds"] == 41.0 and row["secs_to_ua05"] is None
+    assert "asr_embedding" not in row and compare.rate(row, "asr_embedding") == "-"
+    assert compare.rate(row, "ua").startswith("0.021 (6/288; 0.01-0.04)")
+
+
+@pytest.mark.slow
+def test_a_tiny_comparison_runs_once_and_resumes(compare, tmp_path, monkeypatch):
+    """Two concepts with one training set, ESD at 2 steps, every attack at 2 steps: one training
+    run reports both; the second call finds both runs saved and trains nothing."""
+    import json
+
+    argv = ["compare_methods.py", "--concepts", "red+circle,red|circle", "--methods", "esd", "--seeds", "0",
+            "--steps", "2", "--images", "4", "--attack-images", "2", "--softprompt-steps", "2", "--embedding-steps",
+            "2", "--inversion-steps", "2", "--eval-every", "1", "--sample-steps", "2", "--results", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert compare.main() == 0
+    runs = [json.loads(line) for line in (tmp_path / "compare_runs.jsonl").read_text().splitlines()]
+    assert [r["concept"] for r in runs] == ["red+circle", "red|circle"]
+    assert {r["trained_on"] for r in runs} == {"red+circle"} and runs[0]["seconds"] == runs[1]["seconds"]
+    for r in runs:
+        assert r["n_forget"] >= 4 and all(r[f"asr_{a}_n"] >= 2 for a in compare.ATTACKS)
+    rows = json.loads((tmp_path / "compare.json").read_text())
+    assert [(r["concept"], r["ua_n"]) for r in rows] == [(r["concept"], r["n_forget"]) for r in runs]
+    assert (tmp_path / "compare.png").stat().st_size > 0
+
+    def no_training(*a, **k):
+        raise AssertionError("a saved run was trained again")
+
+    monkeypatch.setattr(compare.subprocess, "Popen", no_training)
+    assert compare.main() == 0

@@ -11,6 +11,19 @@ from ..world import vocab
 from ..world.concepts import shows, world_prompts
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95% interval of a rate: k successes in n trials ((nan, nan) for n = 0)."""
+    import math
+
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
 def initial_noise(pipe, n: int, seed: int) -> torch.Tensor:
     """The (n, C, H, W) float32 CPU starting noise that `sample_images` gives n images from `seed`."""
     from ..families import family_for

@@ -26,10 +26,12 @@ def attack_settings(softprompt_steps: int = 40, softprompt_k: int = 5, settings:
 def full_report(pipe, spec: ConceptSpec, reference=None, attack: str = "none", classifier=None,
                 n_per_prompt: int = 4, seed: int = 0, steps: int = DEFAULT_STEPS,
                 guidance: float = DEFAULT_GUIDANCE, softprompt_steps: int = 40, softprompt_k: int = 5,
-                grids: str | None = None, settings: dict | None = None) -> dict:
+                grids: str | None = None, settings: dict | None = None,
+                attack_n_per_prompt: int | None = None) -> dict:
     """evaluate() plus, with a reference (the original model), fd on the retain prompts, plus attacks.
     `attack`: 'none', 'all' or a comma-separated list of :data:`ATTACKS`; `settings`: per-attack
-    keywords (see :func:`attack_settings`). The optimized attacks (softprompt, embedding, inversion)
+    keywords (see :func:`attack_settings`); `attack_n_per_prompt`: attacked images per forget prompt
+    (default `n_per_prompt`). The optimized attacks (softprompt, embedding, inversion)
     need the reference: they attack with the original model's images.
     `grids`: a directory for ``forget.png`` and ``retain.png``, labelled original | evaluated
     images from the same noise (needs the reference)."""
@@ -61,12 +63,13 @@ def full_report(pipe, spec: ConceptSpec, reference=None, attack: str = "none", c
                                        n_per_prompt, seed, steps, guidance))
     else:
         skipped.append("fd (no reference model)")
+    n_attacked = attack_n_per_prompt or n_per_prompt
     for name in attacks:
         if name == "paraphrase":
-            report.update(paraphrase_attack(pipe, spec, classifier, n_per_prompt, seed, steps, guidance))
+            report.update(paraphrase_attack(pipe, spec, classifier, n_attacked, seed, steps, guidance))
         else:
             report.update(run_optimized(name, pipe, reference, spec, classifier, settings[name],
-                                        n_per_prompt=n_per_prompt, seed=seed, steps=steps, guidance=guidance))
+                                        n_per_prompt=n_attacked, seed=seed, steps=steps, guidance=guidance))
     report["skipped"] = skipped
     report["seconds"] = time.perf_counter() - t0
     return report
