@@ -25,7 +25,7 @@ import torch
 from trust_fast.evaluation.metrics import wilson
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-PARTS = ("red", "pair", "paraphrase", "attack", "adv")
+PARTS = ("red", "pair", "paraphrase", "attack", "adv", "embedding")
 
 
 def load_test_module():
@@ -74,6 +74,9 @@ def run(seeds: list[int], parts: list[str], out: str) -> None:
                 spec = parse_concept(tb.ATTACK_CONCEPT)
                 rec["optimized"] = tb.attack(model(tb.ATTACK_CONCEPT), original, clf, spec, s)
                 rec["lr0"] = tb.attack(model(tb.ATTACK_CONCEPT), original, clf, spec, s, lr=0.0)
+            elif part == "embedding":
+                spec = parse_concept(tb.ATTACK_CONCEPT)
+                rec["embedding"] = tb.embedding(model(tb.ATTACK_CONCEPT), original, clf, spec, s)
             elif part == "adv":
                 spec = parse_concept(tb.ATTACK_CONCEPT)
                 rec["optimized"] = tb.attack(model(tb.ATTACK_CONCEPT, adv=True), original, clf, spec, s)
@@ -123,7 +126,15 @@ def summary(path: str) -> str:
             add("striped: retain acc, original", b["n_retain"], s, b["retain"])
             add("striped: retain acc, adv_prefix=5", a["n_retain"], s, a["retain"])
             add("striped: retain ratio adv_prefix=5/original", None, s, a["retain"] / b["retain"])
+        elif r["part"] == "embedding":
+            add("striped: embedding ASR, unprotected", r["embedding"]["n"], s, r["embedding"]["asr"])
     seeds = sorted({r["seed"] for r in recs})
+    for r in recs:  # the embedding attack's gain over the prefix (same model, prompts and images)
+        if r["part"] == "embedding":
+            base = next((q for q in recs if q["part"] == "attack" and q["seed"] == r["seed"]), None)
+            if base:
+                add("striped: embedding minus soft-prompt ASR", None, r["seed"],
+                    r["embedding"]["asr"] - base["optimized"]["asr"])
     for r in recs:  # the adversary's gain needs both runs of a seed
         if r["part"] == "adv":
             base = next((q for q in recs if q["part"] == "attack" and q["seed"] == r["seed"]), None)

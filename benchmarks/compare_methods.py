@@ -45,6 +45,23 @@ ATTACKS = ["paraphrase", "softprompt", "embedding", "inversion"]
 VARIANTS = {"trust-adv": ("trust", {"adv_prefix": 5})}
 
 
+def add_variant(text: str) -> str:
+    """'NAME:FIELD=VALUE,FIELD=VALUE' (TrustConfig fields on top of TRUST's defaults) -> a named variant."""
+    name, _, fields = text.partition(":")
+    if not name or not fields:
+        raise SystemExit(f"--variant expects NAME:FIELD=VALUE[,FIELD=VALUE...], got {text!r}")
+    extra = {}
+    for kv in fields.split(","):
+        k, _, v = kv.partition("=")
+        try:
+            extra[k.strip()] = json.loads(v)
+        except ValueError:
+            extra[k.strip()] = v
+    VARIANTS[name] = ("trust", extra)
+    method_config(name).validate()
+    return name
+
+
 def method_config(name: str, **overrides):
     """The TrustConfig a compared method runs with: a registered method or a named variant."""
     from trust_fast.methods import config
@@ -91,7 +108,7 @@ def run_key(row: dict) -> tuple:
 
 def run_group(concepts: list[str], method: str, seed: int, steps: int | None, eval_every: int, images: int,
               attack_images: int, attacks: list[str], settings: dict, plots: str | None,
-              sample_steps: int | None = None) -> list[dict]:
+              sample_steps: int | None = None, results: str | None = None) -> list[dict]:
     """Train `method` once on concepts[0] and report every concept of the group on the result."""
     import torch
 
@@ -113,7 +130,8 @@ def run_group(concepts: list[str], method: str, seed: int, steps: int | None, ev
         r = evaluate(unl.pipe, specs[0], classifier, n_per_prompt=1, seed=seed + 99)
         return {"ua": r["ua"], "retain_acc": r["retain_acc"], "train_seconds": unl.seconds}
 
-    u.history.evals.append({"step": 0, **quick_eval(u)})
+    if eval_every > 0:  # 0: no schedule (faster sweeps; secs_to_ua05 is then not measured)
+        u.history.evals.append({"step": 0, **quick_eval(u)})
     u.run(progress=True, eval_fn=quick_eval, eval_interval=eval_every)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     hits = [e for e in u.history.evals if e["ua"] <= 0.05 and e["step"] > 0]
@@ -122,7 +140,7 @@ def run_group(concepts: list[str], method: str, seed: int, steps: int | None, ev
     for concept, spec in zip(concepts, specs):
         n, n_attack = per_prompt(concept, images), per_prompt(concept, attack_images)
         sampling = {"steps": sample_steps} if sample_steps else {}
-        before = evaluate(reference, spec, classifier, n_per_prompt=n, seed=seed, **sampling)
+        before = original_figures(reference, spec, classifier, n, seed, sampling, results)
         final = full_report(u.pipe, spec, reference, attack=",".join(attacks) or "none", classifier=classifier,
                             n_per_prompt=n, seed=seed, settings=settings, attack_n_per_prompt=n_attack, **sampling)
         row = {"concept": concept, "method": method, "seed": seed, "steps_override": steps, "images": images,
@@ -131,7 +149,8 @@ def run_group(concepts: list[str], method: str, seed: int, steps: int | None, ev
                "trained_on": concepts[0], "ua": final["ua"], "n_forget": final["n_forget"],
                "retain_acc": final["retain_acc"], "n_retain": final["n_retain"], "ua_before": before["ua"],
                "retain_before": before["retain_acc"], "fd": final["fd"], "fd_self": final["fd_self"],
-               "secs_to_ua05": hits[0]["train_seconds"] if hits else None, "seconds": u.seconds,
+               "secs_to_ua05": (hits[0]["train_seconds"] if hits else None) if eval_every > 0 else "-",
+               "eval_every": eval_every, "seconds": u.seconds,
                "steps": u.step_count, "peak_rss_mb": peak, "train_mem_mb": max(0.0, peak - rss0),
                "trainable_params": rep.get("trainable_params"), "mean_selected_rows": rep.get("mean_selected_rows"),
                "optimizer_state_bytes": u.state_bytes()["optimizer_state_bytes"], "evals": u.history.evals,
@@ -154,6 +173,28 @@ def run_group(concepts: list[str], method: str, seed: int, steps: int | None, ev
     return rows
 
 
+def original_figures(reference, spec, classifier, n: int, seed: int, sampling: dict, results: str) -> dict:
+    """The original model's UA and retain accuracy on a run's evaluation sample; the same for every
+    method, so computed once per (concept, n, seed, sampling) and kept in `results`/originals.jsonl."""
+    from trust_fast.evaluation import evaluate
+
+    key = {"concept": str(spec), "n": n, "seed": seed, **sampling}
+    path = os.path.join(results, "originals.jsonl") if results else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec["key"] == key:
+                    return rec["figures"]
+    figures = {k: v for k, v in evaluate(reference, spec, classifier, n_per_prompt=n, seed=seed, **sampling).items()
+               if k in ("ua", "retain_acc", "n_forget", "n_retain")}
+    if path:
+        os.makedirs(results, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"key": key, "figures": figures}) + "\n")
+    return figures
+
+
 def aggregate(runs: list[dict], concepts: list[str], methods: list[str]) -> list[dict]:
     """One row per (concept, method): rates pooled over seeds with Wilson intervals, worst seed, medians."""
     from trust_fast.evaluation.metrics import wilson
@@ -171,7 +212,8 @@ def aggregate(runs: list[dict], concepts: list[str], methods: list[str]) -> list
                    "retain_ratio_min": min(r["retain_acc"] / r["retain_before"] for r in rs),
                    "fd_ratio": statistics.mean(r["fd"] / r["fd_self"] for r in rs),
                    "seconds": statistics.median(r["seconds"] for r in rs),
-                   "secs_to_ua05": (statistics.median(r["secs_to_ua05"] for r in rs)
+                   "secs_to_ua05": ("-" if any(r["secs_to_ua05"] == "-" for r in rs)  # not measured
+                                    else statistics.median(r["secs_to_ua05"] for r in rs)
                                     if all(r["secs_to_ua05"] is not None for r in rs) else None),
                    "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
                    "train_mem_mb": statistics.median(r["train_mem_mb"] for r in rs),
@@ -309,7 +351,8 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     ap.add_argument("--steps", type=int, default=None, help="override every method's step count")
-    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--eval-every", type=int, default=5, help="quick UA evaluations every N steps for "
+                    "secs_to_ua05 (0: none)")
     ap.add_argument("--sample-steps", type=int, default=None,
                     help="sampling steps of every evaluation and attack image (default: the evaluation's own)")
     ap.add_argument("--images", type=int, default=96, help="forget images per run for UA (at least)")
@@ -319,6 +362,8 @@ def main() -> int:
     ap.add_argument("--embedding-steps", type=int, default=None)
     ap.add_argument("--inversion-steps", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (each then uses one thread)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...",
+                    help="a TRUST variant to compare (TrustConfig fields over the defaults); name it in --methods")
     ap.add_argument("--table", action="store_true", help="only write the table from the saved runs")
     ap.add_argument("--results", default=RESULTS, help="directory of the runs and outputs (default "
                     "benchmarks/results; BENCHMARKS.md and README.md are updated only for that one)")
@@ -329,6 +374,8 @@ def main() -> int:
     args = ap.parse_args()
     from trust_fast.evaluation.attacks import parse_attacks
 
+    for v in args.variant:
+        add_variant(v)
     attacks = parse_attacks(args.attacks)
     settings = {"softprompt": {"attack_steps": args.softprompt_steps}}
     for name in ("embedding", "inversion"):
@@ -338,7 +385,8 @@ def main() -> int:
     if args.group:
         rows = run_group(args.group.split(","), args.method, args.seed, args.steps, args.eval_every, args.images,
                          args.attack_images, attacks, settings,
-                         plots=args.results if args.seed == args.seeds[0] else None, sample_steps=args.sample_steps)
+                         plots=args.results if args.seed == args.seeds[0] else None, sample_steps=args.sample_steps,
+                         results=args.results)
         with open(args.json_out, "w") as f:
             json.dump(rows, f)
         return 0
@@ -375,7 +423,7 @@ def main() -> int:
                    "--json-out", out, "--seeds", *map(str, args.seeds), "--eval-every", str(args.eval_every),
                    "--images", str(args.images), "--attack-images", str(args.attack_images),
                    "--attacks", ",".join(attacks) or "none", "--softprompt-steps", str(args.softprompt_steps),
-                   "--results", args.results]
+                   "--results", args.results, *[x for v in args.variant for x in ("--variant", v)]]
             for name in ("steps", "sample_steps", "embedding_steps", "inversion_steps"):
                 if getattr(args, name):
                     cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]

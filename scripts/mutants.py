@@ -26,6 +26,7 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TERMS = "tests/test_algorithm_terms.py"
 BEHAVIOUR = "tests/test_behaviour.py"
+ATTACKS = "tests/test_attacks.py"
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,21 @@ MUTANTS = [
            "prompts = world_prompts(spec, templates=held_out, synonyms=False).forget",
            (f"{BEHAVIOUR}::test_paraphrase_attack_reports_what_the_classifier_sees",),
            "the paraphrase attack never paraphrases"),
+    Mutant("embedding_attack_no_step", "trust_fast/evaluation/attacks.py",
+           "                    opt.step()\n                with torch.no_grad():",
+           "                    pass\n                with torch.no_grad():",
+           (f"{ATTACKS}::test_embedding_attack_starts_from_the_prompt_and_frees_every_token_after_the_start",),
+           "the embedding attack never moves the prompt's embeddings"),
+    Mutant("inversion_word_misplaced", "trust_fast/softprompt.py",
+           "    return torch.tensor([ids + [pad] * (length - len(ids))]), 1 + len(head)",
+           "    return torch.tensor([ids + [pad] * (length - len(ids))]), len(head)",
+           (f"{ATTACKS}::test_inversion_learns_one_word_placed_at_the_concept_in_every_prompt",),
+           "the inversion attack's learned word replaces the token before the concept's"),
+    Mutant("inversion_attack_no_step", "trust_fast/evaluation/attacks.py",
+           "            opt.step()\n        for i, prompt in enumerate(prompts):",
+           "            pass\n        for i, prompt in enumerate(prompts):",
+           (f"{ATTACKS}::test_inversion_learns_one_word_placed_at_the_concept_in_every_prompt",),
+           "the inversion attack never learns its word"),
 ]
 
 

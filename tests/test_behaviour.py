@@ -20,7 +20,7 @@ import pytest
 from trust_fast import TrustConfig, TrustUnlearner
 from trust_fast.concepts import ConceptSpec, parse_concept
 from trust_fast.world.concepts import shows, world_prompts
-from trust_fast.evaluation import paraphrase_attack, softprompt_attack
+from trust_fast.evaluation import embedding_attack, paraphrase_attack, softprompt_attack
 from trust_fast.evaluation.metrics import attribute_accuracy, predict_attrs, sample_images
 from trust_fast.world import vocab
 
@@ -33,6 +33,7 @@ N_FORGET = {"single": 4, "pair": 8}             # images per held-out forget pro
 N_RETAIN = {"single": 6, "pair": 4}             # images per held-out retain prompt ("red": 18 prompts, pairs 22)
 ATTACK_CONCEPT = "striped"                      # the attack separates the adversary's model only here (below)
 ATTACK = dict(k=5, attack_steps=30, lr=0.01, n_images=4, n_per_prompt=8)
+EMBEDDING = dict(attack_steps=100, lr=0.01, n_images=4, n_per_prompt=8)  # the embedding attack's defaults
 ATTACK_DESCRIPTIONS = (("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "circle"))
 N_PARAPHRASE = 2                                # images per prompt of the paraphrase attack
 HELD_OUT = range(vocab.N_UNLEARN_TEMPLATES, len(vocab.TEMPLATES))
@@ -133,6 +134,13 @@ def attack(pipe, original, classifier, spec: ConceptSpec, seed: int, lr: float |
     r = softprompt_attack(pipe, original, spec, classifier, seed=seed, steps=SAMPLE_STEPS,
                           prompts=attack_prompts(spec), **cfg)
     return {"asr": r["asr_softprompt"], "hits": r["asr_softprompt_hits"], "n": r["asr_softprompt_n"]}
+
+
+def embedding(pipe, original, classifier, spec: ConceptSpec, seed: int) -> dict:
+    """The embedding attack (every token of the prompt free) on the soft-prompt attack's prompts."""
+    r = embedding_attack(pipe, original, spec, classifier, seed=seed, steps=SAMPLE_STEPS,
+                         prompts=attack_prompts(spec), **EMBEDDING)
+    return {"asr": r["asr_embedding"], "hits": r["asr_embedding_hits"], "n": r["asr_embedding_n"]}
 
 
 def paraphrase(pipe, classifier, spec: ConceptSpec, seed: int) -> dict:

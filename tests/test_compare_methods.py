@@ -97,9 +97,24 @@ def test_a_tiny_comparison_runs_once_and_resumes(compare, tmp_path, monkeypatch)
     rows = json.loads((tmp_path / "compare.json").read_text())
     assert [(r["concept"], r["ua_n"]) for r in rows] == [(r["concept"], r["n_forget"]) for r in runs]
     assert (tmp_path / "compare.png").stat().st_size > 0
+    # the original model's figures are computed once per concept and sample, shared by every method
+    originals = [json.loads(line) for line in (tmp_path / "originals.jsonl").read_text().splitlines()]
+    assert sorted(o["key"]["concept"] for o in originals) == ["red+circle", "red|circle"]
+    assert runs[0]["retain_before"] == originals[0]["figures"]["retain_acc"]
 
     def no_training(*a, **k):
         raise AssertionError("a saved run was trained again")
 
     monkeypatch.setattr(compare.subprocess, "Popen", no_training)
     assert compare.main() == 0
+
+
+def test_variants_are_trust_with_named_fields(compare, monkeypatch):
+    monkeypatch.setattr(compare, "VARIANTS", dict(compare.VARIANTS))
+    assert compare.add_variant("trust-x0:x0_per_prompt=8,x0_steps=5") == "trust-x0"
+    cfg = compare.method_config("trust-x0", seed=3)
+    assert (cfg.x0_per_prompt, cfg.x0_steps, cfg.seed, cfg.method) == (8, 5, 3, "trust")
+    with pytest.raises(SystemExit, match="NAME:FIELD=VALUE"):
+        compare.add_variant("trust-x0")
+    with pytest.raises(ValueError, match="unknown TrustConfig field"):
+        compare.add_variant("bad:x0_per_promt=8")
