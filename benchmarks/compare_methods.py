@@ -164,7 +164,7 @@ def run_group(concepts: list[str], method: str, seed: int, steps: int | None, ev
             if a != "paraphrase":
                 row[f"{a}_seconds"] = final[a]["seconds"]
         rows.append(row)
-        if plots:  # a directory for the history plot
+        if plots and u.history.evals:  # a directory for the history plot (when UA was tracked)
             from trust_fast.evaluation.pictures import plot_history
 
             os.makedirs(plots, exist_ok=True)

@@ -269,13 +269,13 @@ def _evaluate_world(pipe, spec, n_per_prompt: int, seed: int, what: str = "evalu
 
 def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: int = 4, eval_seed: int = 0,
              eval_every: int = 0, progress: bool = True, resume: str | None = None,
-             checkpoint_dir: str | None = None, checkpoint_every: int = 0):
+             checkpoint_dir: str | None = None, checkpoint_every: int = 0, log_dir: str | None = None):
     """Evaluate (world only), unlearn, evaluate again. Returns (unlearner, report, images), images
     being ((forget, retain) before, (forget, retain) after) for the world, else None. With
-    `resume`, the run continues from the checkpoint in that directory."""
+    `resume`, the run continues from the checkpoint in that directory; with `log_dir`, step stats
+    and evaluations also go to TensorBoard there."""
     from .checkpoint import load_checkpoint
     from .engine import TrustUnlearner
-    from .evaluation import evaluate
 
     unlearner = TrustUnlearner(pipe, spec, cfg, prompts=prompts)
     # "before" is the original model, so a resumed run evaluates before loading its checkpoint
@@ -286,6 +286,21 @@ def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: in
         print(f"resuming from step {done} of {cfg.steps} ({resume})")
     run = dict(steps=max(0, cfg.steps - unlearner.step_count), progress=progress, checkpoint_dir=checkpoint_dir,
                checkpoint_every=checkpoint_every)
+    with contextlib.ExitStack() as stack:
+        if log_dir is not None:
+            from dataclasses import asdict
+
+            from .tblog import TensorBoardLog
+
+            run["log_fn"] = stack.enter_context(TensorBoardLog(log_dir, {"concept": str(spec), **asdict(cfg)}))
+        return _unlearn_and_report(unlearner, pipe, spec, world, n_per_prompt, eval_seed, eval_every, before,
+                                   imgs_before, run)
+
+
+def _unlearn_and_report(unlearner, pipe, spec, world, n_per_prompt, eval_seed, eval_every, before, imgs_before,
+                        run):
+    from .evaluation import evaluate
+
     if not world:
         unlearner.run(**run)
         return unlearner, unlearner.report(), None
@@ -333,6 +348,22 @@ def _evaluate_against_original(pipe, model: str, prompts, args, grids: str) -> d
                               seed=args.seed, grids=grids)
 
 
+def _check_log_dir(log_dir: str, inputs: list) -> None:
+    """--log-dir: TensorBoard must be installed, and the directory may be new or hold other runs'
+    event files, but may not be a file, nor inside a model or the output (whose contents a run replaces)."""
+    from .tblog import tensorboard_missing
+
+    problem = tensorboard_missing()
+    if problem:
+        raise UserError(problem)
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise UserError(f"--log-dir {log_dir!r} is a file, not a directory")
+    real = os.path.realpath(log_dir)
+    for what, path in inputs:
+        if path and (real == os.path.realpath(path) or real.startswith(os.path.realpath(path) + os.sep)):
+            raise UserError(f"--log-dir {log_dir!r} is inside the {what}; give a directory of its own")
+
+
 def cmd_unlearn(args) -> int:
     from .checkpoint import claim_checkpoint_dir, has_checkpoint
     from .concepts import parse_concept, read_prompt_file, user_prompts
@@ -343,6 +374,8 @@ def cmd_unlearn(args) -> int:
     checkpoint_dir = args.resume or args.checkpoint_dir or (args.out.rstrip("/\\") + ".checkpoint")
     if args.resume is not None and not has_checkpoint(args.resume):
         raise UserError(f"--resume {args.resume!r} holds no checkpoint")
+    if args.log_dir is not None:
+        _check_log_dir(args.log_dir, [("model directory", src), ("--out directory", args.out)])
     world = is_world_model(args.model)
     spec = parse_concept(args.concept, world=world)
     prompts = None
@@ -372,7 +405,8 @@ def cmd_unlearn(args) -> int:
                                                  n_per_prompt=args.n_per_prompt, eval_seed=args.seed,
                                                  eval_every=args.eval_every, progress=lead, resume=args.resume,
                                                  checkpoint_dir=checkpoint_dir if args.checkpoint_every else None,
-                                                 checkpoint_every=args.checkpoint_every)
+                                                 checkpoint_every=args.checkpoint_every,
+                                                 log_dir=args.log_dir if lead else None)
             digests = distributed.gather_digests(unlearner.params)
             if len(set(digests)) > 1:
                 raise distributed.RankMismatchError(f"ranks ended with different weights: {digests}")
@@ -601,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="write a checkpoint every N steps (atomic; default 0: none)")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoint)")
+    p.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="also log step stats and evaluations to TensorBoard here (needs: pip install tensorboard)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run whose checkpoint is in DIR (same model, concept and options)")
     p.add_argument("--out", required=True, help="output directory: the unlearned pipeline and report.json")

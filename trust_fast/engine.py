@@ -770,9 +770,11 @@ class TrustUnlearner:
 
     def run(self, steps: int | None = None, progress: bool = False, eval_fn=None, eval_interval: int = 0,
             checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-            overwrite_checkpoint: bool = False) -> list[dict]:
+            overwrite_checkpoint: bool = False, log_fn=None) -> list[dict]:
         """Run `steps` steps (default config.steps). With `eval_fn(unlearner) -> dict` and
         `eval_interval` > 0, evaluate every eval_interval steps and at the end (history.evals).
+        With `log_fn(kind, step, values)`, every step's stats (kind "step") and every evaluation
+        (kind "eval") are also handed to it (e.g. :class:`trust_fast.tblog.TensorBoardLog`).
         With `checkpoint_dir` and `checkpoint_every` > 0, write a checkpoint every that many steps
         (counted from step 0, so a resumed run keeps the same cadence; see trust_fast.checkpoint).
         The directory is claimed for the run (trust_fast.io.claim_output): a checkpoint of another
@@ -796,8 +798,12 @@ class TrustUnlearner:
                 out.append(s)
                 bar.set_postfix(forget=f"{s['loss_forget']:.4f}", rows=s["selected_rows"])
                 done = self.step_count
+                if log_fn is not None:
+                    log_fn("step", done, s)
                 if eval_fn is not None and eval_interval > 0 and (done % eval_interval == 0 or done == end):
                     self.history.evals.append({"step": done, **eval_fn(self)})
+                    if log_fn is not None:
+                        log_fn("eval", done, self.history.evals[-1])
                 if checkpoint_dir is not None and checkpoint_every > 0 and done % checkpoint_every == 0:
                     self._checkpoint(checkpoint_dir, done)
         if self.step_count >= self.config.steps:
