@@ -25,7 +25,7 @@ import torch
 from trust_fast.evaluation.metrics import wilson
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-PARTS = ("red", "pair", "paraphrase", "attack", "adv", "embedding")
+PARTS = ("red", "pair", "paraphrase", "attack", "adv", "embedding", "default")
 
 
 def load_test_module():
@@ -74,6 +74,10 @@ def run(seeds: list[int], parts: list[str], out: str) -> None:
                 spec = parse_concept(tb.ATTACK_CONCEPT)
                 rec["optimized"] = tb.attack(model(tb.ATTACK_CONCEPT), original, clf, spec, s)
                 rec["lr0"] = tb.attack(model(tb.ATTACK_CONCEPT), original, clf, spec, s, lr=0.0)
+            elif part == "default":  # TrustConfig() as shipped, this training seed; noise of the tests' seed
+                spec = parse_concept("red")
+                rec["before"] = tb.measure(original, clf, spec, tb.SEED)
+                rec["after"] = tb.measure(tb.unlearn_default(original, "red", s), clf, spec, tb.SEED)
             elif part == "embedding":
                 spec = parse_concept(tb.ATTACK_CONCEPT)
                 rec["embedding"] = tb.embedding(model(tb.ATTACK_CONCEPT), original, clf, spec, s)
@@ -126,6 +130,10 @@ def summary(path: str) -> str:
             add("striped: retain acc, original", b["n_retain"], s, b["retain"])
             add("striped: retain acc, adv_prefix=5", a["n_retain"], s, a["retain"])
             add("striped: retain ratio adv_prefix=5/original", None, s, a["retain"] / b["retain"])
+        elif r["part"] == "default":
+            b, a = r["before"], r["after"]
+            add("red, TrustConfig() as shipped: forget rate, unlearned", a["n_forget"], s, a["rate"])
+            add("red, TrustConfig() as shipped: retain ratio", None, s, a["retain"] / b["retain"])
         elif r["part"] == "embedding":
             add("striped: embedding ASR, unprotected", r["embedding"]["n"], s, r["embedding"]["asr"])
     seeds = sorted({r["seed"] for r in recs})

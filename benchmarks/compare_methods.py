@@ -7,8 +7,8 @@ a schedule (small sample, evaluation time excluded from the clock); `secs_to_ua0
 method's own wall-clock (data-free image cache + steps) at the first evaluation with UA <= 0.05.
 At the end: the full report (UA, retain, fd) on at least `--images` forget images per run, and
 the attacks (paraphrase, softprompt, embedding, inversion) on at least `--attack-images` attacked
-images per run and attack. Methods: trust (TrustConfig defaults), trust-adv (the same with its
-adversarial prefix, adv_prefix=5), salun, esd.
+images per run and attack. Methods: trust (TrustConfig defaults), trust-lite (TRUST's default
+before issue #16: no adversary, 2 cached images per prompt at 10 DDIM steps), salun, esd.
 
 Every finished run is appended to benchmarks/results/compare_runs.jsonl; a run already there
 (same concept, method, seed and settings) is not repeated, so a long comparison can be stopped
@@ -39,10 +39,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 CONCEPTS = ["red", "circle", "striped", "red+circle", "red|circle"]
-METHODS = ["trust", "trust-adv", "salun", "esd"]
+METHODS = ["trust", "trust-lite", "salun", "esd"]
 ATTACKS = ["paraphrase", "softprompt", "embedding", "inversion"]
-# named configurations beside the registered methods: TRUST with its opt-in adversarial prefix
-VARIANTS = {"trust-adv": ("trust", {"adv_prefix": 5})}
+# named configurations beside the registered methods: TRUST's previous, faster and less robust default
+# (2 cached images per prompt at 10 DDIM steps, no adversary)
+VARIANTS = {"trust-lite": ("trust", {"x0_per_prompt": 2, "x0_steps": 10, "adv_prefix": 0})}
 
 
 def add_variant(text: str) -> str:

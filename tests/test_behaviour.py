@@ -26,7 +26,9 @@ from trust_fast.world import vocab
 
 # ---------------------------------------------------------------- settings (shared with the spread script)
 
-TRAIN = dict(steps=30, x0_per_prompt=1)        # TrustConfig fields of every run (plus seed)
+# TrustConfig fields of every run (plus seed): a short run without the adversary, fixed here rather
+# than inherited from the defaults, so the measured spread below stays the tests' own
+TRAIN = dict(steps=30, x0_per_prompt=1, x0_steps=10, adv_prefix=0)
 ADV = dict(adv_prefix=5)                        # the protected run: TrustConfig's adversary, its defaults
 SAMPLE_STEPS = 15                               # DDIM steps of every evaluation image
 N_FORGET = {"single": 4, "pair": 8}             # images per held-out forget prompt ("red": 12 prompts, pairs 4)
@@ -70,6 +72,13 @@ ADVERSARY = {
 }
 
 
+DEFAULT_SEEDS = (0, 1)   # training seeds of the test that runs TrustConfig() exactly as shipped (issue #16)
+DEFAULT = {
+    "rate": 0.05,          # red after the default run, held-out prompts: the issue's bar
+    "retain_ratio": 0.90,  # held-out retain after/before
+}
+
+
 def held_out(spec: ConceptSpec) -> dict:
     """Prompts unlearning never sees: the held-out templates, the concept written as its synonym
     and as itself (forget); every other description in the held-out templates (retain)."""
@@ -94,7 +103,14 @@ def attack_prompts(spec: ConceptSpec) -> list[str]:
 def unlearn(pipe, concept: str, seed: int, adv: bool = False):
     """A copy of `pipe` unlearned with the tests' settings."""
     pipe = copy.deepcopy(pipe)
-    TrustUnlearner(pipe, concept, TrustConfig(seed=seed, **TRAIN, **(ADV if adv else {}))).run()
+    TrustUnlearner(pipe, concept, TrustConfig(seed=seed, **{**TRAIN, **(ADV if adv else {})})).run()
+    return pipe
+
+
+def unlearn_default(pipe, concept: str, seed: int):
+    """A copy of `pipe` unlearned with TrustConfig() as shipped (only the seed set)."""
+    pipe = copy.deepcopy(pipe)
+    TrustUnlearner(pipe, concept, TrustConfig(seed=seed)).run()
     return pipe
 
 
@@ -221,6 +237,18 @@ def test_red_is_forgotten_on_held_out_prompts_and_the_rest_kept(shapes_pipe, cla
     assert before["rate"] >= RED["orig_rate"], before
     assert after["rate"] <= RED["rate"], (before, after)
     assert after["retain"] >= RED["retain_ratio"] * before["retain"], (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", DEFAULT_SEEDS)
+def test_the_shipped_default_erases_red_on_held_out_prompts(shapes_pipe, classifier, seed):
+    """TrustConfig() as shipped, on two training seeds: red is gone from the held-out prompts
+    (UA <= 0.05 of 48 images, half naming it by its synonym) and the rest is kept."""
+    pipe = _once(_models, ("default", "red", seed), lambda: unlearn_default(shapes_pipe, "red", seed))
+    before = _measure("original", shapes_pipe, classifier, "red")
+    after = measure(pipe, classifier, parse_concept("red"), SEED)
+    assert after["rate"] <= DEFAULT["rate"], (seed, before, after)
+    assert after["retain"] >= DEFAULT["retain_ratio"] * before["retain"], (seed, before, after)
 
 
 @pytest.mark.slow

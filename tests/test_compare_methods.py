@@ -25,9 +25,13 @@ def test_every_compared_method_is_a_valid_configuration(compare):
     for name in compare.METHODS:
         cfgs[name] = compare.method_config(name)
         cfgs[name].validate()
-    adv = cfgs["trust-adv"]
-    assert adv.adv_prefix == 5 and config("trust").adv_prefix == 0
-    assert adv.replace(adv_prefix=0) == config("trust")  # the variant differs in the adversary only
+    lite = cfgs["trust-lite"]
+    assert (lite.adv_prefix, lite.x0_per_prompt, lite.x0_steps) == (0, 2, 10)
+    default = config("trust")
+    assert default.adv_prefix is None  # the adversary wherever the family supports soft prefixes
+    # the variant differs in the adversary and the image cache only
+    assert lite.replace(adv_prefix=None, x0_per_prompt=default.x0_per_prompt, x0_steps=default.x0_steps) == default
+    assert config("salun").adv_prefix == 0 and config("esd").adv_prefix == 0
 
 
 def test_unknown_method_is_refused_before_any_run(compare, monkeypatch):

@@ -619,10 +619,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-row-updates", type=int, default=None, metavar="N",
                    help="at the end, rows updated fewer than N times return to their original weights (default 3)")
     p.add_argument("--adv-prefix", type=int, default=None, metavar="K",
-                   help="train against an adversarial soft prefix of K tokens (default 0: off)")
+                   help="train against an adversarial soft prefix of K tokens (default 5 where the model "
+                        "family supports soft prefixes, else 0; 0: off)")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--x0-per-prompt", type=int, default=None, help="data-free images cached per prompt (default 2)")
-    p.add_argument("--x0-steps", type=int, default=None, help="DDIM steps that sample them (default 10)")
+    p.add_argument("--x0-per-prompt", type=int, default=None, help="data-free images cached per prompt (default 8)")
+    p.add_argument("--x0-steps", type=int, default=None, help="DDIM steps that sample them (default 5)")
     p.add_argument("--forget-prompts", help="file of prompts showing the concept (one a line; required outside the world)")
     p.add_argument("--retain-prompts", help="file of prompts to keep intact")
     p.add_argument("--anchor", help="prompt the concept's prompts are mapped to (default: the prompt minus the concept)")

@@ -34,6 +34,7 @@ from .hessian import HESSIAN_MODES, HutchinsonDiagonal, double_backward_attentio
 from .localize import DynamicLocalizer, Target, find_targets, freeze_all_but, static_mask
 
 LOCALIZATIONS = ("dynamic", "static", "dense")
+ADV_PREFIX_AUTO = 5  # TrustConfig(adv_prefix=None): the adversary's prefix length where the family supports one
 X0_SOURCES = ("forget", "anchor", "forget+anchor")
 
 
@@ -68,13 +69,14 @@ class TrustConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    adv_prefix: int = 0                # adversarial soft prefix of this many tokens (0: off)
+    adv_prefix: int | None = None      # adversarial soft prefix of this many tokens (0: off; None: ADV_PREFIX_AUTO
+                                       # where the model family supports soft prefixes, else off)
     adv_steps: int = 10                # Adam steps on the prefix per refresh (it is warm-started)
     adv_interval: int = 5              # refresh the adversarial prefix every this many steps
     adv_lr: float = 0.01
     adv_fraction: float = 0.5          # fraction of a forget batch conditioned on the prefixed prompts
-    x0_per_prompt: int = 2             # cached data-free images per prompt
-    x0_steps: int = 10                 # DDIM steps used to sample them
+    x0_per_prompt: int = 8             # cached data-free images per prompt
+    x0_steps: int = 5                  # DDIM steps used to sample them
     x0_guidance: float | None = None   # CFG scale for them (None: the pipeline's default)
     x0_from: str = "forget+anchor"     # which cached images a forget batch is noised from
     min_row_updates: int = 3           # finalize(): rows updated fewer times go back to their original values
@@ -99,7 +101,7 @@ class TrustConfig:
         for name in ("retain_neighbors", "adv_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.adv_prefix < 0:
+        if self.adv_prefix is not None and self.adv_prefix < 0:
             raise ValueError(f"adv_prefix must be >= 0, got {self.adv_prefix}")
         for name in ("lr", "alpha", "lam", "eta", "weight_decay", "adv_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
@@ -216,10 +218,12 @@ class TrustUnlearner:
 
     def __init__(self, pipe, concept: str | ConceptSpec | None = None, config: TrustConfig | None = None,
                  prompts: PromptSet | None = None):
-        self.config = config or TrustConfig()
-        self.config.validate()
-        cfg = self.config
+        config = config or TrustConfig()
+        config.validate()
         self.family = family_for(pipe)  # UnsupportedPipeline (one line) before any work
+        if config.adv_prefix is None:  # the default: the adversary wherever soft prefixes apply
+            config = config.replace(adv_prefix=ADV_PREFIX_AUTO if self.family.supports_prefix else 0)
+        self.config = cfg = config
         if cfg.adv_prefix and not self.family.supports_prefix:
             raise ValueError(f"adv_prefix needs a single-text-encoder pipeline; the {self.family.name} family "
                              "does not support soft prefixes yet")
@@ -878,7 +882,8 @@ class TrustUnlearner:
                 "method": self.config.method, "steps": self.step_count, "skipped_steps": self.skipped_steps,
                 "failed_checkpoints": self.failed_checkpoints,
                 "seconds": self.seconds,
-                "x0_sampling_seconds": self.pool_seconds, "trainable_params": self.trainable_params,
+                "x0_sampling_seconds": self.pool_seconds, "adversary_seconds": self.adv_seconds,
+                "trainable_params": self.trainable_params,
                 "target_modules": len(self.targets), "target_patterns": list(self.target_patterns),
                 "target_rows": self.total_rows,
                 "mean_selected_rows": mean_rows, "mean_selected_fraction": mean_rows / max(1, self.total_rows),

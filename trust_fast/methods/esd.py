@@ -17,5 +17,6 @@ from ..engine import TrustConfig
 
 def config(**overrides) -> TrustConfig:
     base = TrustConfig(method="esd", targets=("*attn2.*",), localization="dense", forget_objective="esd", eta=1.0,
-                       retain_objective="none", alpha=0.0, hessian="none", x0_from="forget", lr=1e-3)
+                       retain_objective="none", alpha=0.0, hessian="none", x0_from="forget", lr=1e-3,
+                       adv_prefix=0)
     return base.replace(**overrides)

@@ -19,5 +19,5 @@ def config(**overrides) -> TrustConfig:
     base = TrustConfig(method="salun", targets=("*",), localization="static", mask_fraction=0.5,
                        forget_objective="pseudo", retain_objective="diffusion", alpha=0.5, hessian="none",
                        retain_batch_size=16, retain_neighbors=0.0,
-                       x0_from="forget", lr=3e-4)
+                       x0_from="forget", lr=3e-4, adv_prefix=0)
     return base.replace(**overrides)
