@@ -239,7 +239,8 @@ class NaiveTrust:
 
 # ----------------------------------------------------------------------------- one method, one process
 
-def unlearner_for(pipe, method: str, batch: tuple[int, int], x0_per_prompt: int, x0_steps: int, seed: int = 0):
+def unlearner_for(pipe, method: str, batch: tuple[int, int], x0_per_prompt: int, x0_steps: int, seed: int = 0,
+                  amp: str = "off"):
     from trust_fast import TrustUnlearner, methods
     from trust_fast.concepts import parse_concept, user_prompts
 
@@ -249,7 +250,8 @@ def unlearner_for(pipe, method: str, batch: tuple[int, int], x0_per_prompt: int,
     # the step TRUST and trust-naive share, without the adversarial prefix (its refreshes are their own
     # cost, not part of the per-step comparison; trust-naive has none)
     cfg = methods.config(base, seed=seed, batch_size=batch[0], retain_batch_size=batch[1],
-                         x0_per_prompt=x0_per_prompt, x0_steps=x0_steps, adv_prefix=0)
+                         x0_per_prompt=x0_per_prompt, x0_steps=x0_steps, adv_prefix=0,
+                         amp="off" if method == "trust-naive" else amp)
     return TrustUnlearner(pipe, spec, cfg, prompts=prompts)
 
 
@@ -261,7 +263,7 @@ def run_one(a) -> dict:
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     pipe = build_pipeline(a.arch, a.latent, a.tiny).to(dev)
-    u = unlearner_for(pipe, a.method, tuple(a.batch), a.x0_per_prompt, a.x0_steps)
+    u = unlearner_for(pipe, a.method, tuple(a.batch), a.x0_per_prompt, a.x0_steps, amp=a.amp)
     trainable = sum(p.numel() for p in u.params)
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
     u.prepare()
@@ -284,7 +286,8 @@ def run_one(a) -> dict:
               else u.state_bytes()["optimizer_state_bytes"]) / 2 ** 20
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"method": a.method, "arch": a.arch + ("-tiny" if a.tiny else ""), "device": a.device, "latent": a.latent,
+    amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[u.amp_dtype]
+    return {"method": a.method, "amp": amp, "arch": a.arch + ("-tiny" if a.tiny else ""), "device": a.device, "latent": a.latent,
             "batch": f"{a.batch[0]}+{a.batch[1]}", "unet_params": unet_params, "steps": a.steps,
             "s_per_step": med["seconds"], **{f"{p}_s": med[k] for p, k in zip(PHASES, (
                 "time_forward", "time_forget_backward", "time_localize", "time_retain_backward", "time_optimizer"))},
@@ -298,7 +301,7 @@ def run_one(a) -> dict:
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["method"] == "trust"), None)
-    cols = ["method", "s_per_step", "x", *[f"{p}_s" for p in PHASES], "hessian_step_s", "x0_pool_s", "peak_mem_mb",
+    cols = ["method", "amp", "s_per_step", "x", *[f"{p}_s" for p in PHASES], "hessian_step_s", "x0_pool_s", "peak_mem_mb",
             "optimizer_state_mb", "selected_fraction", "projected_run_s"]
     out = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in rows:
@@ -311,6 +314,8 @@ def table(rows: list[dict]) -> str:
                 cells.append(f"{r['s_per_step'] / base['s_per_step']:.2f}x" if base and "error" not in base else "-")
             elif c == "method":
                 cells.append(r[c])
+            elif c == "amp":  # rows from before TrustConfig.amp ran in float32
+                cells.append(r.get(c, "off"))
             elif c == "selected_fraction":
                 cells.append(f"{r[c]:.3f}")
             elif r.get(c) is None:
@@ -334,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--x0-per-prompt", type=int, default=1, help="data-free images per prompt (default 1)")
     ap.add_argument("--x0-steps", type=int, default=4, help="DDIM steps of the data-free pool (default 4)")
+    ap.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="bf16",
+                    help="TrustConfig.amp of the library's methods (default bf16: autocast every UNet pass; "
+                         "trust-naive stays float32)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs of the same structure (tests, seconds)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per method")
     ap.add_argument("--mem-limit-gb", type=float, default=None,
@@ -367,7 +375,7 @@ def _run_methods(a) -> list[dict]:
     for m in a.methods:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", m, "--arch", a.arch, "--latent", str(a.latent),
                "--batch", *map(str, a.batch), "--steps", str(a.steps), "--device", a.device, "--threads",
-               str(a.threads), "--x0-per-prompt", str(a.x0_per_prompt), "--x0-steps", str(a.x0_steps)]
+               str(a.threads), "--x0-per-prompt", str(a.x0_per_prompt), "--x0-steps", str(a.x0_steps), "--amp", a.amp]
         cmd += ["--tiny"] if a.tiny else []
         print(f"[e2e] {m} ...", file=sys.stderr, flush=True)
         try:

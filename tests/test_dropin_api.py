@@ -148,3 +148,61 @@ def test_float16_runs_resume_bit_identically(pipe, tmp_path):
     assert b.loss_scale == a.loss_scale
     assert all(torch.equal(p, q) for p, q in zip(a.params, b.params))
     assert all(torch.equal(p, q) for p, q in zip(a.master, b.master))
+
+
+# ----------------------------------------------------------------------------- autocast (TrustConfig.amp)
+
+
+def test_amp_resolves_to_autocast_only_for_float32_models():
+    from trust_fast.engine import amp_dtype
+
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert amp_dtype("off", cpu, f32) is None
+    assert amp_dtype("auto", cpu, f32) is None  # auto: bf16 on CUDA only; CPU runs keep their float32 numbers
+    assert amp_dtype("bf16", cpu, f32) is torch.bfloat16 and amp_dtype("fp16", cpu, f32) is torch.float16
+    assert amp_dtype("auto", cpu, torch.float16) is None and amp_dtype("off", cpu, torch.bfloat16) is None
+    with pytest.raises(ValueError, match="float32 model"):
+        amp_dtype("bf16", cpu, torch.float16)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        TrustConfig(amp="half").validate()
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_runs_every_denoiser_pass_in_half_precision_and_steps_float32_weights(pipe, amp):
+    """Under amp the UNet's linear layers compute in half precision on every pass (frozen targets,
+    forget and retain losses, the Hessian steps), predictions come back in float32, the float32
+    target weights are stepped directly (no masters) and fp16 scales its losses; the steps move
+    only selected rows, like a float32 run."""
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    u = unlearner(pipe, amp=amp, hessian="diag", diag_interval=1)
+    seen = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+             for m in u.unet.modules() if isinstance(m, torch.nn.Linear)]
+    assert u.amp_dtype is half and u.master is None
+    assert (u.loss_scale is not None) == (amp == "fp16")
+    x, t, c, anc, r = batches(u, 1, seed=0)[0]
+    assert u.pred(x, t, c).dtype == torch.float32 and u.frozen_pred(x, t, c).dtype == torch.float32
+    for _ in range(2):
+        old = {id(p): p.detach().clone() for p in u.params}
+        s = u.step()
+        assert not s["skipped"] and s["selected_rows"] > 0
+        for tgt, rows in zip(u.targets, u.selected_rows):
+            moved = (tgt.weight.detach() != old[id(tgt.weight)]).any(dim=1).nonzero().flatten()
+            assert set(moved.tolist()) <= set(rows.tolist()), tgt.name
+    for h in hooks:
+        h.remove()
+    assert seen == {half}
+    assert all(p.dtype == torch.float32 for p in u.params)
+    assert u.hutchinson.count == 2 and all(torch.isfinite(d).all() for d in u.hutchinson.diags)
+
+
+def test_amp_bf16_step_follows_the_float32_step(pipe):
+    """The bf16 step is the float32 step in lower precision: same losses to bf16's resolution and
+    mostly the same rows selected (the z-score threshold makes a few borderline rows flip)."""
+    a, b = unlearner(pipe, hessian="none"), unlearner(pipe, hessian="none", amp="bf16")
+    sa, sb = a.step(), b.step()
+    assert sb["loss_forget"] == pytest.approx(sa["loss_forget"], rel=0.05)
+    assert sb["loss_retain"] == pytest.approx(sa["loss_retain"], rel=0.1, abs=1e-4)
+    ra = {(i, r) for i, rows in enumerate(a.selected_rows) for r in rows.tolist()}
+    rb = {(i, r) for i, rows in enumerate(b.selected_rows) for r in rows.tolist()}
+    assert len(ra & rb) >= 0.8 * max(len(ra), len(rb)), (len(ra), len(rb), len(ra & rb))

@@ -26,9 +26,12 @@ FORMAT = "trust_fast.checkpoint/1"
 _FREE_FIELDS = ("steps",)
 
 
+def _config_dict(config) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if k not in _FREE_FIELDS}
+
+
 def _config(unlearner) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(unlearner.config).items()
-            if k not in _FREE_FIELDS}
+    return _config_dict(unlearner.config)
 
 
 def is_checkpoint_dir(directory: str) -> bool:
@@ -113,8 +116,9 @@ def load_checkpoint(unlearner, directory: str) -> int:
     concept = str(u.concept) if u.concept is not None else None
     if state["concept"] != concept:
         raise ValueError(f"checkpoint {path!r} unlearns {state['concept']!r}, not {concept!r}")
-    diff = sorted(k for k in set(state["config"]) | set(_config(u))
-                  if state["config"].get(k) != _config(u).get(k))
+    # a field added after the checkpoint was written reads as its default there
+    ours, defaults = _config(u), _config_dict(type(u.config)())
+    diff = sorted(k for k in set(state["config"]) | set(ours) if state["config"].get(k, defaults.get(k)) != ours.get(k))
     if diff:
         raise ValueError(f"checkpoint {path!r} was made with another config (differs in {diff}); "
                          "resume with the same options")

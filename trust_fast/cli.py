@@ -210,7 +210,7 @@ def _unlearning_config(args):
 
     overrides = {"seed": args.seed}
     for name in ("steps", "hessian", "lr", "xi", "max_fraction", "alpha", "lam", "loc_interval", "batch_size",
-                 "x0_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix", "min_row_updates"):
+                 "x0_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix", "min_row_updates", "amp"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -624,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--x0-per-prompt", type=int, default=None, help="data-free images cached per prompt (default 8)")
     p.add_argument("--x0-steps", type=int, default=None, help="DDIM steps that sample them (default 5)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=None,
+                   help="autocast the denoiser passes of a float32 model (default auto: bf16 on a CUDA device "
+                        "that supports it, off elsewhere; bf16 also pays on CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--forget-prompts", help="file of prompts showing the concept (one a line; required outside the world)")
     p.add_argument("--retain-prompts", help="file of prompts to keep intact")
     p.add_argument("--anchor", help="prompt the concept's prompts are mapped to (default: the prompt minus the concept)")

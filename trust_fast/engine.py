@@ -36,6 +36,8 @@ from .localize import DynamicLocalizer, Target, find_targets, freeze_all_but, st
 LOCALIZATIONS = ("dynamic", "static", "dense")
 ADV_PREFIX_AUTO = 5  # TrustConfig(adv_prefix=None): the adversary's prefix length where the family supports one
 X0_SOURCES = ("forget", "anchor", "forget+anchor")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -82,12 +84,14 @@ class TrustConfig:
     min_row_updates: int = 3           # finalize(): rows updated fewer times go back to their original values
     seed: int = 0
     compile: bool = False              # run the op layer (localization, masked update) as torch.compile graphs
+    amp: str = "auto"                  # autocast of every denoiser pass of a float32 model: bf16 | fp16 | off;
+                                       # auto: bf16 on a CUDA device that supports it, off elsewhere
 
     def validate(self) -> None:
         objectives.check(self.forget_objective, self.retain_objective)
         for name, value, allowed in (("localization", self.localization, LOCALIZATIONS),
                                      ("hessian", self.hessian, HESSIAN_MODES), ("x0_from", self.x0_from, X0_SOURCES),
-                                     ("saliency", self.saliency, ("g", "gw"))):
+                                     ("saliency", self.saliency, ("g", "gw")), ("amp", self.amp, AMP_MODES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         for name in ("steps", "batch_size", "retain_batch_size", "loc_interval", "hvp_interval", "diag_interval",
@@ -138,6 +142,21 @@ def encode_images(pipe, images: Tensor) -> Tensor:
         lat = vae.encode(images.to(vae.dtype)).latent_dist.sample()
     shift = vae.config.get("shift_factor") or 0.0  # SD3's VAE is shifted, then scaled
     return ((lat - shift) * vae.config.scaling_factor).to(denoiser.dtype)
+
+
+def amp_dtype(mode: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of TrustConfig.amp `mode` for a denoiser on `device` holding `dtype`
+    weights (None: no autocast). Autocast is mixed precision for float32 models: a half-precision
+    model already runs in half precision (auto resolves to off; bf16/fp16 are refused)."""
+    if mode == "off":
+        return None
+    if dtype != torch.float32:
+        if mode == "auto":
+            return None
+        raise ValueError(f"amp={mode!r} autocasts a float32 model; this one holds {dtype} weights (use amp='off')")
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return _AMP_DTYPES[mode]
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
@@ -229,6 +248,7 @@ class TrustUnlearner:
                              "does not support soft prefixes yet")
         self.pipe, self.unet = pipe, self.family.denoiser
         self.device, self.dtype = self.unet.device, self.unet.dtype
+        self.amp_dtype = amp_dtype(cfg.amp, self.device, self.dtype)
         # a pipeline that knows its own concepts (the built-in world's ShapesPipeline) checks the
         # concept's words and builds the prompt sets; for any other, the user gives the prompts
         own_parse, own_prompts = getattr(pipe, "parse_concept", None), getattr(pipe, "concept_prompts", None)
@@ -273,8 +293,8 @@ class TrustUnlearner:
         half = any(p.dtype in (torch.float16, torch.bfloat16) for p in self.params)
         self.master: list[Tensor] | None = [p.detach().float().clone() for p in self.params] if half else None
         self.opt_params: list[Tensor] = self.master if half else self.params
-        self.loss_scale: float | None = (LOSS_SCALE_INIT if any(p.dtype == torch.float16 for p in self.params)
-                                         else None)
+        fp16 = self.amp_dtype == torch.float16 or any(p.dtype == torch.float16 for p in self.params)
+        self.loss_scale: float | None = LOSS_SCALE_INIT if fp16 else None
         self._good_steps = 0
 
         sched = pipe.scheduler
@@ -342,17 +362,24 @@ class TrustUnlearner:
 
     # ------------------------------------------------------------------ models
 
+    def _denoise(self, noisy: Tensor, t: Tensor, cond: Tensor, weights: dict | None = None) -> Tensor:
+        """One denoiser pass (under autocast when amp is on; the prediction comes back in the
+        model's dtype), with `weights` swapped in when given."""
+        inputs = self.family.denoiser_inputs(noisy, t, cond)
+        with (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+              else contextlib.nullcontext()):
+            out = (self.unet(**inputs) if weights is None
+                   else functional_call(self.unet, weights, (), inputs, strict=False)).sample
+        return out.to(self.dtype)
+
     def frozen_pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """eps_0 (or v_0): the original model's prediction, without grad."""
         with torch.no_grad():
-            if self._frozen is None:
-                return self.unet(**self.family.denoiser_inputs(noisy, t, cond)).sample
-            return functional_call(self.unet, self._frozen, (), self.family.denoiser_inputs(noisy, t, cond),
-                                   strict=False).sample
+            return self._denoise(noisy, t, cond, self._frozen)
 
     def pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """The edited model's prediction, with grad to the target parameters."""
-        return self.unet(**self.family.denoiser_inputs(noisy, t, cond)).sample
+        return self._denoise(noisy, t, cond)
 
     # --------------------------------------------------------------- data-free
 
