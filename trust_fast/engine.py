@@ -286,6 +286,13 @@ class TrustUnlearner:
                         or cfg.hessian != "none")
         self.theta0: list[Tensor] | None = [p.detach().clone() for p in self.params] if needs_frozen else None
         self._frozen = dict(zip(self._names, self.theta0)) if self.theta0 is not None else None
+        # amp: half-precision copies of the frozen matmul/conv weights, made once, stand in for them
+        # on every pass. Autocast caches no cast of a weight without grad, so otherwise every pass
+        # would cast them again and every graph would hold its own copies (1.2 GB per graph for
+        # SD-1.5 in bf16).
+        self._amp_weights = self._half_frozen_weights() if self.amp_dtype is not None else None
+        self._frozen_weights = ({**(self._amp_weights or {}), **self._frozen} if self._frozen is not None
+                                else self._amp_weights)
         # Half-precision models (float16, bfloat16) train on float32 master values of the target
         # weights: the optimizer steps the masters and the model's rows are refreshed from them, so
         # updates smaller than a half-precision step are not lost. float16 also scales its losses
@@ -362,6 +369,18 @@ class TrustUnlearner:
 
     # ------------------------------------------------------------------ models
 
+    def _half_frozen_weights(self) -> dict[str, Tensor]:
+        """amp_dtype copies of the weights and biases of the denoiser's linear and convolution
+        layers outside the targets (the ops autocast runs in half precision anyway)."""
+        trained = {id(p) for p in self.params}
+        out = {}
+        for name, module in self.unet.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+                for pname, p in module.named_parameters(recurse=False):
+                    if id(p) not in trained and p.dtype == torch.float32:
+                        out[f"{name}.{pname}" if name else pname] = p.detach().to(self.amp_dtype)
+        return out
+
     def _denoise(self, noisy: Tensor, t: Tensor, cond: Tensor, weights: dict | None = None) -> Tensor:
         """One denoiser pass (under autocast when amp is on; the prediction comes back in the
         model's dtype), with `weights` swapped in when given."""
@@ -375,11 +394,11 @@ class TrustUnlearner:
     def frozen_pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """eps_0 (or v_0): the original model's prediction, without grad."""
         with torch.no_grad():
-            return self._denoise(noisy, t, cond, self._frozen)
+            return self._denoise(noisy, t, cond, self._frozen_weights)
 
     def pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """The edited model's prediction, with grad to the target parameters."""
-        return self._denoise(noisy, t, cond)
+        return self._denoise(noisy, t, cond, self._amp_weights)
 
     # --------------------------------------------------------------- data-free
 
@@ -896,6 +915,7 @@ class TrustUnlearner:
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
         return {"optimizer_state_bytes": opt_bytes,
                 "frozen_copy_bytes": nbytes(self.theta0 or []),
+                "amp_weights_bytes": nbytes((self._amp_weights or {}).values()),
                 "hessian_bytes": self.hutchinson.state_bytes() if self.hutchinson else 0,
                 "x0_cache_bytes": nbytes((self.pools or {}).values()),
                 "mask_bytes": nbytes(self.mask or [])}
