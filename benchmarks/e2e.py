@@ -240,7 +240,7 @@ class NaiveTrust:
 # ----------------------------------------------------------------------------- one method, one process
 
 def unlearner_for(pipe, method: str, batch: tuple[int, int], x0_per_prompt: int, x0_steps: int, seed: int = 0,
-                  amp: str = "off"):
+                  amp: str = "off", overrides: dict | None = None):
     from trust_fast import TrustUnlearner, methods
     from trust_fast.concepts import parse_concept, user_prompts
 
@@ -251,7 +251,8 @@ def unlearner_for(pipe, method: str, batch: tuple[int, int], x0_per_prompt: int,
     # cost, not part of the per-step comparison; trust-naive has none)
     cfg = methods.config(base, seed=seed, batch_size=batch[0], retain_batch_size=batch[1],
                          x0_per_prompt=x0_per_prompt, x0_steps=x0_steps, adv_prefix=0,
-                         amp="off" if method == "trust-naive" else amp)
+                         amp="off" if method == "trust-naive" else amp,
+                         **({} if method == "trust-naive" else overrides or {}))
     return TrustUnlearner(pipe, spec, cfg, prompts=prompts)
 
 
@@ -263,7 +264,8 @@ def run_one(a) -> dict:
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     pipe = build_pipeline(a.arch, a.latent, a.tiny).to(dev)
-    u = unlearner_for(pipe, a.method, tuple(a.batch), a.x0_per_prompt, a.x0_steps, amp=a.amp)
+    u = unlearner_for(pipe, a.method, tuple(a.batch), a.x0_per_prompt, a.x0_steps, amp=a.amp,
+                      overrides=dict(a.set or []))
     trainable = sum(p.numel() for p in u.params)
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
     u.prepare()
@@ -287,7 +289,7 @@ def run_one(a) -> dict:
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[u.amp_dtype]
-    return {"method": a.method, "amp": amp, "arch": a.arch + ("-tiny" if a.tiny else ""), "device": a.device, "latent": a.latent,
+    return {"method": a.method, "amp": amp, "set": " ".join(f"{k}={v}" for k, v in (a.set or [])), "arch": a.arch + ("-tiny" if a.tiny else ""), "device": a.device, "latent": a.latent,
             "batch": f"{a.batch[0]}+{a.batch[1]}", "unet_params": unet_params, "steps": a.steps,
             "s_per_step": med["seconds"], **{f"{p}_s": med[k] for p, k in zip(PHASES, (
                 "time_forward", "time_forget_backward", "time_localize", "time_retain_backward", "time_optimizer"))},
@@ -301,7 +303,7 @@ def run_one(a) -> dict:
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["method"] == "trust"), None)
-    cols = ["method", "amp", "s_per_step", "x", *[f"{p}_s" for p in PHASES], "hessian_step_s", "x0_pool_s", "peak_mem_mb",
+    cols = ["method", "amp", "set", "s_per_step", "x", *[f"{p}_s" for p in PHASES], "hessian_step_s", "x0_pool_s", "peak_mem_mb",
             "optimizer_state_mb", "selected_fraction", "projected_run_s"]
     out = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in rows:
@@ -316,6 +318,8 @@ def table(rows: list[dict]) -> str:
                 cells.append(r[c])
             elif c == "amp":  # rows from before TrustConfig.amp ran in float32
                 cells.append(r.get(c, "off"))
+            elif c == "set":
+                cells.append(r.get(c) or "-")
             elif c == "selected_fraction":
                 cells.append(f"{r[c]:.3f}")
             elif r.get(c) is None:
@@ -342,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="bf16",
                     help="TrustConfig.amp of the library's methods (default bf16: autocast every UNet pass; "
                          "trust-naive stays float32)")
+    ap.add_argument("--set", type=_field, action="append", metavar="FIELD=VALUE",
+                    help="a TrustConfig field of the library's methods (repeatable), e.g. grad_checkpointing=true")
     ap.add_argument("--tiny", action="store_true", help="tiny configs of the same structure (tests, seconds)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per method")
     ap.add_argument("--mem-limit-gb", type=float, default=None,
@@ -376,6 +382,7 @@ def _run_methods(a) -> list[dict]:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", m, "--arch", a.arch, "--latent", str(a.latent),
                "--batch", *map(str, a.batch), "--steps", str(a.steps), "--device", a.device, "--threads",
                str(a.threads), "--x0-per-prompt", str(a.x0_per_prompt), "--x0-steps", str(a.x0_steps), "--amp", a.amp]
+        cmd += [f"--set={k}={v}" for k, v in (a.set or [])]
         cmd += ["--tiny"] if a.tiny else []
         print(f"[e2e] {m} ...", file=sys.stderr, flush=True)
         try:
@@ -399,6 +406,26 @@ def _run_methods(a) -> list[dict]:
             rows.append({"method": m, "error": f"over {a.timeout} s"})
         print(f"[e2e] {m}: {rows[-1].get('s_per_step', rows[-1].get('error'))}", file=sys.stderr, flush=True)
     return rows
+
+
+def _field(text: str) -> tuple[str, object]:
+    """FIELD=VALUE of --set: a TrustConfig field and its value (true/false, a number, or text)."""
+    from dataclasses import fields
+
+    from trust_fast import TrustConfig
+
+    name, sep, raw = text.partition("=")
+    if not sep or name not in {f.name for f in fields(TrustConfig)}:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE with FIELD a TrustConfig field")
+    value = {"true": True, "false": False}.get(raw.lower(), raw)
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                value = kind(raw)
+                break
+            except ValueError:
+                pass
+    return name, value
 
 
 def _typed(row: dict) -> dict:

@@ -206,3 +206,56 @@ def test_amp_bf16_step_follows_the_float32_step(pipe):
     ra = {(i, r) for i, rows in enumerate(a.selected_rows) for r in rows.tolist()}
     rb = {(i, r) for i, rows in enumerate(b.selected_rows) for r in rows.tolist()}
     assert len(ra & rb) >= 0.8 * max(len(ra), len(rb)), (len(ra), len(rb), len(ra & rb))
+
+
+# ----------------------------------------------------------------------------- the denoiser switches
+
+
+def _rows(u):
+    return [r.tolist() for r in u.selected_rows]
+
+
+def test_channels_last_and_gradient_checkpointing_step_like_the_default(pipe):
+    """Memory format and activation recomputation change how the step runs, not what it computes:
+    the same rows and (to float32 rounding) the same weights, Hessian steps included."""
+    ref = unlearner(pipe, hessian="diag", diag_interval=2)
+    fast = unlearner(pipe, hessian="diag", diag_interval=2, channels_last=True, grad_checkpointing=True)
+    assert fast.unet.is_gradient_checkpointing
+    conv = next(m for m in fast.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        a, b = ref.step(), fast.step()
+        assert _rows(ref) == _rows(fast) and a["selected_rows"] > 0
+        assert b["loss_forget"] == pytest.approx(a["loss_forget"], rel=1e-4)
+    for p, q in zip(ref.params, fast.params):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_grad_checkpointing_is_refused_for_a_denoiser_without_it(pipe):
+    bare = copy.deepcopy(pipe)
+    bare.unet.enable_gradient_checkpointing = None  # a denoiser without diffusers' switch
+    with pytest.raises(ValueError, match="enable_gradient_checkpointing"):
+        unlearner(bare, grad_checkpointing=True)
+
+
+def test_compiled_denoiser_steps_like_eager_and_does_not_recompile_as_rows_change(pipe):
+    """compile_unet with a backend that runs the captured graphs eagerly (the compiler itself is
+    torch's business): the steps match the eager ones, and once the three kinds of pass are
+    compiled (the edited model, the frozen one, the Hessian step's double backward) new rows and
+    new weights compile nothing more."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ref = unlearner(pipe, hessian="diag", diag_interval=2)
+    comp = unlearner(pipe, hessian="diag", diag_interval=2, compile_unet="aot_eager")
+    assert comp._forward is not comp.unet
+    compiled_after = []
+    for _ in range(5):
+        a, b = ref.step(), comp.step()
+        assert _rows(ref) == _rows(comp) and a["selected_rows"] > 0
+        assert b["loss_forget"] == pytest.approx(a["loss_forget"], rel=1e-4)
+        compiled_after.append(counters["stats"]["unique_graphs"])
+    assert compiled_after[2] > 0 and compiled_after[-1] == compiled_after[2], compiled_after
+    for p, q in zip(ref.params, comp.params):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)

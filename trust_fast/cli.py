@@ -210,7 +210,8 @@ def _unlearning_config(args):
 
     overrides = {"seed": args.seed}
     for name in ("steps", "hessian", "lr", "xi", "max_fraction", "alpha", "lam", "loc_interval", "batch_size",
-                 "x0_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix", "min_row_updates", "amp"):
+                 "x0_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix", "min_row_updates", "amp",
+                 "compile_unet", "channels_last", "grad_checkpointing"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -624,6 +625,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--x0-per-prompt", type=int, default=None, help="data-free images cached per prompt (default 8)")
     p.add_argument("--x0-steps", type=int, default=None, help="DDIM steps that sample them (default 5)")
+    p.add_argument("--compile-unet", nargs="?", const=True, default=None, metavar="BACKEND",
+                   help="torch.compile the denoiser (default backend inductor; compiling takes minutes, pays on GPUs)")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels-last convolutions (off by default: slower on the CPUs measured)")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward: less memory, more time (diffusers models)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=None,
                    help="autocast the denoiser passes of a float32 model (default auto: bf16 on a CUDA device "
                         "that supports it, off elsewhere; bf16 also pays on CPUs with AVX512-BF16 or AMX)")

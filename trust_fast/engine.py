@@ -84,6 +84,10 @@ class TrustConfig:
     min_row_updates: int = 3           # finalize(): rows updated fewer times go back to their original values
     seed: int = 0
     compile: bool = False              # run the op layer (localization, masked update) as torch.compile graphs
+    compile_unet: bool | str = False   # torch.compile the denoiser (True: inductor; a string: that backend;
+                                       # the passes of Hessian steps run eager)
+    channels_last: bool = False        # convolutions in channels-last memory format (measured slower on CPUs)
+    grad_checkpointing: bool = False   # recompute activations in backward (less memory, more time; diffusers models)
     amp: str = "auto"                  # autocast of every denoiser pass of a float32 model: bf16 | fp16 | off;
                                        # auto: bf16 on a CUDA device that supports it, off elsewhere
 
@@ -110,6 +114,8 @@ class TrustConfig:
         for name in ("lr", "alpha", "lam", "eta", "weight_decay", "adv_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not isinstance(self.compile_unet, (bool, str)) or self.compile_unet == "":
+            raise ValueError(f"compile_unet must be a bool or a torch.compile backend name, got {self.compile_unet!r}")
         if self.hessian != "none" and self.retain_objective == "none":
             raise ValueError("a Hessian regularizer needs a retain objective (retain_objective='none')")
 
@@ -273,6 +279,7 @@ class TrustUnlearner:
         self.target_patterns = tuple(cfg.targets if cfg.targets is not None else self.family.default_targets)
         self.targets: list[Target] = find_targets(self.unet, self.target_patterns)
         self.trainable_params = freeze_all_but(self.unet, self.targets)
+        self._setup_fast_paths()
         for component in pipe.components.values():  # text encoders, VAE: never trained
             if isinstance(component, torch.nn.Module) and component is not self.unet:
                 component.requires_grad_(False)
@@ -369,6 +376,23 @@ class TrustUnlearner:
 
     # ------------------------------------------------------------------ models
 
+    def _setup_fast_paths(self) -> None:
+        """The denoiser switches of the config: memory format, gradient checkpointing, compilation."""
+        cfg = self.config
+        if cfg.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if cfg.grad_checkpointing:
+            if not callable(getattr(self.unet, "enable_gradient_checkpointing", None)):
+                raise ValueError(f"grad_checkpointing: the denoiser ({type(self.unet).__name__}) has no "
+                                 "enable_gradient_checkpointing()")
+            self.unet.enable_gradient_checkpointing()
+        self._forward = self.unet
+        if cfg.compile_unet:
+            # the target weights are updated in place and the frozen ones swapped in per pass: the
+            # compiled graph takes parameters as inputs, so neither recompiles
+            backend = "inductor" if cfg.compile_unet is True else cfg.compile_unet
+            self._forward = torch.compile(self.unet, backend=backend)
+
     def _half_frozen_weights(self) -> dict[str, Tensor]:
         """amp_dtype copies of the weights and biases of the denoiser's linear and convolution
         layers outside the targets (the ops autocast runs in half precision anyway)."""
@@ -381,20 +405,31 @@ class TrustUnlearner:
                         out[f"{name}.{pname}" if name else pname] = p.detach().to(self.amp_dtype)
         return out
 
-    def _denoise(self, noisy: Tensor, t: Tensor, cond: Tensor, weights: dict | None = None) -> Tensor:
+    def _denoise(self, noisy: Tensor, t: Tensor, cond: Tensor, weights: dict | None = None,
+                 eager: bool = False) -> Tensor:
         """One denoiser pass (under autocast when amp is on; the prediction comes back in the
-        model's dtype), with `weights` swapped in when given."""
+        model's dtype), with `weights` swapped in when given. `eager`: not through the compiled
+        denoiser (a graph to be differentiated twice: compiled backwards are not differentiable)."""
         inputs = self.family.denoiser_inputs(noisy, t, cond)
+        forward = self.unet if eager else self._forward
+        if self.config.channels_last and noisy.dim() == 4:
+            inputs[next(iter(inputs))] = noisy.contiguous(memory_format=torch.channels_last)
         with (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
               else contextlib.nullcontext()):
-            out = (self.unet(**inputs) if weights is None
-                   else functional_call(self.unet, weights, (), inputs, strict=False)).sample
+            if weights is None:
+                out = forward(**inputs).sample
+            else:  # a compiled denoiser holds the model as _orig_mod
+                prefix = "_orig_mod." if forward is not self.unet else ""
+                out = functional_call(forward, {prefix + k: v for k, v in weights.items()}, (), inputs,
+                                      strict=False).sample
         return out.to(self.dtype)
 
     def frozen_pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        """eps_0 (or v_0): the original model's prediction, without grad."""
-        with torch.no_grad():
-            return self._denoise(noisy, t, cond, self._frozen_weights)
+        """eps_0 (or v_0): the original model's prediction, without grad (an ordinary tensor: it is
+        made in inference mode and copied out, so that losses may save it for backward)."""
+        with torch.inference_mode():
+            out = self._denoise(noisy, t, cond, self._frozen_weights)
+        return out.clone()
 
     def pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """The edited model's prediction, with grad to the target parameters."""
@@ -606,7 +641,7 @@ class TrustUnlearner:
                 target = self.frozen_pred(noisy, timesteps, cond)
         if self._double_backward_now():
             with double_backward_attention():
-                return objectives.mse(self.pred(noisy, timesteps, cond), target)
+                return objectives.mse(self._denoise(noisy, timesteps, cond, self._amp_weights, eager=True), target)
         return objectives.mse(self.pred(noisy, timesteps, cond), target)
 
     # ------------------------------------------------------------------ update
@@ -651,13 +686,16 @@ class TrustUnlearner:
         """(retain gradient, H_r Delta or None, Hutchinson state before new probes or None) of one
         retain loss: the hvp and diag Hessian terms on the steps that differentiate twice."""
         cfg = self.config
-        if cfg.hessian == "hvp" and self._double_backward_now():
-            g_r, hv = self._grad_and_hvp(retain_loss)
-            return g_r, hv, None
-        if cfg.hessian == "diag" and self._double_backward_now():
+        if not self._double_backward_now() or cfg.hessian == "none":
+            return self._grads(retain_loss), None, None
+        # the backward passes run under the forward's attention backend too: gradient checkpointing
+        # recomputes the forward there
+        with double_backward_attention():
+            if cfg.hessian == "hvp":
+                g_r, hv = self._grad_and_hvp(retain_loss)
+                return g_r, hv, None
             before = ([d.clone() for d in self.hutchinson.diags], self.hutchinson.count) if keep_before else None
             return self.hutchinson.update(retain_loss, cfg.diag_samples, self.loss_scale), None, before
-        return self._grads(retain_loss), None, None
 
     def update(self, forget_loss: Tensor | None, retain_loss: Tensor | None = None) -> dict:
         """Localization + Hessian term + optimizer step for losses you computed (with
