@@ -42,7 +42,7 @@ class Mutant:
 MUTANTS = [
     # the five an earlier review found surviving every test
     Mutant("hvp_penalty_removed", "trust_fast/engine.py",
-           "grads = [g + cfg.lam * h for g, h in zip(grads, hv)]", "grads = list(grads)",
+           "grads = [g.add_(h, alpha=cfg.lam) for g, h in zip(grads, hv)]", "grads = list(grads)",
            (f"{TERMS}::test_the_hvp_term_adds_exactly_lam_times_the_retain_hessian_times_delta",),
            "the hvp Hessian penalty never reaches the update"),
     Mutant("diag_penalty_removed", "trust_fast/engine.py",
@@ -50,7 +50,7 @@ MUTANTS = [
            (f"{TERMS}::test_the_diag_term_enters_the_selected_rows_first_moments_exactly",),
            "the fused Hutchinson penalty is set with lambda 0"),
     Mutant("retain_gradient_dropped", "trust_fast/engine.py",
-           "grads = [gf + cfg.alpha * gr for gf, gr in zip(g_f, g_r)]", "grads = g_f",
+           "grads = [gf.add_(gr, alpha=cfg.alpha) for gf, gr in zip(g_f, g_r)]", "grads = g_f",
            (f"{TERMS}::test_the_retain_term_adds_exactly_alpha_times_the_retain_gradient",),
            "the retain loss no longer enters the update"),
     Mutant("esd_sign_flipped", "trust_fast/objectives.py",
@@ -129,12 +129,12 @@ MUTANTS = [
            "a NaN forget loss is applied to the weights"),
     # behaviour on the shipped world (tests/test_behaviour.py: held-out prompts, attacks)
     Mutant("retain_gradient_dropped_held_out", "trust_fast/engine.py",
-           "grads = [gf + cfg.alpha * gr for gf, gr in zip(g_f, g_r)]", "grads = g_f",
+           "grads = [gf.add_(gr, alpha=cfg.alpha) for gf, gr in zip(g_f, g_r)]", "grads = g_f",
            (f"{BEHAVIOUR}::test_pair_is_forgotten_on_held_out_prompts_and_its_parts_kept[red+circle]",),
            "the retain term dropped, seen on held-out prompts: red non-circles lose their red"),
     Mutant("forget_gradient_dropped", "trust_fast/engine.py",
-           "grads = [gf + cfg.alpha * gr for gf, gr in zip(g_f, g_r)]",
-           "grads = [0 * gf + cfg.alpha * gr for gf, gr in zip(g_f, g_r)]",
+           "grads = [gf.add_(gr, alpha=cfg.alpha) for gf, gr in zip(g_f, g_r)]",
+           "grads = [gf.mul_(0).add_(gr, alpha=cfg.alpha) for gf, gr in zip(g_f, g_r)]",
            (f"{BEHAVIOUR}::test_red_is_forgotten_on_held_out_prompts_and_the_rest_kept",),
            "only the retain loss trains: the concept stays on held-out prompts"),
     Mutant("softprompt_attack_no_step", "trust_fast/evaluation/attacks.py",

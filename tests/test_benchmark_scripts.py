@@ -80,3 +80,20 @@ def test_triton_plan_host_reports_every_column(capsys):
     import trust_fast.kernels.masked_adamw as K
 
     assert not isinstance(K._masked_adamw_kernel, _load("triton_plan_host")._NoLaunch)  # the kernel is restored
+
+
+def test_gpu_e2e_script_dry_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu_e2e.sh with DRY_RUN=1: the device script's stages, on tiny configs on the CPU,
+    write both CSVs with every method and a log."""
+    import subprocess
+
+    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path))
+    res = subprocess.run(["bash", os.path.join(BENCH, "gpu_e2e.sh")], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    for name, batch in (("e2e_sd15_64.csv", "8+8"), ("e2e_sd15_32.csv", "4+4")):
+        rows = list(csv.DictReader((tmp_path / name).open()))
+        assert sorted(r["method"] for r in rows) == ["esd", "salun", "trust", "trust-naive"], name
+        assert all(r["batch"] == batch and r["device"] == "cpu" and float(r["s_per_step"]) > 0 for r in rows)
+        assert {r["amp"] for r in rows if r["method"] != "trust-naive"} == {"bf16"}
+    assert "SD-1.5, 512 px" in (tmp_path / "gpu_e2e.log").read_text()

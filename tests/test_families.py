@@ -241,11 +241,21 @@ def test_an_fp16_variant_loads_in_fp16_and_is_saved_as_an_fp16_variant(tmp_path,
     out = tmp_path / "out"
     rc = main(["unlearn", "--model", str(model), "--variant", "fp16", "--concept", "red", "--forget-prompts",
                str(tmp_path / "f.txt"), "--steps", "2", "--x0-per-prompt", "1", "--x0-steps", "2", "--no-eval",
-               "--out", str(out)])
+               "--min-row-updates", "1", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     assert sorted(os.listdir(out / "unet")) == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
     again = load_pipeline(str(out), "cpu", variant="fp16")
     assert {again.unet.dtype, again.vae.dtype, again.text_encoder.dtype} == {torch.float16}
+    # the patch commands read the variant too, and rebuild the unlearned fp16 pipeline bit for bit
+    patch, rebuilt = tmp_path / "p.safetensors", tmp_path / "rebuilt"
+    assert main(["export-patch", "--base", str(model), "--unlearned", str(out), "--variant", "fp16",
+                 "--out", str(patch)]) == 0, capsys.readouterr().err
+    assert main(["apply-patch", "--base", str(model), "--patch", str(patch), "--variant", "fp16",
+                 "--out", str(rebuilt)]) == 0, capsys.readouterr().err
+    assert sorted(os.listdir(rebuilt / "unet")) == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    rebuilt_unet = load_pipeline(str(rebuilt), "cpu", variant="fp16").unet.state_dict()
+    assert all(torch.equal(v, rebuilt_unet[k]) for k, v in again.unet.state_dict().items())
+    assert any(not torch.equal(v, p0) for v, p0 in zip(again.unet.state_dict().values(), pipe.unet.state_dict().values()))
 
 
 # ----------------------------------------------------------------------------- CLI and import surface

@@ -497,7 +497,8 @@ def cmd_export_patch(args) -> int:
     base, unlearned = model_path(args.base), model_path(args.unlearned)
     with _claim(args.out, "--out", args, kind="file", recognize=is_patch_file,
                 inputs=[("base model directory", base), ("unlearned model directory", unlearned)]) as out:
-        stats = export_patch(load_pipeline(args.base, "cpu"), load_pipeline(args.unlearned, "cpu"), out.path)
+        stats = export_patch(load_pipeline(args.base, "cpu", variant=args.variant),
+                             load_pipeline(args.unlearned, "cpu", variant=args.variant), out.path)
     print(f"wrote {args.out}: {stats['changed_rows']} changed rows in {stats['changed_tensors']} tensors, "
           f"{stats['patch_bytes']} bytes = {100 * stats['fraction_of_unet']:.3f}% of the UNet ({stats['unet_bytes']} bytes)")
     return 0
@@ -511,7 +512,7 @@ def cmd_apply_patch(args) -> int:
     base = model_path(args.base)
     read_patch(args.patch)  # a bad patch is refused before the output is claimed
     with _claim(args.out, "--out", args, inputs=[("base model directory", base), ("patch", args.patch)]) as out:
-        write_pretrained(apply_patch(load_pipeline(args.base, "cpu"), args.patch), out.path)
+        write_pretrained(apply_patch(load_pipeline(args.base, "cpu", variant=args.variant), args.patch), out.path)
     print(f"wrote the patched pipeline to {args.out}")
     return 0
 
@@ -519,9 +520,12 @@ def cmd_apply_patch(args) -> int:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="load the model in this dtype (default auto: the dtype its weights were saved in)")
-    p.add_argument("--variant", default=None,
-                   help="weights variant to load, e.g. fp16 for *.fp16.safetensors (outputs are saved the same way)")
+    _add_variant(p, "(outputs are saved the same way)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 or cpu (default: cuda if available)")
+
+
+def _add_variant(p: argparse.ArgumentParser, which: str) -> None:
+    p.add_argument("--variant", default=None, help=f"weights variant to load, e.g. fp16 for *.fp16.safetensors, {which}")
 
 
 def _load(args, model: str):
@@ -678,12 +682,14 @@ def _add_patch_commands(sub) -> None:
     p.add_argument("--base", required=True, help="the model that was unlearned: 'shapes' or its directory")
     p.add_argument("--unlearned", required=True, help="the unlearned pipeline directory")
     p.add_argument("--out", required=True, help="patch file (.safetensors)")
+    _add_variant(p, "of both pipelines (models load in the dtypes they were saved in: patches are bit-exact)")
     _add_overwrite(p)
     p.set_defaults(fn=cmd_export_patch)
     p = sub.add_parser("apply-patch", help="rebuild an unlearned pipeline from its base and a patch, bit for bit")
     p.add_argument("--base", required=True, help="the model the patch was exported against: 'shapes' or its directory")
     p.add_argument("--patch", required=True)
     p.add_argument("--out", required=True, help="output pipeline directory")
+    _add_variant(p, "of the base (the output is saved the same way)")
     _add_overwrite(p)
     p.set_defaults(fn=cmd_apply_patch)
 

@@ -10,7 +10,9 @@ The same engine runs TRUST and the baselines (SalUn, ESD); a method is a :class:
 
 Only the target modules are trainable (everything else has requires_grad False); the frozen
 model eps_0 is the same UNet evaluated with the saved original target weights swapped in by
-``torch.func.functional_call``, so no second UNet is held in memory.
+``torch.func.functional_call``, so no second UNet is held in memory. Under ``amp`` every pass
+runs in autocast with half-precision copies of the frozen matmul and convolution weights swapped
+in the same way.
 """
 from __future__ import annotations
 
@@ -748,9 +750,11 @@ class TrustUnlearner:
             else:
                 if diag_before is not None:
                     self._set_diag_penalty()
-                grads = [gf + cfg.alpha * gr for gf, gr in zip(g_f, g_r)]
+                # in place: a step holds at most two gradient sets (three were 10 GB for SalUn on SD-1.5)
+                grads = [gf.add_(gr, alpha=cfg.alpha) for gf, gr in zip(g_f, g_r)]
                 if hv is not None:
-                    grads = [g + cfg.lam * h for g, h in zip(grads, hv)]
+                    grads = [g.add_(h, alpha=cfg.lam) for g, h in zip(grads, hv)]
+                g_r = hv = fresh = pre = None
         t3 = time.perf_counter()
         if skip and diag_before is not None:  # a skipped step leaves no Hessian probes behind
             for d, old in zip(self.hutchinson.diags, diag_before[0]):
