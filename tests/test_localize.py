@@ -85,3 +85,16 @@ def test_static_mask_keeps_the_top_half_of_all_weights_by_summed_gradient():
     assert all(mk.shape == gr.shape for mk, gr in zip(masks, grads))
     with pytest.raises(ValueError):
         static_mask(grads, 0.0)
+
+
+def test_static_mask_threshold_is_the_kth_largest_magnitude_with_ties_zeros_and_infinities():
+    """The bisection on float bit patterns finds what kthvalue of the concatenation finds."""
+    from trust_fast.localize import _kth_largest_abs
+
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randn(37, 5, generator=g), torch.zeros(11), torch.tensor([2.0, -2.0, 2.0, float("inf"), -1e-30]),
+             torch.randint(-3, 4, (4, 3, 2), generator=g).float(), torch.randn(9, generator=g).to(torch.bfloat16)]
+    flat = torch.cat([p.abs().float().flatten() for p in parts])
+    for k in (1, 2, 3, 4, 7, 50, flat.numel() // 2, flat.numel() - 1, flat.numel()):
+        expected = torch.kthvalue(flat, flat.numel() - k + 1).values
+        assert _kth_largest_abs(parts, k) == expected, k
