@@ -734,27 +734,38 @@ class TrustUnlearner:
         grads = g_f
         diag_before = pre.diag_before if pre is not None else None  # Hutchinson state to restore on a skip
         if retain_loss is not None and cfg.alpha > 0 and not skip:
-            g_r, hv, diag_before = ((pre.g_r, pre.hv, pre.diag_before) if pre is not None
-                                    else self._retain_terms(retain_loss))
+            pending = None  # Hutchinson probes of this step, folded in only if the step is kept
+            if pre is not None:
+                g_r, hv, diag_before = pre.g_r, pre.hv, pre.diag_before
+            elif cfg.hessian == "diag" and self._double_backward_now():
+                with double_backward_attention():
+                    g_r, pending = self.hutchinson.probe(retain_loss, cfg.diag_samples, self.loss_scale)
+                hv = None
+            else:
+                g_r, hv, diag_before = self._retain_terms(retain_loss)
             if hv is not None:
                 distributed.average_(hv)
             if diag_before is not None:
                 distributed.average_(self.hutchinson.diags)
             distributed.average_(g_r)
-            fresh = [*g_r, *(hv or []), *(self.hutchinson.diags if diag_before is not None else [])]
+            fresh = [*g_r, *(hv or []), *(self.hutchinson.diags if diag_before is not None else []),
+                     *(h for _, hz in pending or [] for h in hz)]
             skip = distributed.any_rank(not _all_finite([retain_loss.detach(), *fresh]))
             if skip:
                 if self.localizer is not None:
                     self.localizer.rows = prev_rows
                 rows = None
             else:
-                if diag_before is not None:
+                if pending is not None:
+                    self.hutchinson.fold(pending)
+                    distributed.average_(self.hutchinson.diags)
+                if diag_before is not None or pending is not None:
                     self._set_diag_penalty()
                 # in place: a step holds at most two gradient sets (three were 10 GB for SalUn on SD-1.5)
                 grads = [gf.add_(gr, alpha=cfg.alpha) for gf, gr in zip(g_f, g_r)]
                 if hv is not None:
                     grads = [g.add_(h, alpha=cfg.lam) for g, h in zip(grads, hv)]
-                g_r = hv = fresh = pre = None
+                g_r = hv = fresh = pre = pending = None
         t3 = time.perf_counter()
         if skip and diag_before is not None:  # a skipped step leaves no Hessian probes behind
             for d, old in zip(self.hutchinson.diags, diag_before[0]):

@@ -78,16 +78,28 @@ class HutchinsonDiagonal:
         """Fold `samples` probes of the Hessian of `loss` into the estimate; returns grad of `loss`.
         `scale` (float16 loss scaling): differentiate ``loss * scale`` and divide the gradient and
         the Hessian products by it, in float32, before anything is folded in."""
+        grads, pending = self.probe(loss, samples, scale)
+        self.fold(pending)
+        return grads
+
+    def probe(self, loss: Tensor, samples: int = 1, scale: float | None = None
+              ) -> tuple[list[Tensor], list[tuple[list[Tensor], list[Tensor]]]]:
+        """(grad of `loss`, [(z, H z) per probe]) without touching the estimate: a caller that may
+        discard the probes (a skipped step) folds them with :meth:`fold` once they are kept,
+        instead of holding a copy of the estimate to restore."""
         probes = [ops.rademacher_like(self.params, self.generator) for _ in range(samples)]
         grads, hzs = grad_and_hvps(loss if scale is None else loss * scale, self.params, probes)
         if scale is not None:
             grads = [g.float() / scale for g in grads]
             hzs = [[h.float() / scale for h in hz] for hz in hzs]
             probes = [[zz.float() for zz in z] for z in probes]  # +-1: exact in float32
-        for z, hz in zip(probes, hzs):
+        return grads, list(zip(probes, hzs))
+
+    def fold(self, pending: list[tuple[list[Tensor], list[Tensor]]]) -> None:
+        """Fold probes from :meth:`probe` into the running mean."""
+        for z, hz in pending:
             ops.hutchinson_diag_(self.diags, hz, z, None, self.count)
             self.count += 1
-        return grads
 
     def penalty(self) -> list[Tensor]:
         return [d.clamp(min=0) for d in self.diags]
