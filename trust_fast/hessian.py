@@ -73,6 +73,7 @@ class HutchinsonDiagonal:
         self.diags = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
         self.count = 0
         self.generator = generator
+        self._penalty: list[Tensor] | None = None
 
     def update(self, loss: Tensor, samples: int = 1, scale: float | None = None) -> list[Tensor]:
         """Fold `samples` probes of the Hessian of `loss` into the estimate; returns grad of `loss`.
@@ -102,7 +103,13 @@ class HutchinsonDiagonal:
             self.count += 1
 
     def penalty(self) -> list[Tensor]:
-        return [d.clamp(min=0) for d in self.diags]
+        """max(diag, 0), written into the same buffers on every call: an optimizer holding the
+        previous penalty sees the new one without a second copy in memory."""
+        if self._penalty is None:
+            self._penalty = [torch.empty_like(d) for d in self.diags]
+        for d, out in zip(self.diags, self._penalty):
+            torch.clamp(d, min=0, out=out)
+        return self._penalty
 
     def state_bytes(self) -> int:
-        return sum(d.numel() * d.element_size() for d in self.diags)
+        return sum(d.numel() * d.element_size() for d in self.diags + (self._penalty or []))
