@@ -8,7 +8,7 @@
 # The library's methods run with bf16 autocast (e2e.py's default --amp), trust-naive in float32.
 # Usage: OUT=/some/dir benchmarks/gpu_e2e.sh
 # Dry run on a CPU (what CI tests): DRY_RUN=1 OUT=/some/dir benchmarks/gpu_e2e.sh runs the same
-# stages on tiny configs of the same structure, one step each.
+# stages on tiny configs of the same structure at 8x8 latents, one step each.
 # shellcheck source=benchmarks/gpu_common.sh
 source "$(dirname "$0")/gpu_common.sh" gpu_e2e
 stage "machine"
@@ -24,15 +24,15 @@ if [ "${DRY_RUN:-0}" != 1 ]; then  # a dry run uses the checkout as installed
   pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1 || echo "note: editable install failed; using PYTHONPATH"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-if [ "${DRY_RUN:-0}" = 1 ]; then
-  RUN=(--device cpu --tiny --steps 1)
+if [ "${DRY_RUN:-0}" = 1 ]; then  # tiny configs at small latents: 4096-token attention is no CPU test
+  RUN=(--device cpu --tiny --steps 1); L512=8; L256=8
 else
-  RUN=(--device cuda --steps 3)
+  RUN=(--device cuda --steps 3); L512=64; L256=32
 fi
 stage "SD-1.5, 512 px, batch 8 + 8"
-timeout 300 python benchmarks/e2e.py "${RUN[@]}" --latent 64 --batch 8 8 --x0-steps 4 \
+timeout 300 python benchmarks/e2e.py "${RUN[@]}" --latent "$L512" --batch 8 8 --x0-steps 4 \
   --out "$OUT/e2e_sd15_64.csv" --overwrite || status=1
 stage "SD-1.5, 256 px, batch 4 + 4"
-timeout 150 python benchmarks/e2e.py "${RUN[@]}" --latent 32 --batch 4 4 --x0-steps 4 \
+timeout 150 python benchmarks/e2e.py "${RUN[@]}" --latent "$L256" --batch 4 4 --x0-steps 4 \
   --out "$OUT/e2e_sd15_32.csv" --overwrite || status=1
 exit $status
