@@ -333,6 +333,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trust_fast.defaults import AMP_MODES
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     ap.add_argument("--latent", type=int, default=32, help="latent size (32 = 256 px, 64 = 512 px)")
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--x0-per-prompt", type=int, default=1, help="data-free images per prompt (default 1)")
     ap.add_argument("--x0-steps", type=int, default=4, help="DDIM steps of the data-free pool (default 4)")
-    ap.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="bf16",
+    ap.add_argument("--amp", choices=AMP_MODES, default="bf16",
                     help="TrustConfig.amp of the library's methods (default bf16: autocast every UNet pass; "
                          "trust-naive stays float32)")
     ap.add_argument("--set", type=_field, action="append", metavar="FIELD=VALUE",

@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from .defaults import AMP_MODES
+
 
 class UserError(ValueError):
     """A problem with the user's input; the CLI prints it as one line."""
@@ -635,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels-last convolutions (off by default: slower on the CPUs measured)")
     p.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward: less memory, more time (diffusers models)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=None,
+    p.add_argument("--amp", choices=AMP_MODES, default=None,
                    help="autocast the denoiser passes of a float32 model (default auto: bf16 on a CUDA device "
                         "that supports it, off elsewhere; bf16 also pays on CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--forget-prompts", help="file of prompts showing the concept (one a line; required outside the world)")
