@@ -151,6 +151,10 @@ struct NextRow {
 constexpr int64_t kLineBytes = 64;
 constexpr int64_t kBlockElems = 64;
 
+// The Hessian-diagonal penalty uses max(h, 0): a negative curvature estimate adds no penalty
+// (it would push the weights away from the reference). NaN stays NaN, like torch.clamp.
+inline float curvature(float h) { return h < 0.f ? 0.f : h; }
+
 inline void prefetch_lines(const void* base, int64_t byte_begin, int64_t byte_end) {
   const char* b = static_cast<const char*>(base);
   for (int64_t off = byte_begin; off < byte_end; off += kLineBytes) __builtin_prefetch(b + off, 1, 3);
@@ -165,7 +169,7 @@ TF_SIMD_CLONES void adamw_row(T* __restrict__ p, const T* __restrict__ g, float*
                const AdamHyper& hp, const NextRow& next) {
   const float decay = hp.decay, one_m_b1 = hp.one_m_b1, one_m_b2 = hp.one_m_b2;
   const float beta2 = hp.beta2, eps = hp.eps, lam = hp.lam;
-  const float h_row = kPenalty == kPerRowPenalty ? h[0] : 0.f;
+  const float h_row = kPenalty == kPerRowPenalty ? curvature(h[0]) : 0.f;
   for (int64_t b = 0; b < c; b += kBlockElems) {
     const int64_t e = b + kBlockElems < c ? b + kBlockElems : c;
     if (next.p != nullptr) {
@@ -181,7 +185,7 @@ TF_SIMD_CLONES void adamw_row(T* __restrict__ p, const T* __restrict__ g, float*
       const float x = to_float(p[i]);
       float gi = to_float(g[i]);
       if constexpr (kPenalty == kPerRowPenalty) gi += lam * h_row * (x - to_float(p0[i]));
-      if constexpr (kPenalty == kPerElementPenalty) gi += lam * h[i] * (x - to_float(p0[i]));
+      if constexpr (kPenalty == kPerElementPenalty) gi += lam * curvature(h[i]) * (x - to_float(p0[i]));
       const float mi = m[i] + one_m_b1 * (gi - m[i]);
       const float vi = beta2 * v[i] + one_m_b2 * gi * gi;
       m[i] = mi;

@@ -227,8 +227,10 @@ def test_channels_last_and_gradient_checkpointing_step_like_the_default(pipe):
         a, b = ref.step(), fast.step()
         assert _rows(ref) == _rows(fast) and a["selected_rows"] > 0
         assert b["loss_forget"] == pytest.approx(a["loss_forget"], rel=1e-4)
+    # Adam divides by sqrt(v): an element whose gradient is at rounding level moves by a rounding-
+    # sized fraction of lr (0.01) rather than by rounding itself, hence atol = lr / 1000
     for p, q in zip(ref.params, fast.params):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_grad_checkpointing_is_refused_for_a_denoiser_without_it(pipe):

@@ -2,7 +2,7 @@
 import torch
 from diffusers import UNet2DConditionModel
 
-from trust_fast.hessian import HutchinsonDiagonal, grad_and_hvps, hvp
+from trust_fast.hessian import HutchinsonDiagonal, RademacherProbe, grad_and_hvps, hvp
 from trust_fast.localize import find_targets, freeze_all_but
 
 
@@ -72,4 +72,32 @@ def test_hutchinson_diagonal_converges_to_the_true_diagonal():
     assert torch.allclose(g[0], a @ w.detach(), atol=1e-4)
     err = (est.diags[0] - a.diag()).abs().max() / a.diag().abs().max()
     assert est.count == 400 and err < 0.25, f"relative error {float(err):.3f}"
-    assert (est.penalty()[0] >= 0).all()
+
+
+def test_a_rademacher_probe_is_its_seed_and_gives_the_products_of_its_tensors():
+    """A probe is redrawn from its seed, never held: the same +-1 tensors every time, different ones
+    per tensor and per seed, and grad_and_hvps gives H z for them as for explicit vectors (the
+    products are exact for a quadratic loss); `keep` sees the gradients before the products."""
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 5, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    a = a @ a.T
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    params = [w, v]
+
+    def loss():
+        return 0.5 * w @ a @ w + (v * b).sum() * (w ** 2).sum()
+
+    z = RademacherProbe(params, 123)
+    z0, z1 = z.tensor(0), z.tensor(1)
+    assert z0.dtype == torch.float64 and set(z0.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(z.tensor(0), z0) and torch.equal(z.tensor(1, torch.float32), z1.float())
+    assert not torch.equal(RademacherProbe(params, 124).tensor(1), z1)
+    seen = []
+    grads, (hz,) = grad_and_hvps(loss(), params, [z], keep=lambda gs: seen.append(len(gs)) or [g[:2] for g in gs])
+    _, (want,) = grad_and_hvps(loss(), params, [[z0, z1]])
+    assert seen == [2] and [g.shape[0] for g in grads] == [2, 2]
+    for got, exp in zip(hz, want):
+        torch.testing.assert_close(got, exp, rtol=0, atol=1e-12)
+    g_full = torch.autograd.grad(loss(), params)
+    torch.testing.assert_close(grads[0], g_full[0][:2])

@@ -107,7 +107,7 @@ def _adamw_oracle(p, g, m, v, step, rows, slots, hp, h=None, p0=None, lam=0.0):
     x = p2[r]
     gr = g.double().reshape(R, -1)[r]
     if h is not None:
-        hr = h.double().reshape(R, -1)[r]
+        hr = h.double().reshape(R, -1)[r].clamp(min=0)  # negative curvature: no penalty
         gr = gr + lam * hr * (x - p0.double().reshape(R, -1)[r])
     t = step[s] + 1
     step[s] = t
@@ -149,9 +149,9 @@ def _adam_problem(device, dtype, gen, penalty: str, index_dtypes=(torch.int64, t
         rows.append(r.to(device=device, dtype=idt))
         slots.append(s.to(device=device, dtype=idt))
         if penalty == "per_element":
-            hs.append(torch.rand(shape, generator=gen).to(device))
+            hs.append((torch.rand(shape, generator=gen) - 0.3).to(device))  # some negative: clamped at 0
         elif penalty == "per_row":
-            hs.append(torch.rand(R, generator=gen).to(device))
+            hs.append((torch.rand(R, generator=gen) - 0.3).to(device))
         p0s.append(_randn(shape, dtype, device, gen))
     if penalty == "none":
         hs, p0s = None, None

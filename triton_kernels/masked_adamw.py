@@ -90,6 +90,7 @@ def _masked_adamw_kernel(
             else:
                 h = tl.load(h_base + h_off + r * width + cols, mask=mask, other=0.0)
             x0 = tl.load(p0_row + cols, mask=mask, other=0.0).to(tl.float32)
+            h = tl.where(h < 0.0, 0.0, h)  # negative curvature: no penalty (NaN stays NaN)
             g = g + lam * h * (x - x0)
         m = tl.load(m_row + cols, mask=mask, other=0.0)
         v = tl.load(v_row + cols, mask=mask, other=0.0)

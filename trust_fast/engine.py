@@ -288,6 +288,7 @@ class TrustUnlearner:
         self.params: list[Tensor] = [p for t in self.targets for p in t.params]
         pos = {id(p): i for i, p in enumerate(self.params)}
         self._weight_pos = [pos[id(t.weight)] for t in self.targets]
+        self._target_of = [k for k, t in enumerate(self.targets) for _ in t.params]  # param -> its target
         names = {id(p): n for n, p in self.unet.named_parameters()}
         self._names = [names[id(p)] for p in self.params]
         self.total_rows = sum(t.rows for t in self.targets)
@@ -658,15 +659,25 @@ class TrustUnlearner:
         gs = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, self.params)]
 
-    def _grad_and_hvp(self, loss: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def _grad_and_hvp(self, loss: Tensor, keep=None) -> tuple[list[Tensor], list[Tensor]]:
         """Retain gradient and H_r Delta (Delta = current minus original weights, from the float32
-        masters when there are any), unscaled like :meth:`_grads`."""
+        masters when there are any), unscaled like :meth:`_grads`, both passed through `keep`."""
+        keep = keep or list
         delta = [q.detach() - p0.to(q.dtype) for q, p0 in zip(self.opt_params, self.theta0)]
         if self.loss_scale is None:
-            g_r, (hv,) = grad_and_hvps(loss, self.params, [delta])
-            return g_r, hv
-        g_r, (hv,) = grad_and_hvps(loss * self.loss_scale, self.params, [delta])
-        return [g.float() / self.loss_scale for g in g_r], [h.float() / self.loss_scale for h in hv]
+            g_r, (hv,) = grad_and_hvps(loss, self.params, [delta], keep)
+            return g_r, keep(hv)
+        g_r, (hv,) = grad_and_hvps(loss * self.loss_scale, self.params, [delta], keep)
+        return [g.float() / self.loss_scale for g in g_r], [h.float() / self.loss_scale for h in keep(hv)]
+
+    def _row_keeper(self, rows: list[Tensor] | None):
+        """None without selected rows, else a function taking a gradient set (one tensor per target
+        param) to its selected rows: MaskedAdamW reads nothing else, so a step past localization
+        holds its gradients (forget, retain, H_r Delta) on those rows only, not three full sets."""
+        if rows is None:
+            return None
+        per_param = [rows[k] for k in self._target_of]
+        return lambda gs: [g.index_select(0, r) for g, r in zip(gs, per_param)]
 
     def accumulate(self, forget_loss: Tensor | None, retain_loss: Tensor | None = None) -> None:
         """Gradient accumulation: fold one micro-batch's losses into the current step. Call it for
@@ -684,17 +695,19 @@ class TrustUnlearner:
             acc.diag_before = acc.diag_before or before  # the state before the step's first probes
             acc.add_retain(retain_loss.detach(), g_r, hv)
 
-    def _retain_terms(self, retain_loss: Tensor, keep_before: bool = True):
+    def _retain_terms(self, retain_loss: Tensor, keep_before: bool = True, keep=None):
         """(retain gradient, H_r Delta or None, Hutchinson state before new probes or None) of one
-        retain loss: the hvp and diag Hessian terms on the steps that differentiate twice."""
+        retain loss: the hvp and diag Hessian terms on the steps that differentiate twice. `keep`
+        (see :meth:`_row_keeper`) maps the gradient and H_r Delta to what is returned of them."""
         cfg = self.config
         if not self._double_backward_now() or cfg.hessian == "none":
-            return self._grads(retain_loss), None, None
+            g_r = self._grads(retain_loss)
+            return (g_r if keep is None else keep(g_r)), None, None
         # the backward passes run under the forward's attention backend too: gradient checkpointing
         # recomputes the forward there
         with double_backward_attention():
             if cfg.hessian == "hvp":
-                g_r, hv = self._grad_and_hvp(retain_loss)
+                g_r, hv = self._grad_and_hvp(retain_loss, keep)
                 return g_r, hv, None
             before = ([d.clone() for d in self.hutchinson.diags], self.hutchinson.count) if keep_before else None
             return self.hutchinson.update(retain_loss, cfg.diag_samples, self.loss_scale), None, before
@@ -730,6 +743,9 @@ class TrustUnlearner:
         if self.localizer is not None and not skip:
             rows = self.localizer(self.step_count, [g_f[i] for i in self._weight_pos])
             distributed.check_same_rows(rows, self.step_count)
+        keep = self._row_keeper(rows)  # from here on, gradients are held on the selected rows only
+        if keep is not None:
+            g_f = keep(g_f)
         t2 = time.perf_counter()
         grads = g_f
         diag_before = pre.diag_before if pre is not None else None  # Hutchinson state to restore on a skip
@@ -737,12 +753,14 @@ class TrustUnlearner:
             pending = None  # Hutchinson probes of this step, folded in only if the step is kept
             if pre is not None:
                 g_r, hv, diag_before = pre.g_r, pre.hv, pre.diag_before
+                if keep is not None:
+                    g_r, hv = keep(g_r), (keep(hv) if hv is not None else None)
             elif cfg.hessian == "diag" and self._double_backward_now():
                 with double_backward_attention():
-                    g_r, pending = self.hutchinson.probe(retain_loss, cfg.diag_samples, self.loss_scale)
+                    g_r, pending = self.hutchinson.probe(retain_loss, cfg.diag_samples, self.loss_scale, keep)
                 hv = None
             else:
-                g_r, hv, diag_before = self._retain_terms(retain_loss)
+                g_r, hv, diag_before = self._retain_terms(retain_loss, keep=keep)
             if hv is not None:
                 distributed.average_(hv)
             if diag_before is not None:
@@ -761,7 +779,7 @@ class TrustUnlearner:
                     distributed.average_(self.hutchinson.diags)
                 if diag_before is not None or pending is not None:
                     self._set_diag_penalty()
-                # in place: a step holds at most two gradient sets (three were 10 GB for SalUn on SD-1.5)
+                # in place: a dense step holds at most two gradient sets (three were 10 GB for SalUn on SD-1.5)
                 grads = [gf.add_(gr, alpha=cfg.alpha) for gf, gr in zip(g_f, g_r)]
                 if hv is not None:
                     grads = [g.add_(h, alpha=cfg.lam) for g, h in zip(grads, hv)]
@@ -776,8 +794,13 @@ class TrustUnlearner:
         if skip:
             self.skipped_steps += 1
         else:
-            for p, g in zip(self.opt_params, grads):
-                p.grad = g.to(p.dtype)
+            if keep is not None:  # the selected rows' gradients into otherwise zero gradients
+                per_param = [rows[k] for k in self._target_of]
+                for p, g, r in zip(self.opt_params, grads, per_param):
+                    p.grad = torch.zeros_like(p).index_copy_(0, r, g.to(p.dtype))
+            else:
+                for p, g in zip(self.opt_params, grads):
+                    p.grad = g.to(p.dtype)
             if rows is not None:
                 opt = self._opt
                 self.masked_optimizer.set_rows({opt[id(p)]: r for t, r in zip(self.targets, rows) for p in t.params})
@@ -827,16 +850,16 @@ class TrustUnlearner:
                 self.loss_scale = min(LOSS_SCALE_INIT * 2 ** 8, self.loss_scale * 2)
 
     def _set_diag_penalty(self) -> None:
+        """MaskedAdamW's fused penalty reads the running estimate itself (its kernels clamp h at 0)."""
         if self.localizer is not None:
-            h = self.hutchinson.penalty()
+            h = self.hutchinson.diags
             self.masked_optimizer.set_penalty({p: (hp, p0) for p, hp, p0 in zip(self.opt_params, h, self.theta0)},
                                        self.config.lam)
 
     def _diag_penalty_dense(self) -> None:
-        """Dense optimizers have no fused penalty: add lam * h * Delta to the gradients."""
-        h = self.hutchinson.penalty()
-        for p, hp, p0 in zip(self.opt_params, h, self.theta0):
-            p.grad.add_(self.config.lam * hp.to(p.dtype) * (p.detach() - p0.to(p.dtype)))
+        """Dense optimizers have no fused penalty: add lam * max(h, 0) * Delta to the gradients."""
+        for p, hp, p0 in zip(self.opt_params, self.hutchinson.diags, self.theta0):
+            p.grad.add_(self.config.lam * hp.clamp(min=0).to(p.dtype) * (p.detach() - p0.to(p.dtype)))
 
     # -------------------------------------------------------------------- step
 

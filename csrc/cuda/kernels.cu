@@ -24,6 +24,9 @@ __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// The penalty's curvature max(h, 0), NaN kept (as the CPU kernel and torch.clamp)
+__device__ __forceinline__ float curvature(float h) { return h < 0.f ? 0.f : h; }
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -102,7 +105,7 @@ __device__ __forceinline__ void adam_element(T* p, const T* g, float* m, float* 
   const float x = to_f32(p[i]);
   float gi = to_f32(g[i]);
   if (kPenalty == 1) gi += s.lam * h_row * (x - to_f32(p0[i]));
-  if (kPenalty == 2) gi += s.lam * h[i] * (x - to_f32(p0[i]));
+  if (kPenalty == 2) gi += s.lam * curvature(h[i]) * (x - to_f32(p0[i]));
   const float mi = m[i] + s.one_m_b1 * (gi - m[i]);
   const float vi = s.beta2 * v[i] + s.one_m_b2 * gi * gi;
   m[i] = mi;
@@ -131,7 +134,7 @@ __device__ __forceinline__ void adam_vec4(T* __restrict__ p, const T* __restrict
   if (kPenalty != 0) p0v = *reinterpret_cast<const Vec4<T>*>(p0 + i);
   if (kPenalty == 2) {
     const float4 hv = *reinterpret_cast<const float4*>(h + i);
-    hh[0] = hv.x; hh[1] = hv.y; hh[2] = hv.z; hh[3] = hv.w;
+    hh[0] = curvature(hv.x); hh[1] = curvature(hv.y); hh[2] = curvature(hv.z); hh[3] = curvature(hv.w);
   }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -179,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) masked_adamw_kernel(const AdamTensor
     const T* g = static_cast<const T*>(t.g) + r * t.width;
     const T* p0 = kPenalty ? static_cast<const T*>(t.p0) + r * t.width : nullptr;
     const float* h = kPenalty == 2 ? t.h + r * t.width : nullptr;
-    const float h_row = kPenalty == 1 ? t.h[r] : 0.f;
+    const float h_row = kPenalty == 1 ? curvature(t.h[r]) : 0.f;
     float* m = t.m + sl * t.width;
     float* v = t.v + sl * t.width;
     if (t.vectorized) {

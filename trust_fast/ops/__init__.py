@@ -126,7 +126,8 @@ def masked_adamw_(
       bias correction of a row uses its own slot's count.
     - rows[i], slots[i]: int32/int64 (n,), in range, no duplicates.
     - hess[i]: optional float32 Hessian diagonal, param shape (per element) or (R,) (per row);
-      with ref_params[i] (param shape and dtype) it adds lam * hess * (p - ref) to the gradient.
+      with ref_params[i] (param shape and dtype) it adds lam * max(hess, 0) * (p - ref) to the
+      gradient (a negative curvature estimate adds no penalty; NaN stays NaN).
 
     Formulas are torch.optim.AdamW's (decoupled weight decay, bias correction).
     """

@@ -499,7 +499,7 @@ def masked_adamw_(*args) -> None:
         g = grads[i].reshape(rows_of(p), -1)[r].float()
         x = p2[r].float()
         if hess is not None:
-            h = hess[i].reshape(rows_of(p), -1)[r]
+            h = hess[i].reshape(rows_of(p), -1)[r].clamp(min=0)  # negative curvature: no penalty
             g = g + lam * h * (x - ref_params[i].reshape(rows_of(p), -1)[r].float())
         step = steps[i][sl] + 1
         steps[i][sl] = step
