@@ -101,3 +101,29 @@ def test_a_rademacher_probe_is_its_seed_and_gives_the_products_of_its_tensors():
         torch.testing.assert_close(got, exp, rtol=0, atol=1e-12)
     g_full = torch.autograd.grad(loss(), params)
     torch.testing.assert_close(grads[0], g_full[0][:2])
+
+
+def test_a_loss_in_parts_gives_the_gradient_and_products_of_the_whole():
+    """grad_and_hvps of a loss given as parts (micro-batches) sums the parts' gradients and products,
+    for a seeded probe and explicit vectors alike, and leaves the params' own .grad as it was."""
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    w = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    w.grad = torch.full_like(w, 7.0)
+
+    def loss(rows):
+        return ((torch.tanh(x[rows] @ w + b)) ** 2).sum() / 6
+
+    vectors = [RademacherProbe([w, b], 5), [torch.randn(3, 2, dtype=torch.float64), torch.randn(2, dtype=torch.float64)],
+               RademacherProbe([w, b], 6)]
+    g_whole, h_whole = grad_and_hvps(loss(slice(None)), [w, b], vectors)
+    g_parts, h_parts = grad_and_hvps([lambda: loss(slice(0, 4)), lambda: loss(slice(4, 6))], [w, b], vectors)
+    for got, want in zip(g_parts, g_whole):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert len(h_parts) == 3
+    for hp, hw in zip(h_parts, h_whole):
+        for got, want in zip(hp, hw):
+            assert want.abs().max() > 0
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert torch.equal(w.grad, torch.full_like(w, 7.0)) and b.grad is None

@@ -213,7 +213,7 @@ def _unlearning_config(args):
     overrides = {"seed": args.seed}
     for name in ("steps", "hessian", "lr", "xi", "max_fraction", "alpha", "lam", "loc_interval", "batch_size",
                  "x0_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix", "min_row_updates", "amp",
-                 "compile_unet", "channels_last", "grad_checkpointing"):
+                 "compile_unet", "channels_last", "grad_checkpointing", "hessian_micro_batch"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -637,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels-last convolutions (off by default: slower on the CPUs measured)")
     p.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward: less memory, more time (diffusers models)")
+    p.add_argument("--hessian-micro-batch", type=int, default=None, metavar="N",
+                   help="steps that differentiate twice run the retain batch N images at a time: the same "
+                        "step with less memory, more time (default 0: the whole batch in one pass)")
     p.add_argument("--amp", choices=AMP_MODES, default=None,
                    help="autocast the denoiser passes of a float32 model (default auto: bf16 on a CUDA device "
                         "that supports it, off elsewhere; bf16 also pays on CPUs with AVX512-BF16 or AMX)")

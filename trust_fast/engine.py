@@ -23,6 +23,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -33,7 +34,7 @@ from . import distributed, objectives
 from .defaults import AMP_MODES
 from .concepts import ConceptSpec, PromptSet, parse_concept
 from .families import family_for
-from .hessian import HESSIAN_MODES, HutchinsonDiagonal, double_backward_attention, grad_and_hvps
+from .hessian import HESSIAN_MODES, HutchinsonDiagonal, double_backward_attention, grad_and_hvps, scaled
 from .localize import DynamicLocalizer, Target, find_targets, freeze_all_but, static_mask
 
 LOCALIZATIONS = ("dynamic", "static", "dense")
@@ -90,6 +91,9 @@ class TrustConfig:
                                        # the passes of Hessian steps run eager)
     channels_last: bool = False        # convolutions in channels-last memory format (measured slower on CPUs)
     grad_checkpointing: bool = False   # recompute activations in backward (less memory, more time; diffusers models)
+    hessian_micro_batch: int = 0       # steps that differentiate twice run the retain batch this many images at a
+                                       # time (the same gradient and Hessian products, the activations of one
+                                       # micro-batch in memory; 0: the whole batch in one pass)
     amp: str = "auto"                  # autocast of every denoiser pass of a float32 model: bf16 | fp16 | off;
                                        # auto: bf16 on a CUDA device that supports it, off elsewhere
 
@@ -108,6 +112,8 @@ class TrustConfig:
             raise ValueError(f"xi must be a finite number, got {self.xi}")
         if self.max_fraction is not None and not 0.0 < self.max_fraction <= 1.0:
             raise ValueError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
+        if not isinstance(self.hessian_micro_batch, int) or self.hessian_micro_batch < 0:
+            raise ValueError(f"hessian_micro_batch must be an int >= 0, got {self.hessian_micro_batch!r}")
         for name in ("retain_neighbors", "adv_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -185,6 +191,34 @@ class _Batch:
     x0: Tensor
     noise: Tensor
     anchor: Tensor | None = None
+
+
+class _RetainParts:
+    """The retain loss of a batch as micro-batch parts, for the steps that differentiate it twice:
+    each part computes its share of the mean loss (weighted by its size) and records the value.
+    Called as a whole, it is the whole batch's loss in one pass."""
+
+    def __init__(self, whole: Callable[[], Tensor], part: Callable[[slice], Tensor], n: int, size: int):
+        self.whole, self.values = whole, []
+        self.parts = [self._part(part, slice(i, min(i + size, n)), n) for i in range(0, n, size)]
+
+    def _part(self, part, sl: slice, n: int):
+        def run() -> Tensor:
+            loss = part(sl) * ((sl.stop - sl.start) / n)
+            self.values.append(loss.detach())
+            return loss
+        return run
+
+    def __call__(self) -> Tensor:
+        return self.whole()
+
+    def total(self) -> Tensor:
+        return torch.stack(self.values).sum()
+
+
+def _differentiated(retain_loss):
+    """What the Hessian terms differentiate: the loss, or the functions computing its parts."""
+    return retain_loss.parts if isinstance(retain_loss, _RetainParts) else retain_loss
 
 
 @dataclass
@@ -664,10 +698,9 @@ class TrustUnlearner:
         masters when there are any), unscaled like :meth:`_grads`, both passed through `keep`."""
         keep = keep or list
         delta = [q.detach() - p0.to(q.dtype) for q, p0 in zip(self.opt_params, self.theta0)]
+        g_r, (hv,) = grad_and_hvps(scaled(loss, self.loss_scale), self.params, [delta], keep)
         if self.loss_scale is None:
-            g_r, (hv,) = grad_and_hvps(loss, self.params, [delta], keep)
             return g_r, keep(hv)
-        g_r, (hv,) = grad_and_hvps(loss * self.loss_scale, self.params, [delta], keep)
         return [g.float() / self.loss_scale for g in g_r], [h.float() / self.loss_scale for h in keep(hv)]
 
     def _row_keeper(self, rows: list[Tensor] | None):
@@ -712,14 +745,24 @@ class TrustUnlearner:
             before = ([d.clone() for d in self.hutchinson.diags], self.hutchinson.count) if keep_before else None
             return self.hutchinson.update(retain_loss, cfg.diag_samples, self.loss_scale), None, before
 
-    def update(self, forget_loss: Tensor | None, retain_loss: Tensor | None = None) -> dict:
+    def update(self, forget_loss: Tensor | None, retain_loss: Tensor | Callable[[], Tensor | None] | None = None
+               ) -> dict:
         """Localization + Hessian term + optimizer step for losses you computed (with
         :meth:`forget_loss` / :meth:`retain_loss`). Returns the step's stats (see :meth:`step`).
         A forget loss of None (a batch without forget examples) skips the step: there is nothing to
-        localize on (under torch.distributed, on every rank if any rank has none)."""
+        localize on (under torch.distributed, on every rank if any rank has none).
+
+        `retain_loss` may be a function returning it: it is then called once the forget gradient is
+        taken, so the forget pass's graph is freed before the retain pass builds its own (on
+        Hessian steps, the largest of the run)."""
         cfg = self.config
         t0 = time.perf_counter()
         pre = None
+        retain_fn, t_retain_forward = (retain_loss, 0.0) if callable(retain_loss) else (None, 0.0)
+        if retain_fn is not None:
+            retain_loss = None
+        if self._acc is not None and retain_fn is not None:
+            retain_loss, retain_fn = retain_fn(), None
         if self._acc is not None:  # the last micro-batch of an accumulated step
             self.accumulate(forget_loss, retain_loss)
             pre, self._acc = self._acc.mean(), None
@@ -747,6 +790,13 @@ class TrustUnlearner:
         if keep is not None:
             g_f = keep(g_f)
         t2 = time.perf_counter()
+        if retain_fn is not None:
+            if (isinstance(retain_fn, _RetainParts) and not skip and cfg.alpha > 0 and cfg.hessian != "none"
+                    and self._double_backward_now()):
+                retain_loss = retain_fn  # computed part by part with its Hessian terms below
+            else:
+                retain_loss = retain_fn()
+                t_retain_forward = time.perf_counter() - t2
         grads = g_f
         diag_before = pre.diag_before if pre is not None else None  # Hutchinson state to restore on a skip
         if retain_loss is not None and cfg.alpha > 0 and not skip:
@@ -757,10 +807,13 @@ class TrustUnlearner:
                     g_r, hv = keep(g_r), (keep(hv) if hv is not None else None)
             elif cfg.hessian == "diag" and self._double_backward_now():
                 with double_backward_attention():
-                    g_r, pending = self.hutchinson.probe(retain_loss, cfg.diag_samples, self.loss_scale, keep)
+                    g_r, pending = self.hutchinson.probe(_differentiated(retain_loss), cfg.diag_samples,
+                                                         self.loss_scale, keep)
                 hv = None
             else:
-                g_r, hv, diag_before = self._retain_terms(retain_loss, keep=keep)
+                g_r, hv, diag_before = self._retain_terms(_differentiated(retain_loss), keep=keep)
+            if isinstance(retain_loss, _RetainParts):
+                retain_loss = retain_loss.total()
             if hv is not None:
                 distributed.average_(hv)
             if diag_before is not None:
@@ -822,7 +875,8 @@ class TrustUnlearner:
                  "loss_retain": float(retain_loss.detach()) if retain_loss is not None else None,
                  "selected_rows": n_sel, "selected_fraction": n_sel / max(1, self.total_rows), "skipped": skip,
                  **({"loss_scale": self.loss_scale} if self.loss_scale is not None else {}),
-                 "time_forget_backward": t1 - t0, "time_localize": t2 - t1, "time_retain_backward": t3 - t2,
+                 "time_forget_backward": t1 - t0, "time_localize": t2 - t1,
+                 "time_retain_backward": t3 - t2 - t_retain_forward, "time_retain_forward": t_retain_forward,
                  "time_optimizer": t4 - t3}
         self.step_count += 1
         return stats
@@ -884,10 +938,18 @@ class TrustUnlearner:
                                     torch.cat([fb.anchor, rb.cond]))
             f_target, r_target = both.split([fb.noisy.shape[0], rb.noisy.shape[0]])
         loss_f = self.forget_loss(fb.noisy, fb.t, fb.cond, fb.anchor, target=f_target)
-        loss_r = self.retain_loss(rb.noisy, rb.t, rb.cond, target=r_target, x0=rb.x0, noise=rb.noise) if rb else None
+        # the retain pass runs once the forget gradient is taken and its graph freed; on steps that
+        # differentiate it twice, a micro-batch at a time
+        loss_r = None
+        if rb:
+            def part(sl: slice = slice(None)) -> Tensor:
+                return self.retain_loss(rb.noisy[sl], rb.t[sl], rb.cond[sl], target=None if r_target is None
+                                        else r_target[sl], x0=rb.x0[sl], noise=rb.noise[sl])
+            n, size = rb.noisy.shape[0], cfg.hessian_micro_batch
+            loss_r = _RetainParts(part, part, n, size) if 0 < size < n and self._double_backward_now() else part
         t1 = time.perf_counter()
         stats = self.update(loss_f, loss_r)
-        stats["time_forward"] = t1 - t0 - t_adv
+        stats["time_forward"] = t1 - t0 - t_adv + stats.pop("time_retain_forward")
         stats["time_adversary"] = t_adv
         stats["seconds"] = time.perf_counter() - t0
         self.seconds += stats["seconds"]

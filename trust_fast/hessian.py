@@ -12,7 +12,7 @@ forward pass whose graph is differentiated twice must run under :func:`double_ba
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -70,17 +70,22 @@ def _dot(grads: Sequence[Tensor], v) -> Tensor | None:
     return sum(terms) if terms else None
 
 
-def grad_and_hvps(loss: Tensor, params: Sequence[Tensor], vectors: Sequence, keep=None
-                  ) -> tuple[list[Tensor], list[list[Tensor]]]:
+def grad_and_hvps(loss: Tensor | Sequence[Callable[[], Tensor]], params: Sequence[Tensor], vectors: Sequence,
+                  keep=None) -> tuple[list[Tensor], list[list[Tensor]]]:
     """Gradient of `loss` w.r.t. `params` and the products H v for each v in `vectors` (a list of
     tensors shaped like `params`, or a :class:`RademacherProbe`).
 
     `loss` must have been computed with grad enabled (and attention under
-    :func:`double_backward_attention`). `keep`, if given, maps the detached gradients to what is
-    returned for them (say their selected rows) before the products are computed, so the full
-    gradients are freed first. Returns detached tensors; a parameter the loss does not depend on gets
-    zeros."""
+    :func:`double_backward_attention`). It may also be a list of functions, each computing one
+    part of it (a micro-batch's share of a mean loss): the parts are computed and differentiated
+    one at a time with the same vectors and their results summed, which is the same gradient and
+    products with the activations of one part in memory. `keep`, if given, maps the detached
+    gradients to what is returned for them (say their selected rows) before the products are
+    computed, so the full gradients are freed first. Returns detached tensors; a parameter the
+    loss does not depend on gets zeros."""
     params = list(params)
+    if not isinstance(loss, Tensor):
+        return _grad_and_hvps_in_parts(loss, params, vectors, keep)
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
     dots = [_dot(grads, v) for v in vectors]  # they hold the probes' seeds or v, not the gradients
@@ -97,12 +102,61 @@ def grad_and_hvps(loss: Tensor, params: Sequence[Tensor], vectors: Sequence, kee
     return kept, out
 
 
+def _grad_and_hvps_in_parts(parts: Sequence[Callable[[], Tensor]], params: list[Tensor], vectors: Sequence, keep
+                            ) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """:func:`grad_and_hvps` of a loss given as parts. The first product accumulates in the
+    params' ``.grad`` (autograd adds each part's share in place), so the parts cost no second set of
+    products in memory; the params' own ``.grad`` is put back afterwards."""
+    own = [p.grad for p in params]
+    kept = rest = None
+    try:
+        for p in params:
+            p.grad = None
+        for part in parts:
+            loss = part()
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+            dots = [_dot(grads, v) for v in vectors]
+            k = [g.detach() for g in grads]
+            k = k if keep is None else keep(k)
+            kept = k if kept is None else [a.add_(b) for a, b in zip(kept, k)]
+            del grads, k, loss
+            for i, dot in enumerate(dots):
+                if dot is None:
+                    continue
+                last = i == len(dots) - 1
+                if i == 0:
+                    torch.autograd.backward(dot, inputs=params, retain_graph=not last)
+                    continue
+                hv = torch.autograd.grad(dot, params, retain_graph=not last, allow_unused=True)
+                hv = [h.detach() if h is not None else torch.zeros_like(p) for h, p in zip(hv, params)]
+                rest = rest or {}
+                rest[i] = hv if i not in rest else [a.add_(b) for a, b in zip(rest[i], hv)]
+                del hv
+        first = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+        out = [first] + [(rest or {}).get(i) or [torch.zeros_like(p) for p in params] for i in range(1, len(vectors))]
+        return kept, out[:len(vectors)]
+    finally:
+        for p, g in zip(params, own):
+            p.grad = g
+
+
 def hvp(loss_fn, params: Sequence[Tensor], vector: Sequence[Tensor]) -> list[Tensor]:
     """H v of the scalar `loss_fn()` at the current parameters (runs the forward itself, under the
     math attention backend)."""
     with torch.enable_grad(), double_backward_attention():
         loss = loss_fn()
     return grad_and_hvps(loss, params, [vector])[1][0]
+
+
+def scaled(loss, scale: float | None):
+    """``loss * scale`` for a loss or a list of functions computing its parts (see
+    :func:`grad_and_hvps`); `loss` itself when scale is None."""
+    if scale is None:
+        return loss
+    if isinstance(loss, Tensor):
+        return loss * scale
+    return [lambda part=part: part() * scale for part in loss]
 
 
 class HutchinsonDiagonal:
@@ -127,15 +181,16 @@ class HutchinsonDiagonal:
         self.fold(pending)
         return grads
 
-    def probe(self, loss: Tensor, samples: int = 1, scale: float | None = None, keep=None
-              ) -> tuple[list[Tensor], list[tuple[RademacherProbe, list[Tensor]]]]:
+    def probe(self, loss: Tensor | Sequence[Callable[[], Tensor]], samples: int = 1, scale: float | None = None,
+              keep=None) -> tuple[list[Tensor], list[tuple[RademacherProbe, list[Tensor]]]]:
         """(grad of `loss`, [(z, H z) per probe]) without touching the estimate: a caller that may
         discard the probes (a skipped step) folds them with :meth:`fold` once they are kept,
-        instead of holding a copy of the estimate to restore. `keep` as in :func:`grad_and_hvps`."""
+        instead of holding a copy of the estimate to restore. `loss` (a loss or the functions
+        computing its parts) and `keep` as in :func:`grad_and_hvps`."""
         seeds = torch.randint(0, 2 ** 62, (samples,), generator=self.generator,
                               device=self.generator.device if self.generator is not None else "cpu")
         probes = [RademacherProbe(self.params, int(s)) for s in seeds.tolist()]
-        grads, hzs = grad_and_hvps(loss if scale is None else loss * scale, self.params, probes, keep)
+        grads, hzs = grad_and_hvps(scaled(loss, scale), self.params, probes, keep)
         if scale is not None:
             grads = [g.float() / scale for g in grads]
             hzs = [[h.float() / scale for h in hz] for hz in hzs]
