@@ -112,7 +112,7 @@ def test_prompt_files_empty_unreadable_or_without_the_concept(capsys, tmp_path, 
 def test_targets_matching_no_module(capsys, tmp_path):
     out = tmp_path / "out"
     _fails(capsys, ["unlearn", "--concept", "red", "--targets", "*attn9.to_z", "--no-eval", "--out", str(out)],
-           "no module of the UNet matches the target patterns ['*attn9.to_z']", out)
+           "no module of the denoiser matches the target patterns ['*attn9.to_z']", out)
 
 
 def test_corrupt_unet_weights(capsys, tmp_path):
@@ -256,7 +256,7 @@ def _craft(tensors: dict, meta: dict, case: str) -> tuple[dict, dict]:
     ("values dtype", "are torch.float64, the model's tensor torch.float32"),
     ("count mismatch", "its metadata counts 7"),
     ("nan values", "are not all finite"),
-    ("text encoder", "is outside the UNet"),
+    ("text encoder", "is outside the denoiser"),
     ("no format", "is not a trust_fast patch"),
 ])
 def test_crafted_patches_are_refused_in_one_line(capsys, tmp_path, patch_parts, case, message):
@@ -275,7 +275,7 @@ def test_export_refuses_changes_outside_the_unet():
     base, new = load_pipeline("shapes", "cpu"), load_pipeline("shapes", "cpu")
     with torch.no_grad():
         new.text_encoder.embeddings.token_embedding.weight[0] += 1
-    with pytest.raises(ValueError, match="outside the UNet; a patch carries UNet rows only"):
+    with pytest.raises(ValueError, match="outside the denoiser; a patch carries rows of the unet or transformer only"):
         make_patch(base, new)
 
 

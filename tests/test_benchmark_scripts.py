@@ -97,3 +97,16 @@ def test_gpu_e2e_script_dry_runs_on_the_cpu(tmp_path):
         assert all(r["batch"] == batch and r["device"] == "cpu" and float(r["s_per_step"]) > 0 for r in rows)
         assert {r["amp"] for r in rows if r["method"] != "trust-naive"} == {"bf16"}
     assert "SD-1.5, 512 px" in (tmp_path / "gpu_e2e.log").read_text()
+
+
+def test_e2e_memory_phases_reports_the_peak_of_every_phase(capsys):
+    """The memory-phase profile on tiny configs: a peak for the Hessian probe's phases and the plain
+    step's, the state sizes, and a process peak no lower than any phase's."""
+    import ast
+
+    assert _load("e2e_memory_phases").main(["--tiny", "--latent", "8", "--amp", "off", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    peaks = ast.literal_eval(out.split("peak GB per phase: ", 1)[1].splitlines()[0])
+    assert {"build", "prepare", "step0", "step1", "hstep", "hutch.probe", "forget_loss", "retain_loss"} <= set(peaks)
+    process = float(out.split("process peak GB: ", 1)[1].splitlines()[0])
+    assert process >= max(peaks.values()) - 0.01 and "hessian_bytes" in out

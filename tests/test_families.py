@@ -2,6 +2,7 @@
 weight variants, on tiny pipelines built from configs; and the CLI and import surface around them."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -198,6 +199,43 @@ def test_sd3_through_the_cli(tmp_path):
     # diffusers' own from_pretrained cannot load an SD3 saved without T5; trust_fast's loader can
     new = load_pipeline(str(out), "cpu")
     assert type(new).__name__ == "StableDiffusion3Pipeline" and new.text_encoder_3 is None
+
+
+def test_esd_trains_the_family_cross_attention_and_patches_carry_transformer_rows(tmp_path):
+    """ESD's config names the family's cross-attention set: all of attn2 on a UNet, the joint
+    attention on SD3 (which has no attn2). The unlearned SD3 model's patch holds transformer rows
+    and rebuilds it bit for bit on its base."""
+    from trust_fast import methods
+    from trust_fast.patch import apply_patch, export_patch
+
+    small = dict(x0_per_prompt=1, x0_steps=2, batch_size=2)
+    spec, prompts = _prompts()
+    sd = TrustUnlearner(tiny_sd_pipeline(), spec, methods.config("esd", **small), prompts=prompts)
+    assert sd.target_patterns == ("*attn2.*",) and all(".attn2." in t.name + "." for t in sd.targets)
+    base = tiny_sd3_pipeline()
+    pipe = copy.deepcopy(base)
+    u = TrustUnlearner(pipe, spec, methods.config("esd", **small), prompts=prompts)
+    assert u.target_patterns == ("*.attn.*",)
+    names = {t.name.rsplit(".", 1)[-1] for t in u.targets}
+    assert {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"} <= names
+    assert all(".attn." in t.name for t in u.targets)
+    for _ in range(2):
+        assert not u.step()["skipped"]
+    stats = export_patch(base, pipe, str(tmp_path / "p.safetensors"))
+    assert 0 < stats["changed_rows"] and 0 < stats["fraction_of_unet"] < 1  # of the transformer here
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+        changed = json.loads(f.metadata()["tensors"])
+    assert changed and all(n.startswith("transformer.") and ".attn." in n for n in changed)
+    rebuilt = apply_patch(copy.deepcopy(base), str(tmp_path / "p.safetensors"))
+    for (n, a), b in zip(pipe.transformer.state_dict().items(), rebuilt.transformer.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_an_unknown_target_set_is_refused_naming_the_sets():
+    spec, prompts = _prompts()
+    with pytest.raises(ValueError, match=r"unknown target set '@attention'; the sets are @cross_attention, @default"):
+        TrustUnlearner(tiny_sd_pipeline(), spec, TrustConfig(targets=("@attention",), **SMALL), prompts=prompts)
 
 
 # ----------------------------------------------------------------------------- SD 2.x

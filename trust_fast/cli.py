@@ -616,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-fraction", type=float, default=None,
                    help="cap on the fraction of a layer's rows selected per step, in (0, 1] (default: none)")
     p.add_argument("--targets", default=None,
-                   help="comma-separated glob patterns of the modules to edit (default: the model family's; UNets: "
+                   help="comma-separated glob patterns of the modules to edit, or the family's sets @default and "
+                        "@cross_attention (default: @default; on UNets "
                         "*attn2.to_q,*attn2.to_k,*attn2.to_v,*ff.net.0.proj,*ff.net.2)")
     p.add_argument("--alpha", type=float, default=None, help="weight of the retain loss")
     p.add_argument("--lam", type=float, default=None, help="weight of the Hessian penalty")

@@ -312,7 +312,7 @@ class TrustUnlearner:
 
         # default targets: the family's (a UNet's cross-attention q/k/v and feed-forward layers; an
         # MMDiT's joint-attention text and query projections and image feed-forward layers)
-        self.target_patterns = tuple(cfg.targets if cfg.targets is not None else self.family.default_targets)
+        self.target_patterns = self.family.expand_targets(cfg.targets)
         self.targets: list[Target] = find_targets(self.unet, self.target_patterns)
         self.trainable_params = freeze_all_but(self.unet, self.targets)
         self._setup_fast_paths()

@@ -10,6 +10,10 @@ pipeline's family for
 - ``denoiser_inputs(noisy, t, cond)``: the keyword arguments of the denoiser call (sample,
   timestep and the conditioning unpacked);
 - ``default_targets``: the module patterns TRUST edits by default;
+- ``cross_attention_targets``: the modules where the prompt reaches the image (what ESD-x trains);
+  a config names either set as ``"@default"`` / ``"@cross_attention"`` (:meth:`Family.expand_targets`);
+- ``denoiser_name``: the pipeline component that is the denoiser (``"unet"`` or ``"transformer"``),
+  the only one unlearning edits;
 - ``prediction_type``: what the denoiser predicts: "epsilon", "v_prediction" or "sample" (from the
   scheduler's config), or "flow" (flow matching: x_t = (1 - s) x0 + s noise with s = t / T, the
   velocity noise - x0 as target);
@@ -65,6 +69,8 @@ class Family:
 
     name = "?"
     default_targets: tuple[str, ...] = UNET_TARGETS
+    cross_attention_targets: tuple[str, ...] = ("*attn2.*",)  # a UNet's cross-attention modules, all of them
+    denoiser_name = "unet"
     supports_prefix = False
 
     def __init__(self, pipe):
@@ -78,6 +84,19 @@ class Family:
     @property
     def prediction_type(self) -> str:
         return self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def expand_targets(self, patterns: tuple[str, ...] | None) -> tuple[str, ...]:
+        """Module glob patterns with the family's target sets spelled out: ``"@default"`` (what
+        TRUST edits by default; also what None means) and ``"@cross_attention"``."""
+        if patterns is None:
+            return tuple(self.default_targets)
+        sets = {"@default": self.default_targets, "@cross_attention": self.cross_attention_targets}
+        out = []
+        for p in patterns:
+            if p.startswith("@") and p not in sets:
+                raise ValueError(f"unknown target set {p!r}; the sets are {', '.join(sorted(sets))}")
+            out.extend(sets[p] if p in sets else (p,))
+        return tuple(out)
 
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of what the denoiser denoises."""
@@ -209,6 +228,10 @@ class StableDiffusion3(PackedPooled, Family):
     name = "sd3"
     default_targets = ("*attn.to_q", "*attn.add_q_proj", "*attn.add_k_proj", "*attn.add_v_proj",
                        "*ff.net.0.proj", "*ff.net.2")
+    # the joint attention, where text and image tokens attend to each other (the image-only attn2 of
+    # SD3.5's dual-attention blocks is left out, as a UNet's self-attention attn1 is)
+    cross_attention_targets = ("*.attn.*",)
+    denoiser_name = "transformer"
     prediction_type = "flow"
     t5_tokens = 256  # StableDiffusion3Pipeline's default max_sequence_length
 

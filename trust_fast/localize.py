@@ -56,7 +56,7 @@ def find_targets(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> lis
         b = mod._parameters.get("bias")
         out.append(Target(name, mod, w, b if b is not None and b.shape[:1] == w.shape[:1] else None))
     if not out:
-        raise ValueError(f"no module of the UNet matches the target patterns {list(patterns)}")
+        raise ValueError(f"no module of the denoiser matches the target patterns {list(patterns)}")
     return out
 
 

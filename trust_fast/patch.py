@@ -14,9 +14,10 @@ import json
 import torch
 
 FORMAT = "trust_fast.patch/1"
-# what unlearning edits, and so all a patch may change: a patch for the text encoder, the VAE or the
-# tokenizer's tensors is refused
-ALLOWED_PREFIX = "unet."
+# what unlearning edits, and so all a patch may change: the denoiser (a UNet, or an MMDiT's
+# transformer); a patch for the text encoders, the VAE or the tokenizer's tensors is refused
+DENOISERS = ("unet", "transformer")
+ALLOWED_PREFIXES = tuple(d + "." for d in DENOISERS)
 
 
 def _modules(pipe) -> dict[str, torch.nn.Module]:
@@ -64,9 +65,9 @@ def make_patch(base_pipe, unlearned_pipe) -> tuple[dict[str, torch.Tensor], dict
         rows = diff_rows(base[name], new[name])
         total_rows += base[name].shape[0] if base[name].dim() else 1
         if rows.numel():
-            if not name.startswith(ALLOWED_PREFIX):
-                raise ValueError(f"the unlearned model differs from the base in {name!r}, outside the UNet; "
-                                 "a patch carries UNet rows only")
+            if not name.startswith(ALLOWED_PREFIXES):
+                raise ValueError(f"the unlearned model differs from the base in {name!r}, outside the denoiser; "
+                                 "a patch carries rows of the unet or transformer only")
             changed_rows += rows.numel()
             tensors[f"{name}::rows"] = rows
             src = new[name].detach().cpu()
@@ -77,14 +78,16 @@ def make_patch(base_pipe, unlearned_pipe) -> tuple[dict[str, torch.Tensor], dict
 
 
 def export_patch(base_pipe, unlearned_pipe, path: str) -> dict:
-    """Write the patch file atomically; return its statistics (bytes, rows, fraction of the UNet)."""
+    """Write the patch file atomically; return its statistics (bytes, rows, fraction of the denoiser:
+    ``unet_bytes`` and ``fraction_of_unet`` are the transformer's of an MMDiT)."""
     import os
 
     from .io import save_file_atomic
 
     tensors, meta = make_patch(base_pipe, unlearned_pipe)
     save_file_atomic(tensors, path, metadata=meta)
-    unet_bytes = sum(t.numel() * t.element_size() for t in unlearned_pipe.unet.state_dict().values())
+    denoiser = next(getattr(unlearned_pipe, d) for d in DENOISERS if getattr(unlearned_pipe, d, None) is not None)
+    unet_bytes = sum(t.numel() * t.element_size() for t in denoiser.state_dict().values())
     size = os.path.getsize(path)
     return {"patch_bytes": size, "unet_bytes": unet_bytes, "fraction_of_unet": size / unet_bytes,
             "changed_rows": int(meta["changed_rows"]), "total_rows": int(meta["total_rows"]),
@@ -104,7 +107,7 @@ def is_patch_file(path: str) -> bool:
 
 def read_patch(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The patch's tensors and metadata, checked for everything that does not need the base model:
-    the format, the key pairs, the allowed modules (the UNet), integer unique rows, finite values
+    the format, the key pairs, the allowed modules (the denoiser), integer unique rows, finite values
     and the recorded counts. ValueError (one line naming the file and the problem) otherwise."""
     from safetensors import safe_open
 
@@ -142,8 +145,8 @@ def _check_structure(path: str, tensors: dict[str, torch.Tensor], meta: dict[str
         bad(f"its tensors do not match its metadata's list (e.g. {odd[0]!r})")
     total = 0
     for name in names:
-        if not name.startswith(ALLOWED_PREFIX):
-            bad(f"{name!r} is outside the UNet; a patch may change only {ALLOWED_PREFIX}* tensors")
+        if not name.startswith(ALLOWED_PREFIXES):
+            bad(f"{name!r} is outside the denoiser; a patch may change only unet.* or transformer.* tensors")
         rows, values = tensors[f"{name}::rows"], tensors[f"{name}::values"]
         if rows.dtype != torch.int64 or rows.dim() != 1 or rows.numel() == 0:
             bad(f"the rows of {name!r} are not a non-empty 1-D int64 tensor ({rows.dtype}, shape {tuple(rows.shape)})")

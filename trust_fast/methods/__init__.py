@@ -4,7 +4,7 @@
 | --- | --- | --- | --- | --- | --- |
 | trust | attn2 to_q/to_k/to_v + ff.net.0.proj/ff.net.2 | dynamic rows, z > xi every step | anchor mapping (frozen) | self-distillation + Hessian | MaskedAdamW |
 | salun | whole UNet | static top-50% weight mask, once | current model on a pseudo prompt | diffusion loss x 0.5 | Adam, grad *= mask |
-| esd | all of attn2 (esd-x) | none (dense) | negative guidance, eta 1 | none | Adam |
+| esd | all of the cross-attention (esd-x: attn2 on a UNet, the joint attention on SD3) | none (dense) | negative guidance, eta 1 | none | Adam |
 """
 from __future__ import annotations
 
