@@ -158,6 +158,22 @@ def _adam_problem(device, dtype, gen, penalty: str, index_dtypes=(torch.int64, t
     return params, grads, ms, vs, steps, rows, slots, hs, p0s
 
 
+@pytest.mark.parametrize("penalty", ["per_row", "per_element"])
+def test_negative_curvature_adds_no_penalty(backend, penalty):
+    """max(h, 0): where the Hessian-diagonal estimate is negative the step is exactly the one
+    without a penalty (a negative penalty would push the weights away from the reference)."""
+    name, device = backend
+    problem = _adam_problem(device, torch.float32, torch.Generator().manual_seed(5), penalty)
+    params, grads, ms, vs, steps, rows, slots, hs, p0s = problem
+    hs = [-(h.abs() + 0.1) for h in hs]
+    hp = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    plain = [[x.clone() for x in xs] for xs in (params, ms, vs, steps)]
+    ops.masked_adamw_(params, grads, ms, vs, steps, rows, slots, **hp, hess=hs, ref_params=p0s, lam=0.7)
+    ops.masked_adamw_(plain[0], grads, plain[1], plain[2], plain[3], rows, slots, **hp)
+    for got, want in zip(params + ms + vs, plain[0] + plain[1] + plain[2]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{name} {penalty}")
+
+
 @pytest.mark.parametrize("penalty", ["none", "per_row", "per_element"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_masked_adamw(backend, dtype, penalty):
