@@ -632,8 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--x0-per-prompt", type=int, default=None, help="data-free images cached per prompt (default 8)")
     p.add_argument("--x0-steps", type=int, default=None, help="DDIM steps that sample them (default 5)")
-    p.add_argument("--compile-unet", nargs="?", const=True, default=None, metavar="BACKEND",
-                   help="torch.compile the denoiser (default backend inductor; compiling takes minutes, pays on GPUs)")
+    p.add_argument("--compile-unet", nargs="?", const="aot_eager", default=None, metavar="BACKEND",
+                   help="torch.compile the denoiser (aot_eager, the default, or eager; inductor is refused: its "
+                        "weight gradients were wrong through the engine's passes)")
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="channels-last convolutions (off by default: slower on the CPUs measured)")
     p.add_argument("--grad-checkpointing", action="store_true", default=None,

@@ -87,8 +87,8 @@ class TrustConfig:
     min_row_updates: int = 3           # finalize(): rows updated fewer times go back to their original values
     seed: int = 0
     compile: bool = False              # run the op layer (localization, masked update) as torch.compile graphs
-    compile_unet: bool | str = False   # torch.compile the denoiser (True: inductor; a string: that backend;
-                                       # the passes of Hessian steps run eager)
+    compile_unet: bool | str = False   # torch.compile the denoiser with this backend (COMPILE_BACKENDS; the
+                                       # passes of Hessian steps run eager); inductor is refused (wrong gradients)
     channels_last: bool = False        # convolutions in channels-last memory format (measured slower on CPUs)
     grad_checkpointing: bool = False   # recompute activations in backward (less memory, more time; diffusers models)
     hessian_micro_batch: int = 0       # steps that differentiate twice run the retain batch this many images at a
@@ -124,6 +124,11 @@ class TrustConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not isinstance(self.compile_unet, (bool, str)) or self.compile_unet == "":
             raise ValueError(f"compile_unet must be a bool or a torch.compile backend name, got {self.compile_unet!r}")
+        if self.compile_unet and self.compile_unet not in COMPILE_BACKENDS:
+            backend = "inductor" if self.compile_unet is True else self.compile_unet
+            raise ValueError(f"compile_unet={backend!r} is refused: with inductor the compiled denoiser's weight "
+                             "gradients are wrong here (a tiny SD UNet: the same loss, zero gradients for its mid "
+                             f"block); the backends checked to match eager are {', '.join(COMPILE_BACKENDS)}")
         if self.hessian != "none" and self.retain_objective == "none":
             raise ValueError("a Hessian regularizer needs a retain objective (retain_objective='none')")
 
@@ -219,6 +224,11 @@ class _RetainParts:
 def _differentiated(retain_loss):
     """What the Hessian terms differentiate: the loss, or the functions computing its parts."""
     return retain_loss.parts if isinstance(retain_loss, _RetainParts) else retain_loss
+
+
+# torch.compile backends whose steps are tested equal to eager ones (tests/test_dropin_api.py); inductor
+# is not among them: on torch 2.13 it gives wrong weight gradients through the engine's passes
+COMPILE_BACKENDS = ("aot_eager", "eager")
 
 
 @dataclass
