@@ -203,8 +203,8 @@ class _RetainParts:
     each part computes its share of the mean loss (weighted by its size) and records the value.
     Called as a whole, it is the whole batch's loss in one pass."""
 
-    def __init__(self, whole: Callable[[], Tensor], part: Callable[[slice], Tensor], n: int, size: int):
-        self.whole, self.values = whole, []
+    def __init__(self, part: Callable[[slice], Tensor], n: int, size: int):
+        self.part, self.values = part, []
         self.parts = [self._part(part, slice(i, min(i + size, n)), n) for i in range(0, n, size)]
 
     def _part(self, part, sl: slice, n: int):
@@ -215,7 +215,7 @@ class _RetainParts:
         return run
 
     def __call__(self) -> Tensor:
-        return self.whole()
+        return self.part(slice(None))
 
     def total(self) -> Tensor:
         return torch.stack(self.values).sum()
@@ -719,8 +719,12 @@ class TrustUnlearner:
         holds its gradients (forget, retain, H_r Delta) on those rows only, not three full sets."""
         if rows is None:
             return None
-        per_param = [rows[k] for k in self._target_of]
+        per_param = self._param_rows(rows)
         return lambda gs: [g.index_select(0, r) for g, r in zip(gs, per_param)]
+
+    def _param_rows(self, rows: list[Tensor]) -> list[Tensor]:
+        """The selected rows of each target param (a target's weight and bias share its rows)."""
+        return [rows[k] for k in self._target_of]
 
     def accumulate(self, forget_loss: Tensor | None, retain_loss: Tensor | None = None) -> None:
         """Gradient accumulation: fold one micro-batch's losses into the current step. Call it for
@@ -858,8 +862,7 @@ class TrustUnlearner:
             self.skipped_steps += 1
         else:
             if keep is not None:  # the selected rows' gradients into otherwise zero gradients
-                per_param = [rows[k] for k in self._target_of]
-                for p, g, r in zip(self.opt_params, grads, per_param):
+                for p, g, r in zip(self.opt_params, grads, self._param_rows(rows)):
                     p.grad = torch.zeros_like(p).index_copy_(0, r, g.to(p.dtype))
             else:
                 for p, g in zip(self.opt_params, grads):
@@ -956,7 +959,7 @@ class TrustUnlearner:
                 return self.retain_loss(rb.noisy[sl], rb.t[sl], rb.cond[sl], target=None if r_target is None
                                         else r_target[sl], x0=rb.x0[sl], noise=rb.noise[sl])
             n, size = rb.noisy.shape[0], cfg.hessian_micro_batch
-            loss_r = _RetainParts(part, part, n, size) if 0 < size < n and self._double_backward_now() else part
+            loss_r = _RetainParts(part, n, size) if 0 < size < n and self._double_backward_now() else part
         t1 = time.perf_counter()
         stats = self.update(loss_f, loss_r)
         stats["time_forward"] = t1 - t0 - t_adv + stats.pop("time_retain_forward")
