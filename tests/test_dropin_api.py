@@ -9,6 +9,8 @@ import torch
 
 from tiny_pipelines import tiny_sd_pipeline
 from trust_fast import TrustConfig, TrustUnlearner
+from trust_fast import engine as engine_mod
+from trust_fast import hessian as hessian_mod
 from trust_fast.concepts import parse_concept, user_prompts
 
 SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=2, retain_batch_size=2)
@@ -271,6 +273,44 @@ def test_hessian_micro_batches_give_the_whole_batch_step(pipe, hessian):
             torch.testing.assert_close(d, e, rtol=1e-4, atol=1e-4 * float(d.abs().max()))
         assert whole.hutchinson.count == parts.hutchinson.count == 2
     _adam_close(whole, parts, steps=3)
+
+
+@pytest.mark.parametrize("hessian", ["diag", "hvp"])
+def test_amp_hessian_steps_on_half_leaves_give_the_float32_leaf_step(pipe, hessian):
+    """Under amp, Hessian steps differentiate w.r.t. bf16 leaf copies of the Linear targets (what
+    autocast casts them to anyway): the gradient and H z come out in bf16, half the memory, and the
+    step is the one differentiated w.r.t. the float32 params: same rows, losses, Hessian estimate and
+    weights."""
+    kw = dict(hessian=hessian, diag_interval=2, hvp_interval=1, amp="bf16")
+    ref, half = unlearner(pipe, **kw), unlearner(pipe, **kw)
+    ref._half_hessian = False
+    seen = []
+    real = hessian_mod.grad_and_hvps
+
+    def spy(loss, params, vectors, keep=None):
+        seen.append({p.dtype for p in params})
+        out = real(loss, params, vectors, keep)
+        seen[-1] |= {h.dtype for hv in out[1] for h in hv}
+        return out
+
+    hessian_mod.grad_and_hvps = spy
+    engine_mod.grad_and_hvps = spy
+    try:
+        for _ in range(3):
+            seen.append("step")
+            a, b = ref.step(), half.step()
+            assert _rows(ref) == _rows(half) and a["selected_rows"] > 0
+            assert b["loss_retain"] == a["loss_retain"] and b["loss_forget"] == a["loss_forget"]
+    finally:
+        hessian_mod.grad_and_hvps = engine_mod.grad_and_hvps = real
+    # each Hessian step: the float32 run's products in float32, the half run's in bf16
+    dtypes = [d for d in seen if d != "step"]
+    assert dtypes == [{torch.float32}, {torch.bfloat16}] * 2, seen  # steps 0 and 2 (diag), 1 and 2 (hvp)
+    assert half._leaves is None and all(p.dtype == torch.float32 and p.grad is None for p in half.params)
+    if hessian == "diag":
+        for d, e in zip(ref.hutchinson.diags, half.hutchinson.diags):
+            torch.testing.assert_close(e, d, rtol=1e-5, atol=1e-6 * float(d.abs().max()))
+    _adam_close(ref, half, steps=3)
 
 
 def test_hessian_micro_batch_must_be_a_count():

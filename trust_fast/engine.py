@@ -357,6 +357,15 @@ class TrustUnlearner:
         fp16 = self.amp_dtype == torch.float16 or any(p.dtype == torch.float16 for p in self.params)
         self.loss_scale: float | None = LOSS_SCALE_INIT if fp16 else None
         self._good_steps = 0
+        # Hessian steps under amp differentiate w.r.t. half-precision leaf copies of the target
+        # weights that autocast would cast anyway (float32 Linear/conv weights and biases): the same
+        # values reach the same ops, but the gradient and the Hessian products come out in half
+        # precision, half the memory of the run's peak (see :meth:`_hessian_leaves`)
+        castable = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+        self._half_hessian = self.amp_dtype is not None
+        self._castable = [isinstance(self.targets[k].module, castable) and p.dtype == torch.float32
+                          for k, p in zip(self._target_of, self.params)]
+        self._leaves: dict[str, Tensor] | None = None  # the leaf copies while a Hessian step runs
 
         sched = pipe.scheduler
         self.prediction_type = self.family.prediction_type
@@ -687,8 +696,9 @@ class TrustUnlearner:
             else:
                 target = self.frozen_pred(noisy, timesteps, cond)
         if self._double_backward_now():
+            weights = self._amp_weights if self._leaves is None else {**(self._amp_weights or {}), **self._leaves}
             with double_backward_attention():
-                return objectives.mse(self._denoise(noisy, timesteps, cond, self._amp_weights, eager=True), target)
+                return objectives.mse(self._denoise(noisy, timesteps, cond, weights, eager=True), target)
         return objectives.mse(self.pred(noisy, timesteps, cond), target)
 
     # ------------------------------------------------------------------ update
@@ -703,15 +713,35 @@ class TrustUnlearner:
         gs = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, self.params)]
 
-    def _grad_and_hvp(self, loss: Tensor, keep=None) -> tuple[list[Tensor], list[Tensor]]:
+    def _grad_and_hvp(self, loss: Tensor, keep=None, wrt=None) -> tuple[list[Tensor], list[Tensor]]:
         """Retain gradient and H_r Delta (Delta = current minus original weights, from the float32
-        masters when there are any), unscaled like :meth:`_grads`, both passed through `keep`."""
+        masters when there are any), unscaled like :meth:`_grads`, both passed through `keep`;
+        differentiated w.r.t. `wrt` (:meth:`_hessian_leaves`; default the target params)."""
         keep = keep or list
         delta = [q.detach() - p0.to(q.dtype) for q, p0 in zip(self.opt_params, self.theta0)]
-        g_r, (hv,) = grad_and_hvps(scaled(loss, self.loss_scale), self.params, [delta], keep)
+        g_r, (hv,) = grad_and_hvps(scaled(loss, self.loss_scale), wrt or self.params, [delta], keep)
         if self.loss_scale is None:
             return g_r, keep(hv)
         return [g.float() / self.loss_scale for g in g_r], [h.float() / self.loss_scale for h in keep(hv)]
+
+    @contextlib.contextmanager
+    def _hessian_leaves(self, on: bool):
+        """While active (and `on`, under amp), the retain pass of a Hessian step runs on leaf copies
+        of the castable target params in the amp dtype; yields what to differentiate w.r.t. (one
+        tensor per target param: its leaf, or the param itself). Autocast would cast those params
+        to the same values on entry to the same ops, so the loss, the gradient and the Hessian
+        products are the ones of the float32 params (a cast's backward only widens them), held in
+        half precision: the full-size gradient and H z of the Hessian step take half the memory."""
+        if not (on and self._half_hessian and any(self._castable)):
+            yield self.params
+            return
+        wrt = [p.detach().to(self.amp_dtype).requires_grad_(True) if c else p
+               for p, c in zip(self.params, self._castable)]
+        self._leaves = {n: w for n, w, c in zip(self._names, wrt, self._castable) if c}
+        try:
+            yield wrt
+        finally:
+            self._leaves = None
 
     def _row_keeper(self, rows: list[Tensor] | None):
         """None without selected rows, else a function taking a gradient set (one tensor per target
@@ -742,7 +772,7 @@ class TrustUnlearner:
             acc.diag_before = acc.diag_before or before  # the state before the step's first probes
             acc.add_retain(retain_loss.detach(), g_r, hv)
 
-    def _retain_terms(self, retain_loss: Tensor, keep_before: bool = True, keep=None):
+    def _retain_terms(self, retain_loss: Tensor, keep_before: bool = True, keep=None, wrt=None):
         """(retain gradient, H_r Delta or None, Hutchinson state before new probes or None) of one
         retain loss: the hvp and diag Hessian terms on the steps that differentiate twice. `keep`
         (see :meth:`_row_keeper`) maps the gradient and H_r Delta to what is returned of them."""
@@ -754,7 +784,7 @@ class TrustUnlearner:
         # recomputes the forward there
         with double_backward_attention():
             if cfg.hessian == "hvp":
-                g_r, hv = self._grad_and_hvp(retain_loss, keep)
+                g_r, hv = self._grad_and_hvp(retain_loss, keep, wrt)
                 return g_r, hv, None
             before = ([d.clone() for d in self.hutchinson.diags], self.hutchinson.count) if keep_before else None
             return self.hutchinson.update(retain_loss, cfg.diag_samples, self.loss_scale), None, before
@@ -804,9 +834,13 @@ class TrustUnlearner:
         if keep is not None:
             g_f = keep(g_f)
         t2 = time.perf_counter()
+        hessian_now = not skip and cfg.alpha > 0 and cfg.hessian != "none" and self._double_backward_now()
+        # a retain pass this step computes (not one computed before, nor in parts) may run on half-precision leaves
+        leaves = contextlib.ExitStack()
+        wrt = leaves.enter_context(self._hessian_leaves(
+            retain_fn is not None and hessian_now and not isinstance(retain_fn, _RetainParts)))
         if retain_fn is not None:
-            if (isinstance(retain_fn, _RetainParts) and not skip and cfg.alpha > 0 and cfg.hessian != "none"
-                    and self._double_backward_now()):
+            if isinstance(retain_fn, _RetainParts) and hessian_now:
                 retain_loss = retain_fn  # computed part by part with its Hessian terms below
             else:
                 retain_loss = retain_fn()
@@ -822,10 +856,13 @@ class TrustUnlearner:
             elif cfg.hessian == "diag" and self._double_backward_now():
                 with double_backward_attention():
                     g_r, pending = self.hutchinson.probe(_differentiated(retain_loss), cfg.diag_samples,
-                                                         self.loss_scale, keep)
+                                                         self.loss_scale, keep, wrt=wrt)
                 hv = None
             else:
-                g_r, hv, diag_before = self._retain_terms(_differentiated(retain_loss), keep=keep)
+                g_r, hv, diag_before = self._retain_terms(_differentiated(retain_loss), keep=keep, wrt=wrt)
+            leaves.close()
+            g_r = [g.float() for g in g_r]
+            hv = [h.float() for h in hv] if hv is not None else None
             if isinstance(retain_loss, _RetainParts):
                 retain_loss = retain_loss.total()
             if hv is not None:
@@ -851,6 +888,7 @@ class TrustUnlearner:
                 if hv is not None:
                     grads = [g.add_(h, alpha=cfg.lam) for g, h in zip(grads, hv)]
                 g_r = hv = fresh = pre = pending = None
+        leaves.close()
         t3 = time.perf_counter()
         if skip and diag_before is not None:  # a skipped step leaves no Hessian probes behind
             for d, old in zip(self.hutchinson.diags, diag_before[0]):

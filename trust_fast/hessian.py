@@ -182,15 +182,18 @@ class HutchinsonDiagonal:
         return grads
 
     def probe(self, loss: Tensor | Sequence[Callable[[], Tensor]], samples: int = 1, scale: float | None = None,
-              keep=None) -> tuple[list[Tensor], list[tuple[RademacherProbe, list[Tensor]]]]:
+              keep=None, wrt: Sequence[Tensor] | None = None
+              ) -> tuple[list[Tensor], list[tuple[RademacherProbe, list[Tensor]]]]:
         """(grad of `loss`, [(z, H z) per probe]) without touching the estimate: a caller that may
         discard the probes (a skipped step) folds them with :meth:`fold` once they are kept,
         instead of holding a copy of the estimate to restore. `loss` (a loss or the functions
-        computing its parts) and `keep` as in :func:`grad_and_hvps`."""
+        computing its parts) and `keep` as in :func:`grad_and_hvps`. `wrt`: the tensors to
+        differentiate w.r.t. in place of the params (the same values in another dtype, say
+        half-precision leaves the loss was computed on); the products come back in their dtype."""
         seeds = torch.randint(0, 2 ** 62, (samples,), generator=self.generator,
                               device=self.generator.device if self.generator is not None else "cpu")
         probes = [RademacherProbe(self.params, int(s)) for s in seeds.tolist()]
-        grads, hzs = grad_and_hvps(scaled(loss, scale), self.params, probes, keep)
+        grads, hzs = grad_and_hvps(scaled(loss, scale), self.params if wrt is None else list(wrt), probes, keep)
         if scale is not None:
             grads = [g.float() / scale for g in grads]
             hzs = [[h.float() / scale for h in hz] for hz in hzs]
@@ -205,8 +208,8 @@ class HutchinsonDiagonal:
                 size += h.numel()
                 if size >= chunk or i == len(hz) - 1:
                     idx = range(start, i + 1)
-                    ops.hutchinson_diag_([self.diags[k] for k in idx], [hz[k] for k in idx],
-                                         [z.tensor(k, hz[k].dtype) for k in idx], None, self.count)
+                    ops.hutchinson_diag_([self.diags[k] for k in idx], [hz[k].to(self.diags[k].dtype) for k in idx],
+                                         [z.tensor(k, self.diags[k].dtype) for k in idx], None, self.count)
                     start, size = i + 1, 0
             self.count += 1
 
