@@ -191,22 +191,54 @@ def test_adversarial_prefix_lowers_the_attack_loss_and_enters_forget_batches(unt
             return float(objectives.mse(u.pred(noisy, t, encode_with_prefix(te, ids, prefix)), noise))
 
     u.refresh_adversary()
-    first = u.adv_prefix.clone()
+    first = u.adv_prefixes[0].clone()
     for _ in range(3):
         u.refresh_adversary()
-    assert u.emb_forget_adv.shape == u.emb_forget.shape
-    assert attack_loss(u.adv_prefix) < attack_loss(first)
+    assert len(u.adv_prefixes) == len(u.emb_forget_adv) == 1 and u.adv_refreshes == 4
+    assert u.emb_forget_adv[0].shape == u.emb_forget.shape
+    assert attack_loss(u.adv_prefixes[0]) < attack_loss(first)
     # half of a forget batch is conditioned on the prefixed prompts, the other half on the plain ones
     b = u._forget_batch(8)
-    adv_rows = [any(torch.equal(c, e) for e in u.emb_forget_adv) for c in b.cond]
+    adv_rows = [any(torch.equal(c, e) for e in u.emb_forget_adv[0]) for c in b.cond]
     assert adv_rows == [False] * 4 + [True] * 4
     # the adversary's state survives a checkpoint
     u.step()
     save_checkpoint(u, str(tmp_path))
     v = TrustUnlearner(fresh(untrained_world), "red", cfg)
     load_checkpoint(v, str(tmp_path))
-    assert torch.equal(v.adv_prefix, u.adv_prefix) and torch.equal(v.emb_forget_adv, u.emb_forget_adv)
-    assert v.adv_optimizer.state_dict()["state"][0]["step"] == u.adv_optimizer.state_dict()["state"][0]["step"]
+    assert torch.equal(v.adv_prefixes[0], u.adv_prefixes[0]) and torch.equal(v.emb_forget_adv[0], u.emb_forget_adv[0])
+    assert (v.adv_optimizers[0].state_dict()["state"][0]["step"]
+            == u.adv_optimizers[0].state_dict()["state"][0]["step"])
+
+
+def test_an_adversary_population_steps_its_prefixes_in_turn(untrained_world, tmp_path):
+    """adv_population=3: three prefixes from their own random starts, one refresh steps one of them
+    in turn (the cost of one prefix per refresh), adversarial rows draw from all that exist, and all
+    of it survives a checkpoint."""
+    from trust_fast.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = TrustConfig(adv_prefix=2, adv_steps=2, adv_interval=100, adv_population=3, adv_fraction=1.0, steps=1,
+                      **SMALL)
+    u = TrustUnlearner(fresh(untrained_world), "red", cfg)
+    u.prepare()
+    u.refresh_adversary()
+    u.refresh_adversary()
+    assert len(u.adv_prefixes) == 2 and not torch.equal(u.adv_prefixes[0], u.adv_prefixes[1])
+    starts = [q.clone() for q in u.adv_prefixes]
+    u.refresh_adversary()
+    u.refresh_adversary()  # the 4th refresh steps the first prefix again; the second is untouched
+    assert len(u.adv_prefixes) == 3 and u.adv_refreshes == 4
+    assert not torch.equal(u.adv_prefixes[0], starts[0]) and torch.equal(u.adv_prefixes[1], starts[1])
+    b = u._forget_batch(64)
+    used = {k for c in b.cond for k, e in enumerate(u.emb_forget_adv) if any(torch.equal(c, x) for x in e)}
+    assert used == {0, 1, 2}
+    save_checkpoint(u, str(tmp_path))
+    v = TrustUnlearner(fresh(untrained_world), "red", cfg)
+    load_checkpoint(v, str(tmp_path))
+    assert v.adv_refreshes == 4 and all(torch.equal(a, b) for a, b in zip(v.adv_prefixes, u.adv_prefixes))
+    assert all(torch.equal(a, b) for a, b in zip(v.emb_forget_adv, u.emb_forget_adv))
+    with pytest.raises(ValueError, match="adv_population must be >= 1"):
+        TrustConfig(adv_population=0).validate()
 
 
 def test_finalize_resets_rows_updated_fewer_than_min_row_updates(untrained_world, tmp_path):

@@ -74,9 +74,11 @@ def save_checkpoint(unlearner, directory: str) -> str:
                        else {"diags": [d.cpu() for d in u.hutchinson.diags], "count": u.hutchinson.count}),
         "pools": None if u.pools is None else {k: v.cpu() for k, v in u.pools.items()},
         "mask": None if u.mask is None else [m.cpu() for m in u.mask],
-        "adversary": (None if u.adv_prefix is None else
-                      {"prefix": u.adv_prefix.detach().cpu(), "optimizer": u.adv_optimizer.state_dict(),
-                       "emb_forget": u.emb_forget_adv.cpu(), "seconds": u.adv_seconds}),
+        "adversary": (None if not u.adv_prefixes else
+                      {"prefixes": [q.detach().cpu() for q in u.adv_prefixes],
+                       "optimizers": [o.state_dict() for o in u.adv_optimizers],
+                       "emb_forget": [e.cpu() for e in u.emb_forget_adv], "refreshes": u.adv_refreshes,
+                       "seconds": u.adv_seconds}),
         "step_count": u.step_count,
         "skipped_steps": u.skipped_steps,
         "seconds": u.seconds,
@@ -152,10 +154,16 @@ def load_checkpoint(unlearner, directory: str) -> int:
         u.mask = [m.to(u.device) for m in state["mask"]]
     adv = state.get("adversary")
     if adv is not None:
-        u.adv_prefix = adv["prefix"].to(u.pipe.text_encoder.device)
-        u.adv_optimizer = torch.optim.Adam([u.adv_prefix], lr=u.config.adv_lr)
-        u.adv_optimizer.load_state_dict(adv["optimizer"])
-        u.emb_forget_adv = adv["emb_forget"].to(u.device, u.dtype)
+        if "prefix" in adv:  # written before adversary populations: one prefix
+            adv = {"prefixes": [adv["prefix"]], "optimizers": [adv["optimizer"]], "emb_forget": [adv["emb_forget"]],
+                   "refreshes": None, "seconds": adv["seconds"]}
+        u.adv_prefixes = [q.to(u.pipe.text_encoder.device) for q in adv["prefixes"]]
+        u.adv_optimizers = []
+        for q, o in zip(u.adv_prefixes, adv["optimizers"]):
+            u.adv_optimizers.append(torch.optim.Adam([q], lr=u.config.adv_lr))
+            u.adv_optimizers[-1].load_state_dict(o)
+        u.emb_forget_adv = [e.to(u.device, u.dtype) for e in adv["emb_forget"]]
+        u.adv_refreshes = adv["refreshes"] if adv["refreshes"] is not None else len(u.adv_prefixes)
         u.adv_seconds = adv["seconds"]
     u.step_count = state["step_count"]
     u.skipped_steps = state["skipped_steps"]

@@ -80,6 +80,8 @@ class TrustConfig:
     adv_interval: int = 5              # refresh the adversarial prefix every this many steps
     adv_lr: float = 0.01
     adv_fraction: float = 0.5          # fraction of a forget batch conditioned on the prefixed prompts
+    adv_population: int = 1            # independent prefixes (own random starts); a refresh steps one of them in
+                                       # turn, and each adversarial row of a batch draws one
     x0_per_prompt: int = 8             # cached data-free images per prompt
     x0_steps: int = 5                  # DDIM steps used to sample them
     x0_guidance: float | None = None   # CFG scale for them (None: the pipeline's default)
@@ -105,7 +107,8 @@ class TrustConfig:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         for name in ("steps", "batch_size", "retain_batch_size", "loc_interval", "hvp_interval", "diag_interval",
-                     "diag_samples", "x0_per_prompt", "x0_steps", "adv_steps", "adv_interval", "min_row_updates"):
+                     "diag_samples", "x0_per_prompt", "x0_steps", "adv_steps", "adv_interval", "adv_population",
+                     "min_row_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not math.isfinite(self.xi):
@@ -395,9 +398,12 @@ class TrustUnlearner:
         self.mask: list[Tensor] | None = None
         self.hutchinson = (HutchinsonDiagonal(self.params, self.generator) if cfg.hessian == "diag" else None)
         self.pools: dict[str, Tensor] | None = None
-        self.adv_prefix: Tensor | None = None      # the adversary's soft prefix (k, D), float32
-        self.adv_optimizer: torch.optim.Adam | None = None
-        self.emb_forget_adv: Tensor | None = None  # forget prompts encoded behind it
+        # the adversary: soft prefixes (k, D) float32 (adv_population of them, made at their first
+        # refresh), their Adam optimizers, and the forget prompts encoded behind each (N, L, D)
+        self.adv_prefixes: list[Tensor] = []
+        self.adv_optimizers: list[torch.optim.Adam] = []
+        self.emb_forget_adv: list[Tensor] = []
+        self.adv_refreshes = 0
         self._adv_ids: Tensor | None = None
         self.adv_seconds = 0.0
         self.step_count = 0
@@ -569,31 +575,42 @@ class TrustUnlearner:
             x0 = torch.where(use_anchor.view(-1, 1, 1, 1), self.pools["anchor"][i, j], x0)
         noisy, t, noise = self._noisy(x0)
         cond = self.emb_forget[i]
-        k = round(cfg.adv_fraction * n) if self.emb_forget_adv is not None else 0
-        if k:  # the last k rows see the forget prompt behind the adversary's prefix
-            cond = torch.cat([cond[:n - k], self.emb_forget_adv[i[n - k:]]])
+        k = round(cfg.adv_fraction * n) if self.emb_forget_adv else 0
+        if k:  # the last k rows see the forget prompt behind one of the adversary's prefixes
+            adv = self.emb_forget_adv
+            if len(adv) == 1:
+                behind = adv[0][i[n - k:]]
+            else:
+                which = torch.randint(0, len(adv), (k,), generator=self.generator, device=self.device)
+                behind = torch.stack(adv)[which, i[n - k:]]
+            cond = torch.cat([cond[:n - k], behind])
         return _Batch(noisy, t, cond, x0, noise, self.emb_anchor[i])
 
     def refresh_adversary(self) -> None:
-        """AdvUnlearn's inner loop, made cheap: one soft prefix shared by all forget prompts,
+        """AdvUnlearn's inner loop, made cheap: a soft prefix shared by all forget prompts,
         warm-started across refreshes, takes `adv_steps` Adam steps that *minimize the current
         model's diffusion loss* on images of the concept (what an UnlearnDiffAtk attacker does);
         the forget prompts are then re-encoded behind it, and a fraction of every forget batch is
-        mapped to the anchors from there. Under torch.distributed the prefix gradient is averaged,
-        so every rank holds the same prefix."""
+        mapped to the anchors from there. With `adv_population` > 1 there are that many prefixes
+        from their own random starts (an attacker starts from a random one too), and each refresh
+        steps the next in turn. Under torch.distributed the prefix gradient is averaged, so every
+        rank holds the same prefixes."""
         from .softprompt import encode_with_prefix, prefixed_ids, random_prefix
 
         cfg = self.config
         te, tok = self.pipe.text_encoder, self.pipe.tokenizer
         t0 = time.perf_counter()
-        if self.adv_prefix is None:
-            self.adv_prefix = random_prefix(te, cfg.adv_prefix, self.generator).to(te.device)
-            self.adv_optimizer = torch.optim.Adam([self.adv_prefix], lr=cfg.adv_lr)
+        which = self.adv_refreshes % cfg.adv_population
+        if which == len(self.adv_prefixes):  # this prefix's first refresh
+            self.adv_prefixes.append(random_prefix(te, cfg.adv_prefix, self.generator).to(te.device))
+            self.adv_optimizers.append(torch.optim.Adam([self.adv_prefixes[which]], lr=cfg.adv_lr))
+            self.emb_forget_adv.append(None)
+        optimizer = self.adv_optimizers[which]
         if self._adv_ids is None:  # the prompts never change: tokenize them once
             self._adv_ids = prefixed_ids(tok, self.prompts.forget, cfg.adv_prefix).to(te.device)
         ids = self._adv_ids
         pool = self.pools["forget"]
-        prefix = self.adv_prefix.requires_grad_(True)
+        prefix = self.adv_prefixes[which].requires_grad_(True)
         for _ in range(cfg.adv_steps):
             n = cfg.batch_size
             i = torch.randint(0, pool.shape[0], (n,), generator=self.generator, device=self.device)
@@ -606,12 +623,13 @@ class TrustUnlearner:
             distributed.average_([g])
             if _all_finite([g]):
                 prefix.grad = g
-                self.adv_optimizer.step()
+                optimizer.step()
             prefix.grad = None
         prefix.requires_grad_(False)
         with torch.no_grad():
-            self.emb_forget_adv = torch.cat([encode_with_prefix(te, ids[k:k + 256], prefix)
-                                             for k in range(0, ids.shape[0], 256)]).to(self.device, self.dtype)
+            self.emb_forget_adv[which] = torch.cat([encode_with_prefix(te, ids[k:k + 256], prefix) for k in
+                                                    range(0, ids.shape[0], 256)]).to(self.device, self.dtype)
+        self.adv_refreshes += 1
         self.adv_seconds += time.perf_counter() - t0
 
     def _retain_batch(self, n: int) -> _Batch:
