@@ -58,7 +58,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         except tfd.RankMismatchError as e:
             mismatch = str(e)
         torch.save({"rows": rows, "weights": [p.detach().clone() for p in u.params], "before": before,
-                    "after": after, "losses": losses, "pool": u.pools["forget"].clone(), "mismatch": mismatch},
+                    "after": after, "losses": losses, "pool": u.pools["forget"].clone(), "mismatch": mismatch,
+                    "prefixes": [q.clone() for q in u.adv_prefixes]},
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -77,6 +78,8 @@ def test_two_gloo_ranks_select_the_same_rows_and_end_identical(tmp_path):
     assert sum(r.numel() for r in r0["rows"][-1]) > 0
     for w0, w1 in zip(r0["weights"], r1["weights"]):
         assert torch.equal(w0, w1)
+    # the default's adversary: one prefix, drawn on rank 0, stepped with averaged gradients
+    assert len(r0["prefixes"]) == 1 and torch.equal(r0["prefixes"][0], r1["prefixes"][0])
     # the concept's forget loss (distance of the red prompts' prediction from the anchor's) drops
     for r in (r0, r1):
         assert r["after"] < 0.7 * r["before"], (r["before"], r["after"])

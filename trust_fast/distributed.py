@@ -65,6 +65,17 @@ class RankMismatchError(RuntimeError):
     """Ranks selected different rows: their models would drift apart."""
 
 
+def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> None:
+    """Overwrite `tensors` in place with rank `src`'s values (a no-op outside torch.distributed):
+    state every rank must start from alike, drawn from a rank's own generator."""
+    if not active():
+        return
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.broadcast(t, src=src)
+
+
 def rows_checksum(rows: Sequence[Tensor]) -> Tensor:
     """A float64 (2,) fingerprint of a selection: (number of rows, sum over tensors k and rows r of
     a pseudo-random odd weight of (k, r)). Equal selections give equal checksums; a differing row

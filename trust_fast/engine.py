@@ -603,6 +603,7 @@ class TrustUnlearner:
         which = self.adv_refreshes % cfg.adv_population
         if which == len(self.adv_prefixes):  # this prefix's first refresh
             self.adv_prefixes.append(random_prefix(te, cfg.adv_prefix, self.generator).to(te.device))
+            distributed.broadcast_(self.adv_prefixes[-1:])  # ranks draw different starts: take rank 0's
             self.adv_optimizers.append(torch.optim.Adam([self.adv_prefixes[which]], lr=cfg.adv_lr))
             self.emb_forget_adv.append(None)
         optimizer = self.adv_optimizers[which]
