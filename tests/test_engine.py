@@ -241,6 +241,31 @@ def test_an_adversary_population_steps_its_prefixes_in_turn(untrained_world, tmp
         TrustConfig(adv_population=0).validate()
 
 
+def test_adv_retain_fraction_puts_retain_prompts_behind_the_prefix(untrained_world, tmp_path):
+    """adv_retain_fraction=0.5: the last half of a retain batch is conditioned on its retain prompts
+    encoded behind the adversary's prefix (their distillation target is the original model on that
+    same conditioning), the first half on the plain prompts; the encodings survive a checkpoint."""
+    from trust_fast.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = TrustConfig(adv_prefix=2, adv_steps=1, adv_interval=100, adv_retain_fraction=0.5, steps=1, **SMALL)
+    u = TrustUnlearner(fresh(untrained_world), "red", cfg)
+    u.prepare()
+    plain = u._retain_batch(8)
+    assert all(any(torch.equal(c, e) for e in u.emb_retain) for c in plain.cond)  # no prefix yet
+    u.refresh_adversary()
+    assert len(u.emb_retain_adv) == 1 and u.emb_retain_adv[0].shape == u.emb_retain.shape
+    b = u._retain_batch(8)
+    behind = [any(torch.equal(c, e) for e in u.emb_retain_adv[0]) for c in b.cond]
+    assert behind == [False] * 4 + [True] * 4
+    assert u.step()["loss_retain"] is not None
+    save_checkpoint(u, str(tmp_path))
+    v = TrustUnlearner(fresh(untrained_world), "red", cfg)
+    load_checkpoint(v, str(tmp_path))
+    assert torch.equal(v.emb_retain_adv[0], u.emb_retain_adv[0])
+    with pytest.raises(ValueError, match="adv_retain_fraction must be in"):
+        TrustConfig(adv_retain_fraction=1.5).validate()
+
+
 def test_finalize_resets_rows_updated_fewer_than_min_row_updates(untrained_world, tmp_path):
     u = TrustUnlearner(fresh(untrained_world), "red", TrustConfig(steps=6, min_row_updates=3, **SMALL))
     for _ in range(6):

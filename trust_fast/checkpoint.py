@@ -77,7 +77,8 @@ def save_checkpoint(unlearner, directory: str) -> str:
         "adversary": (None if not u.adv_prefixes else
                       {"prefixes": [q.detach().cpu() for q in u.adv_prefixes],
                        "optimizers": [o.state_dict() for o in u.adv_optimizers],
-                       "emb_forget": [e.cpu() for e in u.emb_forget_adv], "refreshes": u.adv_refreshes,
+                       "emb_forget": [e.cpu() for e in u.emb_forget_adv],
+                       "emb_retain": [e.cpu() for e in u.emb_retain_adv], "refreshes": u.adv_refreshes,
                        "seconds": u.adv_seconds}),
         "step_count": u.step_count,
         "skipped_steps": u.skipped_steps,
@@ -163,6 +164,7 @@ def load_checkpoint(unlearner, directory: str) -> int:
             u.adv_optimizers.append(torch.optim.Adam([q], lr=u.config.adv_lr))
             u.adv_optimizers[-1].load_state_dict(o)
         u.emb_forget_adv = [e.to(u.device, u.dtype) for e in adv["emb_forget"]]
+        u.emb_retain_adv = [e.to(u.device, u.dtype) for e in adv.get("emb_retain", [])]
         u.adv_refreshes = adv["refreshes"] if adv["refreshes"] is not None else len(u.adv_prefixes)
         u.adv_seconds = adv["seconds"]
     u.step_count = state["step_count"]

@@ -82,6 +82,8 @@ class TrustConfig:
     adv_fraction: float = 0.5          # fraction of a forget batch conditioned on the prefixed prompts
     adv_population: int = 1            # independent prefixes (own random starts); a refresh steps one of them in
                                        # turn, and each adversarial row of a batch draws one
+    adv_retain_fraction: float = 0.0   # fraction of a retain batch conditioned on retain prompts behind a prefix
+                                       # (distilled to the original model there: the prefix may not change them)
     x0_per_prompt: int = 8             # cached data-free images per prompt
     x0_steps: int = 5                  # DDIM steps used to sample them
     x0_guidance: float | None = None   # CFG scale for them (None: the pipeline's default)
@@ -117,7 +119,7 @@ class TrustConfig:
             raise ValueError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
         if not isinstance(self.hessian_micro_batch, int) or self.hessian_micro_batch < 0:
             raise ValueError(f"hessian_micro_batch must be an int >= 0, got {self.hessian_micro_batch!r}")
-        for name in ("retain_neighbors", "adv_fraction"):
+        for name in ("retain_neighbors", "adv_fraction", "adv_retain_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.adv_prefix is not None and self.adv_prefix < 0:
@@ -403,8 +405,10 @@ class TrustUnlearner:
         self.adv_prefixes: list[Tensor] = []
         self.adv_optimizers: list[torch.optim.Adam] = []
         self.emb_forget_adv: list[Tensor] = []
+        self.emb_retain_adv: list[Tensor] = []  # retain prompts behind each (adv_retain_fraction > 0)
         self.adv_refreshes = 0
         self._adv_ids: Tensor | None = None
+        self._adv_retain_ids: Tensor | None = None
         self.adv_seconds = 0.0
         self.step_count = 0
         self.seconds = 0.0
@@ -606,6 +610,8 @@ class TrustUnlearner:
             distributed.broadcast_(self.adv_prefixes[-1:])  # ranks draw different starts: take rank 0's
             self.adv_optimizers.append(torch.optim.Adam([self.adv_prefixes[which]], lr=cfg.adv_lr))
             self.emb_forget_adv.append(None)
+            if cfg.adv_retain_fraction > 0:
+                self.emb_retain_adv.append(None)
         optimizer = self.adv_optimizers[which]
         if self._adv_ids is None:  # the prompts never change: tokenize them once
             self._adv_ids = prefixed_ids(tok, self.prompts.forget, cfg.adv_prefix).to(te.device)
@@ -628,8 +634,15 @@ class TrustUnlearner:
             prefix.grad = None
         prefix.requires_grad_(False)
         with torch.no_grad():
-            self.emb_forget_adv[which] = torch.cat([encode_with_prefix(te, ids[k:k + 256], prefix) for k in
-                                                    range(0, ids.shape[0], 256)]).to(self.device, self.dtype)
+            def behind(all_ids: Tensor) -> Tensor:
+                return torch.cat([encode_with_prefix(te, all_ids[k:k + 256], prefix) for k in
+                                  range(0, all_ids.shape[0], 256)]).to(self.device, self.dtype)
+
+            self.emb_forget_adv[which] = behind(ids)
+            if cfg.adv_retain_fraction > 0:
+                if self._adv_retain_ids is None:
+                    self._adv_retain_ids = prefixed_ids(tok, self.prompts.retain, cfg.adv_prefix).to(te.device)
+                self.emb_retain_adv[which] = behind(self._adv_retain_ids)
         self.adv_refreshes += 1
         self.adv_seconds += time.perf_counter() - t0
 
@@ -643,7 +656,12 @@ class TrustUnlearner:
         j = torch.randint(0, pool.shape[1], (n,), generator=self.generator, device=self.device)
         x0 = pool[i, j]
         noisy, t, noise = self._noisy(x0)
-        return _Batch(noisy, t, self.emb_retain[i], x0, noise)
+        cond = self.emb_retain[i]
+        k = round(self.config.adv_retain_fraction * n) if self.emb_retain_adv else 0
+        if k:  # the last k rows: their retain prompts behind one of the adversary's prefixes
+            which = torch.randint(0, len(self.emb_retain_adv), (k,), generator=self.generator, device=self.device)
+            cond = torch.cat([cond[:n - k], torch.stack(self.emb_retain_adv)[which, i[n - k:]]])
+        return _Batch(noisy, t, cond, x0, noise)
 
     def _salun_mask(self) -> list[Tensor]:
         """SalUn: sum the gradient of the diffusion loss on the forget data over one pass of the
