@@ -91,13 +91,13 @@ def test_embedding_attack_starts_from_the_prompt_and_frees_every_token_after_the
         torch.testing.assert_close(cond, _encode(sd, p))
     seen.clear()
     captured = []
-    real_hook = attacks.embedding_hook
+    real_encode = attacks.encode_edited
 
-    def keep(te, replace):
-        captured.append(replace)
-        return real_hook(te, replace)
+    def keep(family, ids, edits):
+        captured.append(edits[0])
+        return real_encode(family, ids, edits)
 
-    monkeypatch.setattr(attacks, "embedding_hook", keep)
+    monkeypatch.setattr(attacks, "encode_edited", keep)
     attacks.embedding_attack(sd, sd, None, None, attack_steps=3, lr=0.05, **kw)
     table = sd.text_encoder.get_input_embeddings()
     plain = table(_ids(sd.tokenizer, prompts[0])).detach()
@@ -114,7 +114,7 @@ def test_inversion_learns_one_word_placed_at_the_concept_in_every_prompt(world, 
     encoded exactly as the plain prompt: the word sits where "red" was (first when absent)."""
     tok, te = world.tokenizer, world.text_encoder
     red = te.get_input_embeddings().weight[tok("red", add_special_tokens=False).input_ids[0]].detach()
-    monkeypatch.setattr(attacks, "random_prefix", lambda te, k, g: red.clone().float().unsqueeze(0))
+    monkeypatch.setattr(attacks, "random_prefix", lambda family, k, g: red.clone().float().unsqueeze(0))
     seen = _spy_conditioning(monkeypatch)
     prompts = ["a red circle", "a large red striped square", "a blue circle"]
     r = attacks.inversion_attack(world, world, parse_concept("red"), None, attack_steps=1, lr=0.0, n_images=1,
@@ -148,11 +148,3 @@ def test_attacks_refuse_bad_arguments_in_one_line(world, call, message):
     with pytest.raises(ValueError, match=message) as e:
         call(world)
     assert "\n" not in str(e.value)
-
-
-def test_families_without_free_token_embeddings_are_refused():
-    from tiny_pipelines import tiny_sdxl_pipeline
-
-    pipe = tiny_sdxl_pipeline()
-    with pytest.raises(ValueError, match="embedding attack needs a single-text-encoder pipeline"):
-        attacks.embedding_attack(pipe, pipe, None, None, prompts=["a red circle"])

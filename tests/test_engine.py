@@ -178,8 +178,7 @@ def test_adversarial_prefix_lowers_the_attack_loss_and_enters_forget_batches(unt
     cfg = TrustConfig(adv_prefix=3, adv_steps=8, adv_interval=100, adv_lr=0.05, adv_fraction=0.5, steps=1, **SMALL)
     u = TrustUnlearner(fresh(untrained_world), "red", cfg)
     u.prepare()
-    te = u.pipe.text_encoder
-    ids = prefixed_ids(u.pipe.tokenizer, u.prompts.forget, 3)
+    ids = prefixed_ids(u.family, u.prompts.forget, 3)
     g = torch.Generator().manual_seed(5)
     x0 = u.pools["forget"][:, 0]
     t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
@@ -188,7 +187,7 @@ def test_adversarial_prefix_lowers_the_attack_loss_and_enters_forget_batches(unt
 
     def attack_loss(prefix):  # what the adversary minimizes: the model's diffusion loss on the concept
         with torch.no_grad():
-            return float(objectives.mse(u.pred(noisy, t, encode_with_prefix(te, ids, prefix)), noise))
+            return float(objectives.mse(u.pred(noisy, t, encode_with_prefix(u.family, ids, prefix)), noise))
 
     u.refresh_adversary()
     first = u.adv_prefixes[0].clone()

@@ -71,7 +71,7 @@ def test_sdxl_conditioning_is_what_the_pipeline_itself_feeds_its_unet():
     tensors (and prediction) as StableDiffusionXLPipeline.__call__ at its default size."""
     pipe = tiny_sdxl_pipeline()
     fam = family_for(pipe)
-    assert fam.name == "sdxl" and not fam.supports_prefix
+    assert fam.name == "sdxl" and len(fam.prompt_encoders()) == 2
     args, kw = _captured_call(pipe.unet, pipe, "a red circle")
     ours = fam.denoiser_kwargs(fam.encode(["a red circle"]))
     assert torch.equal(ours["encoder_hidden_states"], kw["encoder_hidden_states"])
@@ -111,10 +111,29 @@ def test_sdxl_unlearning_edits_only_selected_rows_of_the_unet():
                zip(te, [*pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]))
 
 
-def test_sdxl_refuses_the_adversarial_prefix_in_one_line():
+@pytest.mark.parametrize("make", [tiny_sdxl_pipeline, lambda: tiny_sd3_pipeline(t5=True)], ids=["sdxl", "sd3+t5"])
+def test_the_adversary_trains_against_a_prefix_in_every_text_encoder(make):
+    """The default adversary on a multi-encoder family: one prefix spanning every encoder's width,
+    moved by its refreshes; the forget prompts re-encoded behind it; the encoders unchanged."""
+    from trust_fast.softprompt import widths
+
+    pipe = make()
     spec, prompts = _prompts()
-    with pytest.raises(ValueError, match="sdxl family does not support soft prefixes"):
-        TrustUnlearner(tiny_sdxl_pipeline(), spec, TrustConfig(adv_prefix=3, **SMALL), prompts=prompts)
+    fam = family_for(pipe)
+    encoders = [te for _, te, _ in fam.prompt_encoders()]
+    before = [p.detach().clone() for te in encoders for p in te.parameters()]
+    u = TrustUnlearner(pipe, spec, TrustConfig(adv_steps=2, adv_interval=1, **SMALL), prompts=prompts)
+    assert u.config.adv_prefix == 5  # on by default in every family
+    u.step()
+    start = u.adv_prefixes[0].clone()
+    assert start.shape == (5, sum(widths(fam)))
+    assert u.emb_forget_adv[0].shape == u.emb_forget.shape
+    assert not torch.allclose(u.emb_forget_adv[0], u.emb_forget)
+    for _ in range(2):
+        s = u.step()
+        assert torch.isfinite(torch.tensor(s["loss_forget"]))
+    assert not torch.equal(u.adv_prefixes[0], start) and u.adv_refreshes == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, [p for te in encoders for p in te.parameters()]))
 
 
 def _cli_unlearn(pipe, tmp_path):
@@ -148,10 +167,11 @@ def test_sdxl_through_the_cli_saves_an_sdxl_pipeline(tmp_path):
 # ----------------------------------------------------------------------------- SD3 (MMDiT, flow matching)
 
 
-def test_sd3_conditioning_is_what_the_pipeline_itself_feeds_its_transformer():
-    pipe = tiny_sd3_pipeline()
+@pytest.mark.parametrize("t5", [False, True])
+def test_sd3_conditioning_is_what_the_pipeline_itself_feeds_its_transformer(t5):
+    pipe = tiny_sd3_pipeline(t5=t5)
     fam = family_for(pipe)
-    assert fam.name == "sd3" and fam.prediction_type == "flow" and not fam.supports_prefix
+    assert fam.name == "sd3" and fam.prediction_type == "flow" and len(fam.prompt_encoders()) == 2 + t5
     _, kw = _captured_call(pipe.transformer, pipe, "a red circle")
     ours = fam.denoiser_inputs(kw["hidden_states"], kw["timestep"], fam.encode(["a red circle"]))
     for k in ("encoder_hidden_states", "pooled_projections"):

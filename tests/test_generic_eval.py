@@ -10,13 +10,9 @@ from trust_fast.cli import main
 from trust_fast.evaluation import generic_report
 
 
-@pytest.fixture(scope="module")
-def sd_dirs(tmp_path_factory):
-    """An original tiny SD pipeline and a copy whose cross-attention keys were perturbed."""
-    from test_engine import tiny_sd_pipeline
-
-    root = tmp_path_factory.mktemp("sd")
-    pipe = tiny_sd_pipeline()
+def _original_and_edited(pipe, root):
+    """`pipe` saved as root/original, then with its cross-attention keys perturbed as root/edited,
+    and prompt files for both."""
     pipe.save_pretrained(root / "original")
     with torch.no_grad():
         for name, w in pipe.unet.named_parameters():
@@ -26,6 +22,14 @@ def sd_dirs(tmp_path_factory):
     (root / "forget.txt").write_text("a red circle\na red square\n")
     (root / "retain.txt").write_text("a blue circle\na green square\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def sd_dirs(tmp_path_factory):
+    """An original tiny SD pipeline and a copy whose cross-attention keys were perturbed."""
+    from test_engine import tiny_sd_pipeline
+
+    return _original_and_edited(tiny_sd_pipeline(), tmp_path_factory.mktemp("sd"))
 
 
 def _evaluate(root, model, *extra):
@@ -217,3 +221,17 @@ def test_to_pixels_honours_shift_factor_and_force_upcast():
     assert next(vae.parameters()).dtype == torch.float16
     assert got16.dtype == torch.float32 and torch.allclose(got16, want, atol=1e-2)
     assert to_pixels(SimpleNamespace(), z[:, :3]).equal(z[:, :3])  # no VAE: already pixels
+
+
+def test_cli_attacks_an_sdxl_model_through_both_text_encoders(tmp_path):
+    """`evaluate --attack all` on an SDXL directory: the optimized attacks free tokens in both text
+    encoders (trust_fast.softprompt) and report their classifier-free figures."""
+    from tiny_pipelines import tiny_sdxl_pipeline
+
+    _original_and_edited(tiny_sdxl_pipeline(), tmp_path)
+    out = tmp_path / "r.json"
+    assert _evaluate(tmp_path, "edited", "--attack", "all", "--softprompt-steps", "2", "--embedding-steps", "2",
+                     "--inversion-steps", "2", "--out", str(out)) == 0
+    r = json.loads(out.read_text())
+    for name in ("softprompt", "embedding", "inversion"):
+        assert r[f"{name}_n"] == 4 and r[f"{name}_change"] > 0 and f"{name}_recovery" in r, name

@@ -99,10 +99,28 @@ def tiny_unsupported_pipeline():
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
 
 
-def tiny_sd3_pipeline():
+def tiny_t5():
+    """A T5 encoder (width 32) and a T5-like tokenizer built in code: word-level, no start token,
+    an end token after the words, as T5's sentencepiece tokenizer writes them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "green", "circle", "square", "car", "striped", "large"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                  model_max_length=512)
+    torch.manual_seed(1)
+    te = T5EncoderModel(T5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                 dropout_rate=0.0))
+    return tok, te
+
+
+def tiny_sd3_pipeline(t5: bool = False):
     """A randomly initialised StableDiffusion3Pipeline: an SD3Transformer2DModel (MMDiT) with two
-    CLIP encoders with projections and no T5 (diffusers then feeds zeros in its place), flow
-    matching (FlowMatchEulerDiscreteScheduler)."""
+    CLIP encoders with projections and, unless `t5`, no T5 (diffusers then feeds zeros in its
+    place), flow matching (FlowMatchEulerDiscreteScheduler)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -118,6 +136,6 @@ def tiny_sd3_pipeline():
                         norm_num_groups=8, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
-                                    text_encoder_3=None, tokenizer_3=None)
+                                    **dict(zip(("tokenizer_3", "text_encoder_3"), tiny_t5() if t5 else (None, None))))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -158,7 +158,7 @@ def load_checkpoint(unlearner, directory: str) -> int:
         if "prefix" in adv:  # written before adversary populations: one prefix
             adv = {"prefixes": [adv["prefix"]], "optimizers": [adv["optimizer"]], "emb_forget": [adv["emb_forget"]],
                    "refreshes": None, "seconds": adv["seconds"]}
-        u.adv_prefixes = [q.to(u.pipe.text_encoder.device) for q in adv["prefixes"]]
+        u.adv_prefixes = [q.to(u.device) for q in adv["prefixes"]]
         u.adv_optimizers = []
         for q, o in zip(u.adv_prefixes, adv["optimizers"]):
             u.adv_optimizers.append(torch.optim.Adam([q], lr=u.config.adv_lr))

@@ -627,8 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-row-updates", type=int, default=None, metavar="N",
                    help="at the end, rows updated fewer than N times return to their original weights (default 3)")
     p.add_argument("--adv-prefix", type=int, default=None, metavar="K",
-                   help="train against an adversarial soft prefix of K tokens (default 5 where the model "
-                        "family supports soft prefixes, else 0; 0: off)")
+                   help="train against an adversarial soft prefix of K tokens, in every text encoder "
+                        "(default 5; 0: off)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--x0-per-prompt", type=int, default=None, help="data-free images cached per prompt (default 8)")
     p.add_argument("--x0-steps", type=int, default=None, help="DDIM steps that sample them (default 5)")

@@ -38,7 +38,7 @@ from .hessian import HESSIAN_MODES, HutchinsonDiagonal, double_backward_attentio
 from .localize import DynamicLocalizer, Target, find_targets, freeze_all_but, static_mask
 
 LOCALIZATIONS = ("dynamic", "static", "dense")
-ADV_PREFIX_AUTO = 5  # TrustConfig(adv_prefix=None): the adversary's prefix length where the family supports one
+ADV_PREFIX_AUTO = 5  # TrustConfig(adv_prefix=None): the adversary's prefix length
 X0_SOURCES = ("forget", "anchor", "forget+anchor")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,8 +74,8 @@ class TrustConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    adv_prefix: int | None = None      # adversarial soft prefix of this many tokens (0: off; None: ADV_PREFIX_AUTO
-                                       # where the model family supports soft prefixes, else off)
+    adv_prefix: int | None = None      # adversarial soft prefix of this many tokens (0: off; None: ADV_PREFIX_AUTO);
+                                       # in every text encoder of the family (trust_fast.softprompt)
     adv_steps: int = 10                # Adam steps on the prefix per refresh (it is warm-started)
     adv_interval: int = 5              # refresh the adversarial prefix every this many steps
     adv_lr: float = 0.01
@@ -297,12 +297,9 @@ class TrustUnlearner:
         config = config or TrustConfig()
         config.validate()
         self.family = family_for(pipe)  # UnsupportedPipeline (one line) before any work
-        if config.adv_prefix is None:  # the default: the adversary wherever soft prefixes apply
-            config = config.replace(adv_prefix=ADV_PREFIX_AUTO if self.family.supports_prefix else 0)
+        if config.adv_prefix is None:  # the default: the adversary on
+            config = config.replace(adv_prefix=ADV_PREFIX_AUTO)
         self.config = cfg = config
-        if cfg.adv_prefix and not self.family.supports_prefix:
-            raise ValueError(f"adv_prefix needs a single-text-encoder pipeline; the {self.family.name} family "
-                             "does not support soft prefixes yet")
         self.pipe, self.unet = pipe, self.family.denoiser
         self.device, self.dtype = self.unet.device, self.unet.dtype
         self.amp_dtype = amp_dtype(cfg.amp, self.device, self.dtype)
@@ -599,14 +596,13 @@ class TrustUnlearner:
         from their own random starts (an attacker starts from a random one too), and each refresh
         steps the next in turn. Under torch.distributed the prefix gradient is averaged, so every
         rank holds the same prefixes."""
-        from .softprompt import encode_with_prefix, prefixed_ids, random_prefix
+        from .softprompt import encode_with_prefix, index_ids, prefixed_ids, random_prefix
 
-        cfg = self.config
-        te, tok = self.pipe.text_encoder, self.pipe.tokenizer
+        cfg, fam = self.config, self.family
         t0 = time.perf_counter()
         which = self.adv_refreshes % cfg.adv_population
         if which == len(self.adv_prefixes):  # this prefix's first refresh
-            self.adv_prefixes.append(random_prefix(te, cfg.adv_prefix, self.generator).to(te.device))
+            self.adv_prefixes.append(random_prefix(fam, cfg.adv_prefix, self.generator).to(self.device))
             distributed.broadcast_(self.adv_prefixes[-1:])  # ranks draw different starts: take rank 0's
             self.adv_optimizers.append(torch.optim.Adam([self.adv_prefixes[which]], lr=cfg.adv_lr))
             self.emb_forget_adv.append(None)
@@ -614,7 +610,7 @@ class TrustUnlearner:
                 self.emb_retain_adv.append(None)
         optimizer = self.adv_optimizers[which]
         if self._adv_ids is None:  # the prompts never change: tokenize them once
-            self._adv_ids = prefixed_ids(tok, self.prompts.forget, cfg.adv_prefix).to(te.device)
+            self._adv_ids = prefixed_ids(fam, self.prompts.forget, cfg.adv_prefix)
         ids = self._adv_ids
         pool = self.pools["forget"]
         prefix = self.adv_prefixes[which].requires_grad_(True)
@@ -625,7 +621,7 @@ class TrustUnlearner:
             x0 = pool[i, j]
             noisy, t, noise = self._noisy(x0)
             target = objectives.diffusion_target(x0, noise, t, self.alphas_cumprod, self.prediction_type)
-            cond = encode_with_prefix(te, ids[i.to(ids.device)], prefix).to(self.device, self.dtype)
+            cond = encode_with_prefix(fam, index_ids(ids, i), prefix)
             (g,) = torch.autograd.grad(objectives.mse(self.pred(noisy, t, cond), target), [prefix])
             distributed.average_([g])
             if _all_finite([g]):
@@ -634,14 +630,14 @@ class TrustUnlearner:
             prefix.grad = None
         prefix.requires_grad_(False)
         with torch.no_grad():
-            def behind(all_ids: Tensor) -> Tensor:
-                return torch.cat([encode_with_prefix(te, all_ids[k:k + 256], prefix) for k in
-                                  range(0, all_ids.shape[0], 256)]).to(self.device, self.dtype)
+            def behind(all_ids: list[Tensor]) -> Tensor:
+                return torch.cat([encode_with_prefix(fam, index_ids(all_ids, slice(k, k + 256)), prefix)
+                                  for k in range(0, all_ids[0].shape[0], 256)])
 
             self.emb_forget_adv[which] = behind(ids)
             if cfg.adv_retain_fraction > 0:
                 if self._adv_retain_ids is None:
-                    self._adv_retain_ids = prefixed_ids(tok, self.prompts.retain, cfg.adv_prefix).to(te.device)
+                    self._adv_retain_ids = prefixed_ids(fam, self.prompts.retain, cfg.adv_prefix)
                 self.emb_retain_adv[which] = behind(self._adv_retain_ids)
         self.adv_refreshes += 1
         self.adv_seconds += time.perf_counter() - t0

@@ -18,7 +18,12 @@ pipeline's family for
   scheduler's config), or "flow" (flow matching: x_t = (1 - s) x0 + s noise with s = t / T, the
   velocity noise - x0 as target);
 - ``sampler()``: a fresh scheduler of the pipeline's kind for sampling the data-free images;
-- ``supports_prefix``: whether soft prompt prefixes (the adversary, the soft-prompt attack) apply.
+- ``prompt_encoders()``, ``tokenize(prompts)`` and ``encode_ids(ids)``: the text encoders a prompt
+  passes through (tokenizer, encoder, token count), its token ids for each, and the conditioning
+  computed from those ids with gradients, so that :mod:`trust_fast.softprompt` can put free token
+  embeddings into every encoder (the adversary, the soft-prompt, embedding and inversion attacks);
+- ``pipeline_embeds(cond)``: a packed conditioning as the pipeline's ``__call__`` takes it
+  (``prompt_embeds``, and ``pooled_prompt_embeds`` where the family has one).
 
 Families:
 
@@ -58,11 +63,6 @@ class UnsupportedPipeline(ValueError):
     """The pipeline belongs to no family trust_fast knows."""
 
 
-def _tokens(tokenizer, prompts: list[str]) -> Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 class Family:
     """One model family's knowledge (see the module docstring). Subclasses set ``name`` and
     implement ``matches``, ``_encode`` and ``denoiser_kwargs``."""
@@ -71,7 +71,6 @@ class Family:
     default_targets: tuple[str, ...] = UNET_TARGETS
     cross_attention_targets: tuple[str, ...] = ("*attn2.*",)  # a UNet's cross-attention modules, all of them
     denoiser_name = "unet"
-    supports_prefix = False
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -104,20 +103,39 @@ class Family:
         size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
         return c.in_channels, size, size
 
+    def prompt_encoders(self) -> list[tuple]:
+        """(tokenizer, text encoder, token count) of every encoder a prompt passes through, in order."""
+        tok, te = self.pipe.tokenizer, self.pipe.text_encoder
+        return [(tok, te, tok.model_max_length)]
+
+    def tokenize(self, prompts: list[str]) -> list[Tensor]:
+        """The prompts' token ids (N, L) for each of :meth:`prompt_encoders`, on that encoder's device."""
+        return [tok(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
+                .input_ids.to(te.device) for tok, te, n in self.prompt_encoders()]
+
+    def encode_ids(self, ids: list[Tensor]) -> Tensor:
+        """Conditioning (N, L, D) from the token ids of each encoder (:meth:`tokenize`), with
+        gradients through the encoders, on the denoiser's device and dtype."""
+        return self._encode_ids(ids).to(self.denoiser.device, self.denoiser.dtype)
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Tensor:
         """Conditioning (N, L, D) of the prompts, on the denoiser's device and dtype."""
-        out = [self._encode(prompts[i:i + 256]) for i in range(0, len(prompts), 256)]
+        out = [self.encode_ids(self.tokenize(prompts[i:i + 256])) for i in range(0, len(prompts), 256)]
         if not out:
-            return self._encode([""])[:0]
-        return torch.cat(out).to(self.denoiser.device, self.denoiser.dtype)
+            return self.encode([""])[:0]
+        return torch.cat(out)
 
     def uncond(self) -> Tensor:
         """The conditioning (1, L, D) of "no prompt"."""
         return self.encode([""])
 
-    def _encode(self, prompts: list[str]) -> Tensor:
+    def _encode_ids(self, ids: list[Tensor]) -> Tensor:
         raise NotImplementedError
+
+    def pipeline_embeds(self, cond: Tensor) -> dict:
+        """The keywords of the pipeline's ``__call__`` that stand for the prompts of a packed conditioning."""
+        return {"prompt_embeds": cond}
 
     def denoiser_kwargs(self, cond: Tensor) -> dict:
         """The conditioning keywords of the denoiser call for a packed conditioning."""
@@ -138,7 +156,6 @@ class StableDiffusion(Family):
     """SD 1.x / 2.x and pipelines with the same parts (one CLIP text encoder, no added conditions)."""
 
     name = "sd"
-    supports_prefix = True
 
     @staticmethod
     def matches(pipe) -> bool:
@@ -147,9 +164,8 @@ class StableDiffusion(Family):
                 and getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
                 and getattr(pipe, "text_encoder_2", None) is None)
 
-    def _encode(self, prompts: list[str]) -> Tensor:
-        te = self.pipe.text_encoder
-        return te(_tokens(self.pipe.tokenizer, prompts).to(te.device))[0]
+    def _encode_ids(self, ids: list[Tensor]) -> Tensor:
+        return self.pipe.text_encoder(ids[0])[0]
 
     def denoiser_kwargs(self, cond: Tensor) -> dict:
         return {"encoder_hidden_states": cond}
@@ -174,6 +190,10 @@ class PackedPooled:
         hidden = cond[:, :cond.shape[1] - self.pooled_rows]
         pooled = cond[:, cond.shape[1] - self.pooled_rows:].reshape(n, -1)[:, :self.pooled_dim]
         return hidden, pooled
+
+    def pipeline_embeds(self, cond: Tensor) -> dict:
+        hidden, pooled = self.unpack(cond)
+        return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
 
 
 class StableDiffusionXL(PackedPooled, Family):
@@ -200,13 +220,15 @@ class StableDiffusionXL(PackedPooled, Family):
                 and getattr(pipe, "text_encoder_2", None) is not None
                 and getattr(pipe, "tokenizer_2", None) is not None)
 
-    def _encode(self, prompts: list[str]) -> Tensor:
+    def prompt_encoders(self) -> list[tuple]:
+        pairs = [(self.pipe.tokenizer, self.pipe.text_encoder), (self.pipe.tokenizer_2, self.pipe.text_encoder_2)]
+        # SDXL refiner-style pipelines have only the second encoder
+        return [(tok, te, tok.model_max_length) for tok, te in pairs if te is not None]
+
+    def _encode_ids(self, ids: list[Tensor]) -> Tensor:
         hidden, pooled = [], None
-        encoders = [(self.pipe.tokenizer, self.pipe.text_encoder), (self.pipe.tokenizer_2, self.pipe.text_encoder_2)]
-        for tok, te in encoders:
-            if te is None:  # SDXL refiner-style pipelines have only the second encoder
-                continue
-            out = te(_tokens(tok, prompts).to(te.device), output_hidden_states=True)
+        for (_, te, _), i in zip(self.prompt_encoders(), ids):
+            out = te(i, output_hidden_states=True)
             hidden.append(out.hidden_states[-2].to(self.denoiser.device))
             pooled = out[0].to(self.denoiser.device)  # the last encoder's pooled projection
         return self.pack(torch.cat(hidden, -1), pooled)
@@ -247,23 +269,27 @@ class StableDiffusion3(PackedPooled, Family):
                 and getattr(pipe, "text_encoder", None) is not None
                 and getattr(pipe, "text_encoder_2", None) is not None)
 
-    def _encode(self, prompts: list[str]) -> Tensor:
+    def prompt_encoders(self) -> list[tuple]:
+        p = self.pipe
+        out = [(p.tokenizer, p.text_encoder, p.tokenizer.model_max_length),
+               (p.tokenizer_2, p.text_encoder_2, p.tokenizer_2.model_max_length)]
+        if getattr(p, "text_encoder_3", None) is not None:
+            out.append((p.tokenizer_3, p.text_encoder_3, self.t5_tokens))
+        return out
+
+    def _encode_ids(self, ids: list[Tensor]) -> Tensor:
         dev = self.denoiser.device
         hidden, pooled = [], []
-        for tok, te in ((self.pipe.tokenizer, self.pipe.text_encoder), (self.pipe.tokenizer_2, self.pipe.text_encoder_2)):
-            out = te(_tokens(tok, prompts).to(te.device), output_hidden_states=True)
+        for (_, te, _), i in zip(self.prompt_encoders()[:2], ids):
+            out = te(i, output_hidden_states=True)
             hidden.append(out.hidden_states[-2].to(dev))
             pooled.append(out[0].to(dev))
         clip = torch.cat(hidden, -1)
         clip = torch.nn.functional.pad(clip, (0, self.width - clip.shape[-1]))
-        te3 = getattr(self.pipe, "text_encoder_3", None)
-        if te3 is None:  # what the pipeline does without T5: zeros in its place
-            t5 = clip.new_zeros(len(prompts), self.t5_tokens, self.width)
+        if len(ids) < 3:  # what the pipeline does without T5: zeros in its place
+            t5 = clip.new_zeros(clip.shape[0], self.t5_tokens, self.width)
         else:
-            tok3 = self.pipe.tokenizer_3
-            ids = tok3(prompts, padding="max_length", max_length=self.t5_tokens, truncation=True,
-                       return_tensors="pt").input_ids
-            t5 = te3(ids.to(te3.device))[0].to(dev, clip.dtype)
+            t5 = self.pipe.text_encoder_3(ids[2])[0].to(dev, clip.dtype)
         return self.pack(torch.cat([clip, t5], -2), torch.cat(pooled, -1))
 
     def sample_shape(self) -> tuple[int, int, int]:

@@ -24,9 +24,9 @@ import torch
 from ..concepts import ConceptSpec
 from ..defaults import EMBEDDING_STEPS, INVERSION_STEPS
 from ..families import family_for
-from ..objectives import add_noise, diffusion_target, mse
-from ..softprompt import (embedding_hook, encode_with_prefix, placeholder_ids, prefix_hook, prefixed_ids,
-                          random_prefix)
+from ..objectives import add_noise, add_noise_flow, diffusion_target, mse
+from ..softprompt import (encode_edited, encode_with_prefix, first_word, placeholder_ids, prefixed_ids,
+                          random_prefix, split)
 from ..world import vocab
 from ..world.concepts import shows, world_prompts
 from .metrics import (DEFAULT_GUIDANCE, DEFAULT_STEPS, initial_noise, predict_attrs, rms_distance, sample_from_noise,
@@ -65,24 +65,25 @@ def _check(pipe, name: str, classifier, prompts, **counts: int):
         raise ValueError(f"the {name} attack's {', '.join(f'{k}={v}' for k, v in bad.items())}: each must be >= 1")
     if classifier is None and not prompts:
         raise ValueError(f"without a classifier the {name} attack needs its prompts (the forget prompts)")
-    family = family_for(pipe)
-    if not family.supports_prefix:
-        raise ValueError(f"the {name} attack needs a single-text-encoder pipeline; the {family.name} family "
-                         "does not support free token embeddings yet")
-    return family
+    return family_for(pipe)
 
 
 class _Attack:
     """What the optimized attacks share: the concept's images from the original model, the
-    unlearned model's denoising loss on them, and sampling + judging with the conditioning found."""
+    unlearned model's denoising loss on them, and sampling + judging with the conditioning found.
+    Free token embeddings go into every text encoder of the pipeline's family
+    (:mod:`trust_fast.softprompt`); while an attack runs, the denoiser and the encoders have no
+    gradients (restored after)."""
 
     def __init__(self, pipe, original, spec, classifier, name: str, seed: int, steps: int, guidance: float):
         self.pipe, self.original, self.spec, self.classifier, self.name = pipe, original, spec, classifier, name
         self.seed, self.steps, self.guidance = seed, steps, guidance
-        self.family = family_for(pipe)
-        self.unet, self.te, self.tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
-        self.dev = self.unet.device
-        self.abar = pipe.scheduler.alphas_cumprod.to(self.dev, torch.float32)
+        self.family = fam = family_for(pipe)
+        self.denoiser, self.encoders = fam.denoiser, [te for _, te, _ in fam.prompt_encoders()]
+        self.dev = self.denoiser.device
+        self.T = int(pipe.scheduler.config.num_train_timesteps)
+        self.abar = (None if fam.prediction_type == "flow"
+                     else pipe.scheduler.alphas_cumprod.to(self.dev, torch.float32))
         self.g = torch.Generator().manual_seed(seed)
         self.hits, self.total, self.per_prompt, self.distances = 0, 0, [], []
         self.t0 = time.perf_counter()
@@ -90,15 +91,19 @@ class _Attack:
     def concept_images(self, i: int, prompt: str, n: int) -> torch.Tensor:
         """n images of forget prompt i from the original model (the attack's training data)."""
         return sample_images(self.original, [prompt], n, self.seed + 1000 + i, self.steps,
-                             self.guidance).to(self.dev, self.unet.dtype)
+                             self.guidance).to(self.dev, self.denoiser.dtype)
+
+    def frozen(self):
+        return _frozen(self.denoiser, *self.encoders)
 
     def loss(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The unlearned model's denoising loss on x0 under `cond` (one random timestep per image)."""
-        t = torch.randint(0, self.abar.numel(), (x0.shape[0],), generator=self.g).to(self.dev)
+        t = torch.randint(0, self.T, (x0.shape[0],), generator=self.g).to(self.dev)
         noise = torch.randn(x0.shape, generator=self.g).to(self.dev, x0.dtype)
-        x_t = add_noise(x0, noise, t, self.abar)
+        x_t = add_noise_flow(x0, noise, t, self.T) if self.abar is None else add_noise(x0, noise, t, self.abar)
         target = diffusion_target(x0, noise, t, self.abar, self.family.prediction_type)
-        return mse(self.unet(x_t, t, encoder_hidden_states=cond.to(self.dev, self.unet.dtype)).sample, target)
+        inputs = self.family.denoiser_inputs(x_t, t, cond.to(self.dev, self.denoiser.dtype))
+        return mse(self.denoiser(**inputs).sample, target)
 
     def judge(self, i: int, prompt: str, cond: torch.Tensor, n: int, **extra) -> None:
         """Sample n images of prompt i from the unlearned model under `cond` (1, L, D) and count how
@@ -108,7 +113,7 @@ class _Attack:
         s = self.seed + 2000 + i
         with torch.no_grad():
             imgs = sample_from_noise(self.pipe, initial_noise(self.pipe, n, s), s, self.steps, self.guidance,
-                                     prompt_embeds=cond.detach().to(self.dev, self.unet.dtype),
+                                     **self.family.pipeline_embeds(cond.detach().to(self.dev, self.denoiser.dtype)),
                                      num_images_per_prompt=n)
         self.total += n
         if self.classifier is None:
@@ -150,19 +155,19 @@ def softprompt_attack(pipe, original, spec: ConceptSpec | None, classifier, k: i
            n_per_prompt=n_per_prompt, k=k)
     prompts = prompts or world_prompts(spec).forget
     a = _Attack(pipe, original, spec, classifier, "softprompt", seed, steps, guidance)
-    with _frozen(a.unet, a.te):
+    with a.frozen():
         for i, prompt in enumerate(prompts):
             x0 = a.concept_images(i, prompt, n_images)
-            ids = prefixed_ids(a.tok, [prompt], k).to(a.te.device)
-            prefix = random_prefix(a.te, k, a.g).requires_grad_(True)
+            ids = prefixed_ids(a.family, [prompt], k)
+            prefix = random_prefix(a.family, k, a.g).to(a.dev).requires_grad_(True)
             opt = torch.optim.Adam([prefix], lr=lr)
             for _ in range(attack_steps):
-                loss = a.loss(x0, encode_with_prefix(a.te, ids, prefix).expand(n_images, -1, -1))
+                loss = a.loss(x0, encode_with_prefix(a.family, ids, prefix).expand(n_images, -1, -1))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            with torch.no_grad(), prefix_hook(a.te, prefix.detach()):
-                cond = a.te(ids)[0]
+            with torch.no_grad():
+                cond = encode_with_prefix(a.family, ids, prefix)
             a.judge(i, prompt, cond, n_per_prompt, final_loss=loss.item())
     return a.result(k=k, steps=attack_steps, lr=lr)
 
@@ -182,24 +187,27 @@ def embedding_attack(pipe, original, spec: ConceptSpec | None, classifier, attac
            n_per_prompt=n_per_prompt)
     prompts = prompts or world_prompts(spec).forget
     a = _Attack(pipe, original, spec, classifier, "embedding", seed, steps, guidance)
-    table = a.te.get_input_embeddings()
-    with _frozen(a.unet, a.te):
+    firsts = [first_word(tok) for tok, _, _ in a.family.prompt_encoders()]
+
+    def freed(free: torch.Tensor, first: int):
+        return lambda out: torch.cat([out[:, :first], free.to(out).expand(out.shape[0], -1, -1)], 1)
+
+    with a.frozen():
         for i, prompt in enumerate(prompts):
             x0 = a.concept_images(i, prompt, n_images)
-            ids = a.tok([prompt], padding="max_length", max_length=a.tok.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(a.te.device)
+            ids = a.family.tokenize([prompt])
+            with torch.no_grad():  # every encoder's own embeddings of the prompt, after its start token
+                frees = [te.get_input_embeddings()(x)[0, f:].float().clone().requires_grad_(True)
+                         for te, x, f in zip(a.encoders, ids, firsts)]
+            edits = [freed(v, f) for v, f in zip(frees, firsts)]
+            opt = torch.optim.Adam(frees, lr=lr)
+            for _ in range(attack_steps):
+                loss = a.loss(x0, encode_edited(a.family, ids, edits).expand(n_images, -1, -1))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             with torch.no_grad():
-                free = table(ids)[0, 1:].float().clone().requires_grad_(True)
-            replace = lambda out: torch.cat([out[:, :1], free.to(out.dtype).expand(out.shape[0], -1, -1)], 1)  # noqa: E731,B023
-            opt = torch.optim.Adam([free], lr=lr)
-            with embedding_hook(a.te, replace):
-                for _ in range(attack_steps):
-                    loss = a.loss(x0, a.te(ids)[0].expand(n_images, -1, -1))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                with torch.no_grad():
-                    cond = a.te(ids)[0]
+                cond = encode_edited(a.family, ids, edits)
             a.judge(i, prompt, cond, n_per_prompt, final_loss=loss.item())
     return a.result(steps=attack_steps, lr=lr)
 
@@ -222,31 +230,34 @@ def inversion_attack(pipe, original, spec: ConceptSpec | None, classifier, attac
     prompts = prompts or world_prompts(spec).forget
     word = word if word is not None else (spec.a if spec is not None else "")
     a = _Attack(pipe, original, spec, classifier, "inversion", seed, steps, guidance)
-    placed = [placeholder_ids(a.tok, p, word) for p in prompts]
-    ids = torch.cat([i for i, _ in placed]).to(a.te.device)
-    at = torch.zeros(ids.shape, dtype=torch.bool)
-    at[torch.arange(len(placed)), torch.tensor([pos for _, pos in placed])] = True
-    at = at.to(a.te.device)
-    with _frozen(a.unet, a.te):
+    ids, at = [], []  # per encoder: the prompts' ids with the placeholder, and where it sits
+    for tok, te, n in a.family.prompt_encoders():
+        placed = [placeholder_ids(tok, p, word, n) for p in prompts]
+        ids.append(torch.cat([i for i, _ in placed]).to(te.device))
+        mask = torch.zeros(ids[-1].shape, dtype=torch.bool)
+        mask[torch.arange(len(placed)), torch.tensor([pos for _, pos in placed])] = True
+        at.append(mask.to(te.device))
+
+    def encode(sel: torch.Tensor) -> torch.Tensor:
+        """The conditioning of prompts `sel` with the learned word at each encoder's placeholder."""
+        edits = [lambda out, m=m[sel.to(m.device)], w=w: torch.where(m.unsqueeze(-1), w.to(out), out)
+                 for m, w in zip(at, split(a.family, v))]
+        return encode_edited(a.family, [x[sel.to(x.device)] for x in ids], edits)
+
+    with a.frozen():
         x0 = torch.cat([a.concept_images(i, p, n_images) for i, p in enumerate(prompts)])
         owner = torch.arange(len(prompts)).repeat_interleave(n_images)
-        v = random_prefix(a.te, 1, a.g)[0].requires_grad_(True)
-        rows = lambda sel: embedding_hook(a.te, lambda out: torch.where(  # noqa: E731
-            at[sel].unsqueeze(-1), v.to(out.dtype), out))
+        v = random_prefix(a.family, 1, a.g)[0].to(a.dev).requires_grad_(True)
         opt = torch.optim.Adam([v], lr=lr)
         for _ in range(attack_steps):
             pick = torch.randperm(x0.shape[0], generator=a.g)[:batch_size]
-            who = owner[pick].to(a.te.device)
-            with rows(who):
-                cond = a.te(ids[who])[0]
-            loss = a.loss(x0[pick.to(x0.device)], cond)
+            loss = a.loss(x0[pick.to(x0.device)], encode(owner[pick]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         for i, prompt in enumerate(prompts):
-            sel = torch.tensor([i], device=a.te.device)
-            with torch.no_grad(), rows(sel):
-                cond = a.te(ids[sel])[0]
+            with torch.no_grad():
+                cond = encode(torch.tensor([i]))
             a.judge(i, prompt, cond, n_per_prompt)
     return a.result(steps=attack_steps, lr=lr, word=word, batch_size=batch_size, final_loss=loss.item())
 
