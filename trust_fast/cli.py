@@ -272,18 +272,23 @@ def _evaluate_world(pipe, spec, n_per_prompt: int, seed: int, what: str = "evalu
 
 def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: int = 4, eval_seed: int = 0,
              eval_every: int = 0, progress: bool = True, resume: str | None = None,
-             checkpoint_dir: str | None = None, checkpoint_every: int = 0, log_dir: str | None = None):
+             checkpoint_dir: str | None = None, checkpoint_every: int = 0, log_dir: str | None = None,
+             shard=None):
     """Evaluate (world only), unlearn, evaluate again. Returns (unlearner, report, images), images
     being ((forget, retain) before, (forget, retain) after) for the world, else None. With
     `resume`, the run continues from the checkpoint in that directory; with `log_dir`, step stats
-    and evaluations also go to TensorBoard there."""
+    and evaluations also go to TensorBoard there; `shard(pipe)` (--fsdp) shards the denoiser before the
+    unlearner is built, and the run ends by gathering it (rank 0 then evaluates and saves a plain one)."""
     from .checkpoint import load_checkpoint
     from .engine import TrustUnlearner
 
-    unlearner = TrustUnlearner(pipe, spec, cfg, prompts=prompts)
-    # "before" is the original model, so a resumed run evaluates before loading its checkpoint
+    # "before" is the original model, so a resumed run evaluates before loading its checkpoint (and, with
+    # --fsdp, before the denoiser is sharded: rank 0 evaluates alone)
     before, imgs_before = (_evaluate_world(pipe, spec, n_per_prompt, eval_seed, "evaluating before")
                            if world else (None, None))
+    if shard is not None:
+        shard(pipe)
+    unlearner = TrustUnlearner(pipe, spec, cfg, prompts=prompts)
     if resume is not None:
         done = load_checkpoint(unlearner, resume)
         print(f"resuming from step {done} of {cfg.steps} ({resume})")
@@ -306,6 +311,7 @@ def _unlearn_and_report(unlearner, pipe, spec, world, n_per_prompt, eval_seed, e
 
     if not world:
         unlearner.run(**run)
+        unlearner.unshard()
         return unlearner, unlearner.report(), None
 
     def eval_fn(u):
@@ -313,6 +319,7 @@ def _unlearn_and_report(unlearner, pipe, spec, world, n_per_prompt, eval_seed, e
         return {k: r[k] for k in ("ua", "retain_acc")}
 
     unlearner.run(eval_fn=eval_fn if eval_every > 0 else None, eval_interval=eval_every, **run)
+    unlearner.unshard()
     report = unlearner.report()
     after, imgs_after = _evaluate_world(pipe, spec, n_per_prompt, eval_seed, "evaluating after")
     report.update({"ua_before": before["ua"], "ua_after": after["ua"], "retain_before": before["retain_acc"],
@@ -390,6 +397,13 @@ def cmd_unlearn(args) -> int:
     cfg = _unlearning_config(args)
     from . import distributed
 
+    if args.fsdp:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise UserError("--fsdp shards the denoiser over several processes: launch with "
+                            "torchrun --nproc-per-node N (N > 1) or accelerate launch")
+        if args.eval_every:
+            raise UserError("--eval-every evaluates on rank 0 alone, which a sharded denoiser cannot do: "
+                            "drop it with --fsdp (the run is still evaluated before and after)")
     inputs = [("model directory", src), ("--resume checkpoint directory", args.resume)]
     # under torchrun / accelerate launch: every rank trains (gradients averaged before localization),
     # rank 0 alone evaluates, saves and reports
@@ -409,10 +423,14 @@ def cmd_unlearn(args) -> int:
                                                  eval_every=args.eval_every, progress=lead, resume=args.resume,
                                                  checkpoint_dir=checkpoint_dir if args.checkpoint_every else None,
                                                  checkpoint_every=args.checkpoint_every,
-                                                 log_dir=args.log_dir if lead else None)
-            digests = distributed.gather_digests(unlearner.params)
-            if len(set(digests)) > 1:
-                raise distributed.RankMismatchError(f"ranks ended with different weights: {digests}")
+                                                 log_dir=args.log_dir if lead else None,
+                                                 shard=_fsdp_sharder(cfg) if args.fsdp else None)
+            if unlearner.sharding is None:
+                digests = distributed.gather_digests(unlearner.params)
+                if len(set(digests)) > 1:
+                    raise distributed.RankMismatchError(f"ranks ended with different weights: {digests}")
+            else:  # each rank trained its own rows: the digest is of the gathered weights
+                digests = [distributed.weights_digest(unlearner.full_params())]
             if lead:
                 unlearner.write_pipeline(out.path)
                 report.update(model=args.model, world_size=distributed.world_size(), weights_sha256=digests[0],
@@ -530,6 +548,29 @@ def _add_variant(p: argparse.ArgumentParser, which: str) -> None:
     p.add_argument("--variant", default=None, help=f"weights variant to load, e.g. fp16 for *.fp16.safetensors, {which}")
 
 
+def _fsdp_sharder(cfg):
+    """--fsdp: shard the denoiser with FSDP2 (trust_fast.fsdp.shard_denoiser); on a CUDA device that
+    supports bf16 and with --amp auto/bf16, FSDP2 computes in bf16 (its MixedPrecisionPolicy) and
+    the engine's own autocast is off."""
+    def shard(pipe):
+        import torch
+
+        from .families import family_for
+        from .fsdp import shard_denoiser
+
+        denoiser = family_for(pipe).denoiser
+        policy = None
+        if (cfg.amp in ("auto", "bf16") and denoiser.device.type == "cuda" and torch.cuda.is_bf16_supported()):
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        shard_denoiser(denoiser, policy)
+        if policy is not None and cfg.amp == "bf16":
+            cfg.amp = "off"  # FSDP2 casts; the engine refuses its own autocast on a sharded denoiser
+
+    return shard
+
+
 def _load(args, model: str):
     """A pipeline with the command's --dtype/--variant/--device (trust_fast.families.load_pipeline)."""
     from .families import load_pipeline
@@ -645,6 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=AMP_MODES, default=None,
                    help="autocast the denoiser passes of a float32 model (default auto: bf16 on a CUDA device "
                         "that supports it, off elsewhere; bf16 also pays on CPUs with AVX512-BF16 or AMX)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the denoiser over the processes with FSDP2 (each trains its "
+                        "rows; for models that do not fit one device)")
     p.add_argument("--forget-prompts", help="file of prompts showing the concept (one a line; required outside the world)")
     p.add_argument("--retain-prompts", help="file of prompts to keep intact")
     p.add_argument("--anchor", help="prompt the concept's prompts are mapped to (default: the prompt minus the concept)")

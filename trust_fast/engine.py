@@ -35,6 +35,7 @@ from .defaults import AMP_MODES
 from .concepts import ConceptSpec, PromptSet, parse_concept
 from .families import family_for
 from .hessian import HESSIAN_MODES, HutchinsonDiagonal, double_backward_attention, grad_and_hvps, scaled
+from .fsdp import Sharding
 from .localize import DynamicLocalizer, Target, find_targets, freeze_all_but, static_mask
 
 LOCALIZATIONS = ("dynamic", "static", "dense")
@@ -69,6 +70,7 @@ class TrustConfig:
     hessian: str = "diag"              # hvp | diag | none
     lam: float = 1.0                   # weight of the Hessian penalty
     hvp_interval: int = 1              # hvp: refresh lambda * H Delta every this many steps
+    hessian_fd_eps: float = 1e-3       # FSDP2 (diag): step of the finite-difference products H z
     diag_interval: int = 10            # diag: fold new Hutchinson probes in every this many steps
     diag_samples: int = 1
     betas: tuple[float, float] = (0.9, 0.999)
@@ -134,6 +136,8 @@ class TrustConfig:
             raise ValueError(f"compile_unet={backend!r} is refused: with inductor the compiled denoiser's weight "
                              "gradients are wrong here (a tiny SD UNet: the same loss, zero gradients for its mid "
                              f"block); the backends checked to match eager are {', '.join(COMPILE_BACKENDS)}")
+        if not (math.isfinite(self.hessian_fd_eps) and self.hessian_fd_eps > 0):
+            raise ValueError(f"hessian_fd_eps must be a finite number > 0, got {self.hessian_fd_eps}")
         if self.hessian != "none" and self.retain_objective == "none":
             raise ValueError("a Hessian regularizer needs a retain objective (retain_objective='none')")
 
@@ -166,6 +170,12 @@ def encode_images(pipe, images: Tensor) -> Tensor:
         lat = vae.encode(images.to(vae.dtype)).latent_dist.sample()
     shift = vae.config.get("shift_factor") or 0.0  # SD3's VAE is shifted, then scaled
     return ((lat - shift) * vae.config.scaling_factor).to(denoiser.dtype)
+
+
+SHARDED_HESSIAN_NEEDS_FN = (
+    "under FSDP2 the Hessian steps take finite differences of the retain gradient, which needs the retain loss "
+    "as a function that recomputes it: on those steps call update(forget_loss, lambda: unlearner.retain_loss(...)) "
+    "(not accumulate(), nor a computed loss)")
 
 
 def amp_dtype(mode: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
@@ -327,6 +337,11 @@ class TrustUnlearner:
         self.target_patterns = self.family.expand_targets(cfg.targets)
         self.targets: list[Target] = find_targets(self.unet, self.target_patterns)
         self.trainable_params = freeze_all_but(self.unet, self.targets)
+        # FSDP2 (trust_fast.fsdp): the engine trains this rank's rows of every target
+        self.sharding = Sharding.of([t.weight for t in self.targets])
+        if self.sharding is not None:
+            self._check_sharded_config()
+            self.amp_dtype = None  # FSDP2's MixedPrecisionPolicy casts instead
         self._setup_fast_paths()
         for component in pipe.components.values():  # text encoders, VAE: never trained
             if isinstance(component, torch.nn.Module) and component is not self.unet:
@@ -337,7 +352,18 @@ class TrustUnlearner:
         self._target_of = [k for k, t in enumerate(self.targets) for _ in t.params]  # param -> its target
         names = {id(p): n for n, p in self.unet.named_parameters()}
         self._names = [names[id(p)] for p in self.params]
-        self.total_rows = sum(t.rows for t in self.targets)
+        self._dparams: list[Tensor] | None = None  # FSDP2: the sharded parameters (DTensors)
+        if self.sharding is not None:  # from here on, params and targets are this rank's shards
+            self._dparams = self.params
+            self.targets = [Target(t.name, t.module, Sharding.local(t.weight), Sharding.local(t.bias))
+                            for t in self.targets]
+            self.params = [p for t in self.targets for p in t.params]
+        # gradients and Hessian state to average over data-parallel ranks (FSDP2 reduce-scatters
+        # its gradients itself, and a rank's shards are its own)
+        self._average = distributed.average_ if self.sharding is None else (lambda tensors: None)
+        # rows of the whole targets (FSDP2: over all ranks; self.targets hold this rank's)
+        self.total_rows = (sum(self.sharding.global_rows) if self.sharding is not None
+                           else sum(t.rows for t in self.targets))
         needs_frozen = (cfg.forget_objective in ("anchor", "esd") or cfg.retain_objective == "distill"
                         or cfg.hessian != "none")
         self.theta0: list[Tensor] | None = [p.detach().clone() for p in self.params] if needs_frozen else None
@@ -388,8 +414,10 @@ class TrustUnlearner:
 
             self.optimizer = MaskedAdamW(self.opt_params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                          weight_decay=cfg.weight_decay, compile=cfg.compile)
+            # FSDP2: saliency gathered over the ranks, selection on whole layers, this rank's rows kept
             self.localizer = DynamicLocalizer(self.targets, cfg.xi, cfg.loc_interval, cfg.saliency, cfg.max_fraction,
-                                              compile=cfg.compile)
+                                              compile=cfg.compile,
+                                              localize=self.sharding.localizer() if self.sharding else None)
         else:
             self.optimizer = torch.optim.AdamW(self.opt_params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                                weight_decay=cfg.weight_decay)
@@ -417,6 +445,7 @@ class TrustUnlearner:
         self.resumed_from: str | None = None     # real path of the checkpoint directory it resumed from
         self.failed_checkpoints: list[int] = []  # steps whose checkpoint could not be written
         self._acc: _Accumulated | None = None    # micro-batches of the step being accumulated
+        self.unsharded = False                   # FSDP2: the run ended with unshard()
 
     @property
     def _opt(self) -> dict:
@@ -436,6 +465,22 @@ class TrustUnlearner:
             opt = getattr(opt, "optimizer", None)
         raise TypeError(f"unlearner.optimizer ({type(self.optimizer).__name__}) wraps no MaskedAdamW; "
                         "replace it only with a wrapper of the unlearner's own optimizer")
+
+    def _check_sharded_config(self) -> None:
+        """What an FSDP2 denoiser does not support, refused before any work (ValueError)."""
+        cfg, why = self.config, None
+        if cfg.amp not in ("auto", "off"):
+            why = f"amp={cfg.amp!r} (give shard_denoiser an FSDP2 MixedPrecisionPolicy instead)"
+        elif cfg.hessian == "hvp":
+            why = "hessian='hvp' (use 'diag': its products are finite differences under FSDP2)"
+        elif cfg.localization == "static":
+            why = "static localization (SalUn's mask ranks all weights together)"
+        elif cfg.compile_unet or cfg.compile:
+            why = "compile / compile_unet"
+        elif any(t.weight.dtype != torch.float32 for t in self.targets):
+            why = "half-precision sharded weights (keep them float32 and cast with a MixedPrecisionPolicy)"
+        if why:
+            raise ValueError(f"an FSDP2-sharded denoiser does not support {why}")
 
     # ------------------------------------------------------------------ models
 
@@ -489,7 +534,14 @@ class TrustUnlearner:
 
     def frozen_pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """eps_0 (or v_0): the original model's prediction, without grad (an ordinary tensor: it is
-        made in inference mode and copied out, so that losses may save it for backward)."""
+        made in inference mode and copied out, so that losses may save it for backward). FSDP2:
+        theta_0 is copied into the local shards for the pass (every rank takes part)."""
+        if self.sharding is not None:
+            if self.theta0 is None:
+                with torch.no_grad():
+                    return self._denoise(noisy, t, cond)
+            with self.sharding.swapped(self.params, self.theta0):
+                return self._denoise(noisy, t, cond)
         with torch.inference_mode():
             out = self._denoise(noisy, t, cond, self._frozen_weights)
         return out.clone()
@@ -728,7 +780,7 @@ class TrustUnlearner:
                 target = objectives.diffusion_target(x0, noise, timesteps, self.alphas_cumprod, self.prediction_type)
             else:
                 target = self.frozen_pred(noisy, timesteps, cond)
-        if self._double_backward_now():
+        if self._double_backward_now() and self.sharding is None:
             weights = self._amp_weights if self._leaves is None else {**(self._amp_weights or {}), **self._leaves}
             with double_backward_attention():
                 return objectives.mse(self._denoise(noisy, timesteps, cond, weights, eager=True), target)
@@ -738,7 +790,9 @@ class TrustUnlearner:
 
     def _grads(self, loss: Tensor) -> list[Tensor]:
         """Gradient of `loss` w.r.t. the target parameters (float16: through the loss scale, returned
-        unscaled in float32)."""
+        unscaled in float32). FSDP2: this rank's rows of the mean over the ranks (one backward)."""
+        if self.sharding is not None:
+            return Sharding.grads(loss, self._dparams)
         if self.loss_scale is not None:
             gs = torch.autograd.grad(loss * self.loss_scale, self.params, allow_unused=True)
             return [g.float() / self.loss_scale if g is not None else torch.zeros_like(p, dtype=torch.float32)
@@ -775,6 +829,23 @@ class TrustUnlearner:
             yield wrt
         finally:
             self._leaves = None
+
+    def _finite_difference_probes(self, retain_loss: Tensor, retain_fn, keep):
+        """FSDP2's Hutchinson probes: (retain gradient through `keep`, [(z, H z)]) with
+        H z = (g(theta + eps z) - g(theta)) / eps, eps = config.hessian_fd_eps, each z drawn on this
+        rank's rows (the ranks' draws make one probe of the whole weights) and the retain loss
+        recomputed by `retain_fn` at the shifted weights; the weights are restored bit for bit."""
+        if retain_fn is None:
+            raise ValueError(SHARDED_HESSIAN_NEEDS_FN)
+        eps = self.config.hessian_fd_eps
+        g0 = self._grads(retain_loss)
+        pending = []
+        for z in self.hutchinson.draw(self.config.diag_samples):
+            with self.sharding.swapped(self.params, [p + eps * z.tensor(i, p.dtype) for i, p in enumerate(self.params)]):
+                g1 = self._grads(retain_fn())
+            pending.append((z, [(a - b).div_(eps) for a, b in zip(g1, g0)]))
+            del g1
+        return (g0 if keep is None else keep(g0)), pending
 
     def _row_keeper(self, rows: list[Tensor] | None):
         """None without selected rows, else a function taking a gradient set (one tensor per target
@@ -813,6 +884,8 @@ class TrustUnlearner:
         if not self._double_backward_now() or cfg.hessian == "none":
             g_r = self._grads(retain_loss)
             return (g_r if keep is None else keep(g_r)), None, None
+        if self.sharding is not None:
+            raise ValueError(SHARDED_HESSIAN_NEEDS_FN)
         # the backward passes run under the forward's attention backend too: gradient checkpointing
         # recomputes the forward there
         with double_backward_attention():
@@ -853,7 +926,7 @@ class TrustUnlearner:
         else:
             g_f = self._grads(forget_loss)
         # data parallel: every rank localizes on the same (averaged) gradient, so all select the same rows
-        distributed.average_(g_f)
+        self._average(g_f)
         # a non-finite loss or gradient on any rank skips the step on all ranks: weights, optimizer,
         # localization and Hessian state stay as they were
         skip = distributed.any_rank(no_forget or not _all_finite([forget_loss.detach(), *g_f]))
@@ -862,7 +935,8 @@ class TrustUnlearner:
         prev_rows = self.localizer.rows if self.localizer is not None else None
         if self.localizer is not None and not skip:
             rows = self.localizer(self.step_count, [g_f[i] for i in self._weight_pos])
-            distributed.check_same_rows(rows, self.step_count)
+            if self.sharding is None:  # a sharded localizer checks the rows of the whole layers itself
+                distributed.check_same_rows(rows, self.step_count)
         keep = self._row_keeper(rows)  # from here on, gradients are held on the selected rows only
         if keep is not None:
             g_f = keep(g_f)
@@ -886,6 +960,9 @@ class TrustUnlearner:
                 g_r, hv, diag_before = pre.g_r, pre.hv, pre.diag_before
                 if keep is not None:
                     g_r, hv = keep(g_r), (keep(hv) if hv is not None else None)
+            elif cfg.hessian == "diag" and self._double_backward_now() and self.sharding is not None:
+                g_r, pending = self._finite_difference_probes(retain_loss, retain_fn, keep)
+                hv = None
             elif cfg.hessian == "diag" and self._double_backward_now():
                 with double_backward_attention():
                     g_r, pending = self.hutchinson.probe(_differentiated(retain_loss), cfg.diag_samples,
@@ -899,10 +976,10 @@ class TrustUnlearner:
             if isinstance(retain_loss, _RetainParts):
                 retain_loss = retain_loss.total()
             if hv is not None:
-                distributed.average_(hv)
+                self._average(hv)
             if diag_before is not None:
-                distributed.average_(self.hutchinson.diags)
-            distributed.average_(g_r)
+                self._average(self.hutchinson.diags)
+            self._average(g_r)
             fresh = [*g_r, *(hv or []), *(self.hutchinson.diags if diag_before is not None else []),
                      *(h for _, hz in pending or [] for h in hz)]
             skip = distributed.any_rank(not _all_finite([retain_loss.detach(), *fresh]))
@@ -913,7 +990,7 @@ class TrustUnlearner:
             else:
                 if pending is not None:
                     self.hutchinson.fold(pending)
-                    distributed.average_(self.hutchinson.diags)
+                    self._average(self.hutchinson.diags)
                 if diag_before is not None or pending is not None:
                     self._set_diag_penalty()
                 # in place: a dense step holds at most two gradient sets (three were 10 GB for SalUn on SD-1.5)
@@ -953,7 +1030,8 @@ class TrustUnlearner:
             if self.master is not None:
                 self._refresh_from_master(rows)
         t4 = time.perf_counter()
-        n_sel = 0 if skip else sum(r.numel() for r in rows) if rows is not None else self.total_rows
+        n_sel = (0 if skip else self.total_rows if rows is None
+                 else self.sharding.selected if self.sharding is not None else sum(r.numel() for r in rows))
         self.selected_rows = rows if rows is not None else []
         stats = {"step": self.step_count, "loss_forget": None if no_forget else float(forget_loss.detach()),
                  "loss_retain": float(retain_loss.detach()) if retain_loss is not None else None,
@@ -1004,6 +1082,8 @@ class TrustUnlearner:
     def step(self) -> dict:
         """One unlearning step on data-free batches. Returns losses, selected rows and timings:
         step, loss_forget, loss_retain, selected_rows, selected_fraction, seconds and time_* phases."""
+        if self.unsharded:
+            raise RuntimeError("this FSDP2 run ended with unshard(): its denoiser was gathered for saving")
         self.prepare()
         cfg = self.config
         self.finalized = None
@@ -1030,7 +1110,8 @@ class TrustUnlearner:
                 return self.retain_loss(rb.noisy[sl], rb.t[sl], rb.cond[sl], target=None if r_target is None
                                         else r_target[sl], x0=rb.x0[sl], noise=rb.noise[sl])
             n, size = rb.noisy.shape[0], cfg.hessian_micro_batch
-            loss_r = _RetainParts(part, n, size) if 0 < size < n and self._double_backward_now() else part
+            loss_r = (_RetainParts(part, n, size) if 0 < size < n and self._double_backward_now() and self.sharding is None
+                      else part)
         t1 = time.perf_counter()
         stats = self.update(loss_f, loss_r)
         stats["time_forward"] = t1 - t0 - t_adv + stats.pop("time_retain_forward")
@@ -1161,6 +1242,8 @@ class TrustUnlearner:
                                   if self.mask else None),
                 **self.state_bytes(),
                 "device": str(self.device), "threads": torch.get_num_threads(),
+                # FSDP2: ranks the targets are sharded over (the *_bytes above are this rank's share)
+                "fsdp_shards": self.sharding.world if self.sharding is not None else None,
                 "config": asdict(self.config),
                 "history": h, "evals": self.history.evals}
 
@@ -1169,13 +1252,40 @@ class TrustUnlearner:
         src = getattr(self.pipe, "name_or_path", None) or self.pipe.config.get("_name_or_path")
         return src if src and os.path.isdir(src) else None
 
-    def write_pipeline(self, directory: str) -> None:
+    @torch.no_grad()
+    def full_params(self) -> list[Tensor]:
+        """The target parameters, whole and detached (FSDP2: gathered from every rank; every rank
+        must call it)."""
+        if self.sharding is None:
+            return [p.detach() for p in self.params]
+        return [p.full_tensor().detach() for p in self._dparams]
+
+    def unshard(self) -> None:
+        """FSDP2: end the run by finalizing and gathering the edited denoiser into a plain module
+        that replaces the sharded one in rank 0's pipeline (evaluate it, save it there; the other
+        ranks keep theirs). Every rank must call it; training cannot go on after it. A no-op
+        without sharding or when done already."""
+        if self.sharding is None or self.unsharded:
+            return
+        from .fsdp import gather_module
+
+        self.finalize()
+        plain = gather_module(self.unet)
+        if plain is not None:
+            name = next(k for k, v in self.pipe.components.items() if v is self.unet)
+            self.pipe.register_modules(**{name: plain})
+        self.unsharded = True
+
+    def write_pipeline(self, directory: str | None) -> None:
         """Finalize and ``save_pretrained`` the edited pipeline into `directory`, which the caller
-        has claimed (``trust_fast.io.claim_output``); :meth:`save` does both."""
+        has claimed (``trust_fast.io.claim_output``); :meth:`save` does both. FSDP2: every rank
+        must call it (:meth:`unshard`); rank 0 writes, the others pass None."""
         from .io import write_pretrained
 
         self.finalize()
-        write_pretrained(self.pipe, directory)
+        self.unshard()
+        if directory is not None:
+            write_pretrained(self.pipe, directory)
 
     def save(self, out_dir: str, overwrite: bool = False) -> None:
         """Write the edited pipeline to `out_dir` (diffusers format), all or nothing. `out_dir` must

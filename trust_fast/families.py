@@ -160,7 +160,7 @@ class StableDiffusion(Family):
     @staticmethod
     def matches(pipe) -> bool:
         unet = getattr(pipe, "unet", None)
-        return (type(unet).__name__ == "UNet2DConditionModel" and unet.config.get("addition_embed_type") is None
+        return (_class_name(unet) == "UNet2DConditionModel" and unet.config.get("addition_embed_type") is None
                 and getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
                 and getattr(pipe, "text_encoder_2", None) is None)
 
@@ -216,7 +216,7 @@ class StableDiffusionXL(PackedPooled, Family):
     @staticmethod
     def matches(pipe) -> bool:
         unet = getattr(pipe, "unet", None)
-        return (type(unet).__name__ == "UNet2DConditionModel" and unet.config.get("addition_embed_type") == "text_time"
+        return (_class_name(unet) == "UNet2DConditionModel" and unet.config.get("addition_embed_type") == "text_time"
                 and getattr(pipe, "text_encoder_2", None) is not None
                 and getattr(pipe, "tokenizer_2", None) is not None)
 
@@ -265,7 +265,7 @@ class StableDiffusion3(PackedPooled, Family):
 
     @staticmethod
     def matches(pipe) -> bool:
-        return (type(getattr(pipe, "transformer", None)).__name__ == "SD3Transformer2DModel"
+        return (_class_name(getattr(pipe, "transformer", None)) == "SD3Transformer2DModel"
                 and getattr(pipe, "text_encoder", None) is not None
                 and getattr(pipe, "text_encoder_2", None) is not None)
 
@@ -305,6 +305,13 @@ class StableDiffusion3(PackedPooled, Family):
 
     def sampler(self):
         return type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+
+
+def _class_name(module) -> str:
+    """The denoiser's class name, seen through FSDP2's sharded subclass (trust_fast.fsdp)."""
+    from .fsdp import plain_class
+
+    return plain_class(module).__name__
 
 
 FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3)

@@ -190,14 +190,18 @@ class HutchinsonDiagonal:
         computing its parts) and `keep` as in :func:`grad_and_hvps`. `wrt`: the tensors to
         differentiate w.r.t. in place of the params (the same values in another dtype, say
         half-precision leaves the loss was computed on); the products come back in their dtype."""
-        seeds = torch.randint(0, 2 ** 62, (samples,), generator=self.generator,
-                              device=self.generator.device if self.generator is not None else "cpu")
-        probes = [RademacherProbe(self.params, int(s)) for s in seeds.tolist()]
+        probes = self.draw(samples)
         grads, hzs = grad_and_hvps(scaled(loss, scale), self.params if wrt is None else list(wrt), probes, keep)
         if scale is not None:
             grads = [g.float() / scale for g in grads]
             hzs = [[h.float() / scale for h in hz] for hz in hzs]
         return grads, list(zip(probes, hzs))
+
+    def draw(self, samples: int = 1) -> list[RademacherProbe]:
+        """`samples` new probes shaped like the params (seeds from the estimator's generator)."""
+        seeds = torch.randint(0, 2 ** 62, (samples,), generator=self.generator,
+                              device=self.generator.device if self.generator is not None else "cpu")
+        return [RademacherProbe(self.params, int(s)) for s in seeds.tolist()]
 
     def fold(self, pending: list[tuple[RademacherProbe, list[Tensor]]], chunk: int = 1 << 24) -> None:
         """Fold probes from :meth:`probe` into the running mean, drawing each probe tensor again

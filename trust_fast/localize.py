@@ -113,17 +113,19 @@ class DynamicLocalizer:
     """Re-estimates the concept rows every `interval` steps from the forget gradient (TRUST).
 
     Between re-estimations the previous selection is reused. With `compile`, saliency and
-    selection run as one torch.compile graph (:func:`localize_rows`). A target whose saliency
+    selection run as one torch.compile graph (:func:`localize_rows`); `localize` replaces that
+    function (same signature), e.g. by one that gathers scores over ranks. A target whose saliency
     has a NaN or Inf row selects no rows (see :func:`select`)."""
 
     def __init__(self, targets: list[Target], xi: float = 2.0, interval: int = 1, mode: str = "g",
-                 max_fraction: float | None = None, compile: bool = False):
+                 max_fraction: float | None = None, compile: bool = False, localize=None):
         if interval < 1:
             raise ValueError(f"loc_interval must be >= 1, got {interval}")
         self.targets, self.xi, self.interval, self.mode, self.max_fraction = targets, xi, interval, mode, max_fraction
         self.rows: list[Tensor] | None = None
         self.total_rows = sum(t.rows for t in targets)
-        self._localize = compile_op_layer(localize_rows) if compile else localize_rows
+        # `localize`: a function like localize_rows in its place (FSDP2: trust_fast.fsdp.Sharding.localizer)
+        self._localize = localize or (compile_op_layer(localize_rows) if compile else localize_rows)
 
     def __call__(self, step: int, grads: list[Tensor]) -> list[Tensor]:
         if self.rows is None or step % self.interval == 0:
