@@ -14,7 +14,6 @@ Pinned here:
 import os
 import socket
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -142,7 +141,26 @@ def _run_fd(rank, out):
         u._retain_terms(loss(u))
     except ValueError as e:
         refused["computed_loss"] = str(e)
-    return {"g0": g0, "g_exact": g_exact, "hz_fd": pending, "hz_exact": hz_exact,
+    # a diffusion transformer (SD3: its transformer_blocks sharded) steps too
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_pipelines import tiny_sd3_pipeline
+    from trust_fast import TrustConfig, TrustUnlearner
+    from trust_fast.concepts import parse_concept, user_prompts
+    from trust_fast.fsdp import shard_denoiser
+
+    sd3 = tiny_sd3_pipeline()
+    shard_denoiser(sd3.transformer)
+    spec = parse_concept("red", world=False)
+    v = TrustUnlearner(sd3, spec, TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=2, retain_batch_size=2,
+                                              min_row_updates=1, diag_interval=1, adv_prefix=1, adv_steps=1),
+                       prompts=user_prompts(spec, ["a red circle", "a red square"], ["a blue square"]))
+    before = [p.clone() for p in v.params]
+    sd3_rows = [v.step()["selected_rows"] for _ in range(2)]
+    sd3_moved = sum(float((a - b).abs().sum()) for a, b in zip(v.params, before))
+    return {"sd3_rows": sd3_rows, "sd3_moved": sd3_moved, "sd3_count": v.hutchinson.count,
+            "g0": g0, "g_exact": g_exact, "hz_fd": pending, "hz_exact": hz_exact,
             "probe_g": fd_probe[0], "probe_n": len(fd_probe[1]), "params_before": [p.clone() for p in plain.params],
             "params_after": after, "refused": refused}
 
@@ -216,6 +234,7 @@ def test_finite_difference_hessian_products_match_double_backward(tmp_path):
         assert field in r["refused"], field
     assert "FSDP2" in r["refused"]["amp"] and "MixedPrecisionPolicy" in r["refused"]["amp"]
     assert "function" in r["refused"]["computed_loss"]
+    assert min(r["sd3_rows"]) > 0 and r["sd3_moved"] > 0 and r["sd3_count"] == 2
 
 
 def test_cli_unlearn_fsdp_under_torchrun(tmp_path):
