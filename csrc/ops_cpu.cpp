@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_convert.h"
@@ -163,13 +164,14 @@ inline void prefetch_lines(const void* base, int64_t byte_begin, int64_t byte_en
 // One AdamW row update in float32, in torch.optim.AdamW's operation order,
 // in one pass over p, g, m and v.  The penalty kind is a template argument so
 // the loop has no branches and vectorises.
-template <typename T, int kPenalty>
+// H: the Hessian diagonal's storage type (float or BFloat16; math in float32).
+template <typename T, int kPenalty, typename H>
 TF_SIMD_CLONES void adamw_row(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
-               const float* __restrict__ h, const T* __restrict__ p0, int64_t c, float step_size, float bc2_sqrt,
+               const H* __restrict__ h, const T* __restrict__ p0, int64_t c, float step_size, float bc2_sqrt,
                const AdamHyper& hp, const NextRow& next) {
   const float decay = hp.decay, one_m_b1 = hp.one_m_b1, one_m_b2 = hp.one_m_b2;
   const float beta2 = hp.beta2, eps = hp.eps, lam = hp.lam;
-  const float h_row = kPenalty == kPerRowPenalty ? curvature(h[0]) : 0.f;
+  const float h_row = kPenalty == kPerRowPenalty ? curvature(to_float(h[0])) : 0.f;
   for (int64_t b = 0; b < c; b += kBlockElems) {
     const int64_t e = b + kBlockElems < c ? b + kBlockElems : c;
     if (next.p != nullptr) {
@@ -185,7 +187,7 @@ TF_SIMD_CLONES void adamw_row(T* __restrict__ p, const T* __restrict__ g, float*
       const float x = to_float(p[i]);
       float gi = to_float(g[i]);
       if constexpr (kPenalty == kPerRowPenalty) gi += lam * h_row * (x - to_float(p0[i]));
-      if constexpr (kPenalty == kPerElementPenalty) gi += lam * curvature(h[i]) * (x - to_float(p0[i]));
+      if constexpr (kPenalty == kPerElementPenalty) gi += lam * curvature(to_float(h[i])) * (x - to_float(p0[i]));
       const float mi = m[i] + one_m_b1 * (gi - m[i]);
       const float vi = beta2 * v[i] + one_m_b2 * gi * gi;
       m[i] = mi;
@@ -196,15 +198,15 @@ TF_SIMD_CLONES void adamw_row(T* __restrict__ p, const T* __restrict__ g, float*
   }
 }
 
-template <typename T>
-void adamw_row_any(T* p, const T* g, float* m, float* v, const float* h, bool h_per_row, const T* p0, int64_t c,
+template <typename T, typename H>
+void adamw_row_any(T* p, const T* g, float* m, float* v, const H* h, bool h_per_row, const T* p0, int64_t c,
                    float step_size, float bc2_sqrt, const AdamHyper& hp, const NextRow& next) {
   if (h == nullptr) {
-    adamw_row<T, kNoPenalty>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp, next);
+    adamw_row<T, kNoPenalty, H>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp, next);
   } else if (h_per_row) {
-    adamw_row<T, kPerRowPenalty>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp, next);
+    adamw_row<T, kPerRowPenalty, H>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp, next);
   } else {
-    adamw_row<T, kPerElementPenalty>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp, next);
+    adamw_row<T, kPerElementPenalty, H>(p, g, m, v, h, p0, c, step_size, bc2_sqrt, hp, next);
   }
 }
 
@@ -242,9 +244,13 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     float* v = exp_avg_sqs[t].data_ptr<float>();
     float* st = steps[t].data_ptr<float>();
     const int64_t n_rows = rows_of(p), n_slots = steps[t].numel();
-    const float* h = hess ? (*hess)[t].const_data_ptr<float>() : nullptr;
+    const void* h_raw = hess ? (*hess)[t].const_data_ptr() : nullptr;
+    const bool h_bf16 = hess && (*hess)[t].scalar_type() == at::kBFloat16;
+    TORCH_CHECK(!hess || h_bf16 || (*hess)[t].scalar_type() == at::kFloat, "hess[", t, "] must be float32 or bfloat16");
     const bool h_per_row = hess && (*hess)[t].numel() != p.numel();
     TF_DISPATCH_PARAM_TYPES(p.scalar_type(), "masked_adamw_cpu", [&] {
+     // the diagonal's storage type: float32 or bfloat16
+     auto run = [&](auto* h) {
       scalar_t* pp = p.data_ptr<scalar_t>();
       const scalar_t* gp = grads[t].const_data_ptr<scalar_t>();
       const scalar_t* p0 = ref_params ? (*ref_params)[t].const_data_ptr<scalar_t>() : nullptr;
@@ -272,30 +278,37 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
           bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
           last_step = step;
         }
-        adamw_row_any<scalar_t>(pp + r * c, gp + r * c, m + s * c, v + s * c,
-                                h ? (h_per_row ? h + r : h + r * c) : nullptr, h_per_row, p0 ? p0 + r * c : nullptr, c,
-                                static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)), hp, next);
+        adamw_row_any(pp + r * c, gp + r * c, m + s * c, v + s * c,
+                      h ? (h_per_row ? h + r : h + r * c) : h, h_per_row, p0 ? p0 + r * c : nullptr, c,
+                      static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)), hp, next);
         r = r_next;
         s = s_next;
       }
+     };
+     if (h_bf16) {
+       run(static_cast<const c10::BFloat16*>(h_raw));
+     } else {
+       run(static_cast<const float*>(h_raw));
+     }
     });
   });
 }
 
 // fresh (count == 0): store the estimate without reading d, so that a NaN/Inf start does
 // not survive (NaN * 0 is NaN); est / 1 is est, the value the running mean would give.
-template <typename T>
-TF_SIMD_CLONES void running_mean_row(float* d, const T* z, const T* hz, int64_t c, float keep, float n_seen,
+// D: the diagonal's storage type (float or BFloat16, rounded once per store; math in float32).
+template <typename T, typename D>
+TF_SIMD_CLONES void running_mean_row(D* d, const T* z, const T* hz, int64_t c, float keep, float n_seen,
                                      bool fresh) {
   if (fresh) {
 #pragma omp simd
-    for (int64_t i = 0; i < c; ++i) d[i] = to_float(z[i]) * to_float(hz[i]);
+    for (int64_t i = 0; i < c; ++i) d[i] = from_float<D>(to_float(z[i]) * to_float(hz[i]));
     return;
   }
 #pragma omp simd
   for (int64_t i = 0; i < c; ++i) {
     const float est = to_float(z[i]) * to_float(hz[i]);
-    d[i] = d[i] * keep + est / n_seen;
+    d[i] = from_float<D>(to_float(d[i]) * keep + est / n_seen);
   }
 }
 
@@ -305,7 +318,8 @@ void hutchinson_diag_cpu(at::TensorList diags, at::TensorList hz, at::TensorList
   TORCH_CHECK(hz.size() == n && z.size() == n && (!rows || rows->size() == n), "all tensor lists must have the length of diags");
   std::vector<int64_t> items, widths;
   for (size_t t = 0; t < n; ++t) {
-    TORCH_CHECK(diags[t].is_contiguous() && diags[t].scalar_type() == at::kFloat, "diags[", t, "] must be contiguous float32");
+    TORCH_CHECK(diags[t].is_contiguous() && (diags[t].scalar_type() == at::kFloat || diags[t].scalar_type() == at::kBFloat16),
+                "diags[", t, "] must be contiguous float32 or bfloat16");
     TORCH_CHECK(hz[t].is_contiguous() && z[t].is_contiguous() && z[t].scalar_type() == hz[t].scalar_type() &&
                     z[t].numel() == hz[t].numel(),
                 "hz[", t, "] and z[", t, "] must be contiguous with equal dtype and size");
@@ -318,9 +332,12 @@ void hutchinson_diag_cpu(at::TensorList diags, at::TensorList hz, at::TensorList
   parallel_units(split_work(items, widths), widths, [&](const WorkUnit& wu) {
     const int64_t t = wu.tensor;
     const int64_t c = widths[t];
-    float* d = diags[t].data_ptr<float>();
+    void* d_raw = diags[t].data_ptr();
+    const bool d_bf16 = diags[t].scalar_type() == at::kBFloat16;
     const bool per_row = diags[t].sizes() != hz[t].sizes();
     TF_DISPATCH_PARAM_TYPES(hz[t].scalar_type(), "hutchinson_diag_cpu", [&] {
+     auto run = [&](auto* d) {
+      using D = std::remove_pointer_t<decltype(d)>;
       const scalar_t* hp = hz[t].const_data_ptr<scalar_t>();
       const scalar_t* zp = z[t].const_data_ptr<scalar_t>();
       const std::optional<Indices> row_at = rows ? std::optional<Indices>(Indices((*rows)[t])) : std::nullopt;
@@ -332,11 +349,17 @@ void hutchinson_diag_cpu(at::TensorList diags, at::TensorList hz, at::TensorList
           double acc = 0.0;
           for (int64_t i = 0; i < c; ++i) acc += static_cast<double>(to_float(zr[i]) * to_float(hr[i]));
           const float est = static_cast<float>(acc / static_cast<double>(c));
-          d[r] = fresh ? est : d[r] * keep + est / n_seen;
+          d[r] = from_float<D>(fresh ? est : to_float(d[r]) * keep + est / n_seen);
         } else {
           running_mean_row(d + r * c, zr, hr, c, keep, n_seen, fresh);
         }
       }
+     };
+     if (d_bf16) {
+       run(static_cast<c10::BFloat16*>(d_raw));
+     } else {
+       run(static_cast<float*>(d_raw));
+     }
     });
   });
 }

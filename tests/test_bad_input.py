@@ -305,6 +305,8 @@ def _damage(state: dict, case: str) -> dict:
         s["params"] = [s["params"][0] * float("nan"), *s["params"][1:]]
     elif case == "optimizer params":
         s["optimizer"] = {**s["optimizer"], "param_groups": []}
+    elif case == "prefix width":  # a prefix made for other text encoders
+        s["adversary"] = {**s["adversary"], "prefixes": [q[:, :-1] for q in s["adversary"]["prefixes"]]}
     return s
 
 
@@ -315,6 +317,7 @@ def _damage(state: dict, case: str) -> dict:
     ("rows out of range", "localizer rows of target 0"),
     ("nan weights", "target parameter 0 is not finite"),
     ("optimizer params", "param groups"),
+    ("prefix width", r"adversarial prefix 0: shape \(5, \d+\), expected \(5, \d+\)"),
 ])
 def test_damaged_checkpoints_are_refused_and_change_nothing(saved_checkpoint, tmp_path, case, message):
     from trust_fast.checkpoint import load_checkpoint

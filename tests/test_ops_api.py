@@ -20,7 +20,7 @@ import trust_fast.ops as ops
 from trust_fast.ops import reference
 
 
-def _adam_args(device="cpu", dtype=torch.float32, penalty=False):
+def _adam_args(device="cpu", dtype=torch.float32, penalty=False, diag_dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
     shapes = [(5, 3), (4,), (2, 3, 3, 3)]
     params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
@@ -32,7 +32,9 @@ def _adam_args(device="cpu", dtype=torch.float32, penalty=False):
     rows = [torch.tensor([0, 4], device=device), torch.tensor([1, 2, 3], device=device, dtype=torch.int32),
             torch.tensor([1], device=device)]
     slots = [torch.tensor([2, 0], device=device), torch.tensor([0, 1, 2], device=device), torch.tensor([0], device=device)]
-    hess = [torch.rand(5, device=device), torch.rand(4, device=device), torch.rand(2, 3, 3, 3, device=device)] if penalty else None
+    hess = ([torch.rand(5, device=device), torch.rand(4, device=device), torch.rand(2, 3, 3, 3, device=device)]
+            if penalty else None)
+    hess = [h.to(diag_dtype) for h in hess] if hess is not None else None
     p0 = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes] if penalty else None
     return (params, grads, ms, vs, steps, rows, slots, 1e-3, 0.9, 0.999, 1e-8, 0.01, hess, p0, 0.5)
 
@@ -53,6 +55,8 @@ def test_opcheck_every_op(backend):
         torch.library.opcheck(torch.ops.trust_fast.select_rows.default, (scores, [4, 2], 0.5, 0.5))
         torch.library.opcheck(torch.ops.trust_fast.masked_adamw_.default, _adam_args())
         torch.library.opcheck(torch.ops.trust_fast.masked_adamw_.default, _adam_args(penalty=True))
+        torch.library.opcheck(torch.ops.trust_fast.masked_adamw_.default,
+                              _adam_args(penalty=True, diag_dtype=torch.bfloat16))
         hz = [torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)]
         z = [torch.ones(4, 3), -torch.ones(3)]
         torch.library.opcheck(torch.ops.trust_fast.hutchinson_diag_.default, ([torch.zeros(4, 3), torch.zeros(3)], hz, z, None, 0))
@@ -60,6 +64,11 @@ def test_opcheck_every_op(backend):
             torch.ops.trust_fast.hutchinson_diag_.default,
             ([torch.zeros(4), torch.zeros(3)], hz, z, [torch.tensor([1, 3]), torch.tensor([0])], 2),
         )
+        bf = torch.bfloat16  # a bfloat16 Hessian diagonal (TrustConfig.hessian_dtype)
+        torch.library.opcheck(torch.ops.trust_fast.hutchinson_diag_.default,
+                              ([torch.zeros(4, 3, dtype=bf), torch.zeros(3, dtype=bf)], hz, z, None, 0))
+        torch.library.opcheck(torch.ops.trust_fast.hutchinson_diag_.default,
+                              ([torch.ones(4, dtype=bf), torch.ones(3, dtype=bf)], hz, z, None, 2))
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -256,7 +265,7 @@ def test_masked_adamw_bad_arguments(backend):
 
 def test_hutchinson_bad_arguments():
     hz = [torch.randn(4, 3)]
-    with pytest.raises(ValueError, match=r"diags\[0\] must be a contiguous float32 tensor of shape \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"diags\[0\] must be a contiguous float32 or bfloat16 tensor of shape \(4, 3\)"):
         ops.hutchinson_diag_([torch.zeros(3)], hz, [torch.ones(4, 3)])
     with pytest.raises(ValueError, match=r"z\[0\] is torch.float32 \(4, 2\)"):
         ops.hutchinson_diag_([torch.zeros(4)], hz, [torch.ones(4, 2)])

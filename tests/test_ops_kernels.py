@@ -238,6 +238,51 @@ def test_hutchinson_diag(backend, dtype):
                                   f"{name} {dtype} per_row={per_row} rows={with_rows} tensor {i}")
 
 
+@pytest.mark.parametrize("penalty", ["per_row", "per_element"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_adamw_reads_a_bfloat16_hessian_diagonal(backend, dtype, penalty):
+    """hess stored in bfloat16 (TrustConfig.hessian_dtype): every backend steps as if it held the
+    same values in float32 (the penalty's math is float32 either way)."""
+    name, device = backend
+    params, grads, ms, vs, steps, rows, slots, hs, p0s = _adam_problem(device, dtype, torch.Generator().manual_seed(7),
+                                                                       penalty)
+    hs16 = [h.to(torch.bfloat16) for h in hs]
+    hp = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    same = [[x.clone() for x in xs] for xs in (params, ms, vs, steps)]
+    ops.masked_adamw_(params, grads, ms, vs, steps, rows, slots, **hp, hess=hs16, ref_params=p0s, lam=0.7)
+    ops.masked_adamw_(same[0], grads, same[1], same[2], same[3], rows, slots, **hp,
+                      hess=[h.float() for h in hs16], ref_params=p0s, lam=0.7)
+    # the same values, up to the compiler's instruction choice in another template instantiation (FMA contraction)
+    for got, want in zip(params + ms + vs + steps, same[0] + same[1] + same[2] + same[3]):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7, msg=f"{name} {dtype} {penalty}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_hutchinson_diag_in_bfloat16(backend, dtype):
+    """A bfloat16 running mean: float32 math, one rounding per store, so it is the float32 result
+    rounded (within one bfloat16 step), per element and per row, on all or listed rows."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(8)
+    hz = [_randn(s, dtype, device, gen) for s in SHAPES]
+    z = [(torch.randint(0, 2, s, generator=gen) * 2 - 1).to(device=device, dtype=dtype) for s in SHAPES]
+    for per_row in (False, True):
+        for rows in (None, [torch.randperm(s[0], generator=gen)[: (s[0] + 1) // 2].to(device) for s in SHAPES]):
+            start = [torch.rand(s[0] if per_row else s, generator=gen).to(device) for s in SHAPES]
+            d16 = [d.to(torch.bfloat16) for d in start]
+            d32 = [d.float() for d in d16]
+            for count in (0, 3):
+                ops.hutchinson_diag_(d16, hz, z, rows, count=count)
+                ops.hutchinson_diag_(d32, hz, z, rows, count=count)
+                for i, (a, b) in enumerate(zip(d16, d32)):
+                    assert a.dtype == torch.bfloat16
+                    # one rounding of the float32 result, from the same (bfloat16) start: to nearest (half a
+                    # step, 2**-8 relative), except Triton's CPU interpreter, which truncates (a whole step)
+                    tol = 2 ** -7 if name == "triton" and device.type == "cpu" else 2 ** -8
+                    torch.testing.assert_close(a.float(), b, rtol=tol, atol=1e-30,
+                                               msg=f"{name} {dtype} per_row={per_row} count={count} tensor {i}")
+                d32 = [d.float() for d in d16]  # continue both from the stored bfloat16 values
+
+
 def test_hutchinson_first_sample_overwrites_and_mean_converges(backend):
     """count=0 replaces the estimate; over many probes the mean approaches diag(H)."""
     _, device = backend

@@ -19,6 +19,14 @@ from .launch import block_and_warps, element_offsets, int64_table, prefix_starts
 
 
 @triton.jit
+def _stored(x, base):
+    """x (float32) in the diag's storage dtype: bfloat16 rounded to nearest even, like the other backends."""
+    if base.dtype.element_ty == tl.bfloat16:
+        return x.to(tl.bfloat16, fp_downcast_rounding="rtne")
+    return x
+
+
+@triton.jit
 def _hutchinson_kernel(
     d_base, h_base, z_base, rows_ptr, table_ptr, n_tensors, keep, n_seen,
     TABLE: tl.constexpr, HAS_ROWS: tl.constexpr, PER_ROW: tl.constexpr, FRESH: tl.constexpr, BLOCK: tl.constexpr,
@@ -45,11 +53,12 @@ def _hutchinson_kernel(
                 h_row + cols, mask=mask, other=0.0
             ).to(tl.float32)
         est = total(acc) / width.to(tl.float32)
+        # float32 math; a bfloat16 diag is rounded once, when stored
         if FRESH:
-            tl.store(d_base + d_off + r, est)
+            tl.store(d_base + d_off + r, _stored(est, d_base))
         else:
-            d = tl.load(d_base + d_off + r)
-            tl.store(d_base + d_off + r, d * keep + tl.div_rn(est, n_seen))
+            d = tl.load(d_base + d_off + r).to(tl.float32)
+            tl.store(d_base + d_off + r, _stored(d * keep + tl.div_rn(est, n_seen), d_base))
     else:
         for c0 in range(0, width, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
@@ -59,10 +68,10 @@ def _hutchinson_kernel(
             ).to(tl.float32)
             d_ptr = d_base + d_off + r * width + cols
             if FRESH:
-                tl.store(d_ptr, est, mask=mask)
+                tl.store(d_ptr, _stored(est, d_base), mask=mask)
             else:
-                d = tl.load(d_ptr, mask=mask, other=0.0)
-                tl.store(d_ptr, d * keep + tl.div_rn(est, n_seen), mask=mask)
+                d = tl.load(d_ptr, mask=mask, other=0.0).to(tl.float32)
+                tl.store(d_ptr, _stored(d * keep + tl.div_rn(est, n_seen), d_base), mask=mask)
 
 
 def hutchinson_diag_(
@@ -76,8 +85,8 @@ def hutchinson_diag_(
         if n_items == 0 or h.numel() == 0:
             continue
         per_row = diags[i].shape != h.shape
-        groups.setdefault((h.dtype, per_row, block_and_warps(h.numel() // h.shape[0])), []).append(i)
-    for (_, per_row, (block, warps)), idx in groups.items():
+        groups.setdefault((h.dtype, diags[i].dtype, per_row, block_and_warps(h.numel() // h.shape[0])), []).append(i)
+    for (_, _, per_row, (block, warps)), idx in groups.items():
         ds = [diags[i] for i in idx]
         hs = [hz[i].contiguous() for i in idx]
         zs = [z[i].contiguous() for i in idx]

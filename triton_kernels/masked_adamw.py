@@ -85,10 +85,10 @@ def _masked_adamw_kernel(
         if PENALTY:
             h_off = tl.load(table_ptr + 4 * n_tensors + t)
             p0_row = p0_base + tl.load(table_ptr + 5 * n_tensors + t) + r * width
-            if H_PER_ROW:
-                h = tl.load(h_base + h_off + r)
+            if H_PER_ROW:  # float32 or bfloat16 storage, float32 math
+                h = tl.load(h_base + h_off + r).to(tl.float32)
             else:
-                h = tl.load(h_base + h_off + r * width + cols, mask=mask, other=0.0)
+                h = tl.load(h_base + h_off + r * width + cols, mask=mask, other=0.0).to(tl.float32)
             x0 = tl.load(p0_row + cols, mask=mask, other=0.0).to(tl.float32)
             h = tl.where(h < 0.0, 0.0, h)  # negative curvature: no penalty (NaN stays NaN)
             g = g + lam * h * (x - x0)
@@ -177,11 +177,12 @@ class MaskedAdamWPlan:
                 continue
             width = p.numel() // p.shape[0]
             per_row = hess is not None and hess[i].numel() != p.numel()
-            groups.setdefault((p.dtype, per_row, block_and_warps(width)), []).append(i)
+            h_dtype = hess[i].dtype if hess is not None else None  # one base pointer per launch: one dtype
+            groups.setdefault((p.dtype, h_dtype, per_row, block_and_warps(width)), []).append(i)
         self.launches = [
             _Launch(idx, per_row, block, warps, params, exp_avgs, exp_avg_sqs, steps, rows, slots,
                     hess, ref_params, self.device)
-            for (_, per_row, (block, warps)), idx in groups.items()
+            for (_, _, per_row, (block, warps)), idx in groups.items()
         ]
         self._hyper_key: tuple = ()
         self._hyper: torch.Tensor | None = None

@@ -73,6 +73,8 @@ class TrustConfig:
     hessian_fd_eps: float = 1e-3       # FSDP2 (diag): step of the finite-difference products H z
     diag_interval: int = 10            # diag: fold new Hutchinson probes in every this many steps
     diag_samples: int = 1
+    hessian_dtype: str = "bfloat16"    # storage of the diag Hessian estimate: bfloat16 (half the memory; float32
+                                       # math in the ops) | float32
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -107,7 +109,8 @@ class TrustConfig:
         objectives.check(self.forget_objective, self.retain_objective)
         for name, value, allowed in (("localization", self.localization, LOCALIZATIONS),
                                      ("hessian", self.hessian, HESSIAN_MODES), ("x0_from", self.x0_from, X0_SOURCES),
-                                     ("saliency", self.saliency, ("g", "gw")), ("amp", self.amp, AMP_MODES)):
+                                     ("saliency", self.saliency, ("g", "gw")), ("amp", self.amp, AMP_MODES),
+                                     ("hessian_dtype", self.hessian_dtype, ("bfloat16", "float32"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         for name in ("steps", "batch_size", "retain_batch_size", "loc_interval", "hvp_interval", "diag_interval",
@@ -423,7 +426,8 @@ class TrustUnlearner:
                                                weight_decay=cfg.weight_decay)
             self.localizer = None
         self.mask: list[Tensor] | None = None
-        self.hutchinson = (HutchinsonDiagonal(self.params, self.generator) if cfg.hessian == "diag" else None)
+        self.hutchinson = (HutchinsonDiagonal(self.params, self.generator, getattr(torch, cfg.hessian_dtype))
+                           if cfg.hessian == "diag" else None)
         self.pools: dict[str, Tensor] | None = None
         # the adversary: soft prefixes (k, D) float32 (adv_population of them, made at their first
         # refresh), their Adam optimizers, and the forget prompts encoded behind each (N, L, D)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import ops
 from .ops.library import is_plain_tensor, plain_eager_mode
-from .ops.reference import check_indices, check_masked_adamw_scalars, grads_match_params, rows_of, row_width
+from .ops.reference import DIAG_DTYPES, check_indices, check_masked_adamw_scalars, grads_match_params, rows_of, row_width
 from .ops.registry import kernel_for
 
 _GROWTH = 1.25
@@ -225,7 +225,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         """Fuse the Hessian-diagonal penalty ``lam * h * (p - p0)`` into the gradient of updated rows.
 
         ``penalty`` maps a param to ``(h, p0)``: ``h`` per element (param shape)
-        or per row ((rows,)), ``p0`` the reference weights (param shape).
+        or per row ((rows,)), float32 or bfloat16 (read as it is, no copy; other
+        dtypes become float32), ``p0`` the reference weights (param shape).
         ``set_penalty({}, 0.0)`` clears it.
         """
         position = self._positions()
@@ -240,7 +241,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             if p0.shape != p.shape:
                 raise ValueError(f"penalty: p0 of parameter #{i} has shape {tuple(p0.shape)}; expected {tuple(p.shape)}")
             new[p] = (
-                h.detach().to(device=p.device, dtype=torch.float32).contiguous(),
+                h.detach().to(device=p.device, dtype=h.dtype if h.dtype in DIAG_DTYPES else torch.float32).contiguous(),
                 p0.detach().to(device=p.device, dtype=p.dtype).contiguous(),
             )
         self._penalty = new

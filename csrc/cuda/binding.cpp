@@ -161,17 +161,19 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                     "params[", i, "], its grad and state must be contiguous (state float32)");
         const int64_t width = width_of(p);
         const int64_t vec_bytes = 4 * static_cast<int64_t>(p.element_size());
-        const float* h = hess ? (*hess)[i].const_data_ptr<float>() : nullptr;
+        const void* h = hess ? (*hess)[i].const_data_ptr() : nullptr;
+        const bool h_bf16 = hess && (*hess)[i].scalar_type() == at::kBFloat16;
+        TORCH_CHECK(!hess || h_bf16 || (*hess)[i].scalar_type() == at::kFloat, "hess[", i, "] must be float32 or bfloat16");
         const void* p0 = ref_params ? (*ref_params)[i].const_data_ptr() : nullptr;
         const bool vec = width % 4 == 0 && aligned(p.const_data_ptr(), vec_bytes) &&
                          aligned(grads[i].const_data_ptr(), vec_bytes) && aligned(exp_avgs[i].const_data_ptr(), 16) &&
                          aligned(exp_avg_sqs[i].const_data_ptr(), 16) && (p0 == nullptr || aligned(p0, vec_bytes)) &&
-                         (kind != 2 || aligned(h, 16));
+                         (kind != 2 || h_bf16 || aligned(h, 16));  // bfloat16 h: loaded per element
         desc.push_back(AdamTensor{p.data_ptr(), grads[i].const_data_ptr(), exp_avgs[i].data_ptr<float>(),
                                   exp_avg_sqs[i].data_ptr<float>(), steps[i].data_ptr<float>(), h, p0,
                                   rows[i].const_data_ptr(), slots[i].const_data_ptr(), width,
                                   rows[i].scalar_type() == at::kInt ? 1 : 0, slots[i].scalar_type() == at::kInt ? 1 : 0,
-                                  per_row ? 1 : 0, vec ? 1 : 0});
+                                  per_row ? 1 : 0, vec ? 1 : 0, h_bf16 ? 1 : 0, 0});
         items.push_back(rows[i].numel());
         widths.push_back(width);
       }
@@ -200,13 +202,15 @@ void hutchinson_diag_cuda(at::TensorList diags, at::TensorList hz, at::TensorLis
       const auto& h = hz[i];
       const int64_t n_items = rows ? (*rows)[i].numel() : rows_of(h);
       if (n_items == 0 || h.numel() == 0 || dtype_of(h) != dt) continue;
-      TORCH_CHECK(diags[i].is_contiguous() && diags[i].scalar_type() == at::kFloat && h.is_contiguous() &&
+      const bool d_bf16 = diags[i].scalar_type() == at::kBFloat16;
+      TORCH_CHECK(diags[i].is_contiguous() && (d_bf16 || diags[i].scalar_type() == at::kFloat) && h.is_contiguous() &&
                       z[i].is_contiguous() && z[i].scalar_type() == h.scalar_type(),
-                  "diags[", i, "] must be contiguous float32; hz[", i, "] and z[", i, "] contiguous of one dtype");
-      desc.push_back(HutchTensor{diags[i].data_ptr<float>(), h.const_data_ptr(), z[i].const_data_ptr(),
+                  "diags[", i, "] must be contiguous float32 or bfloat16; hz[", i, "] and z[", i,
+                  "] contiguous of one dtype");
+      desc.push_back(HutchTensor{diags[i].data_ptr(), h.const_data_ptr(), z[i].const_data_ptr(),
                                  rows ? (*rows)[i].const_data_ptr() : nullptr, width_of(h),
                                  rows && (*rows)[i].scalar_type() == at::kInt ? 1 : 0,
-                                 diags[i].sizes() != h.sizes() ? 1 : 0});
+                                 diags[i].sizes() != h.sizes() ? 1 : 0, d_bf16 ? 1 : 0, 0});
       items.push_back(n_items);
       widths.push_back(width_of(h));
     }

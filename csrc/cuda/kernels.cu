@@ -27,6 +27,18 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { retu
 // The penalty's curvature max(h, 0), NaN kept (as the CPU kernel and torch.clamp)
 __device__ __forceinline__ float curvature(float h) { return h < 0.f ? 0.f : h; }
 
+// A Hessian diagonal stored as float32 or bfloat16 (the flag is uniform per tensor, so per warp)
+__device__ __forceinline__ float load_diag(const void* d, int bf16, int64_t i) {
+  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(d)[i]) : static_cast<const float*>(d)[i];
+}
+__device__ __forceinline__ void store_diag(void* d, int bf16, int64_t i, float x) {
+  if (bf16) {
+    static_cast<__nv_bfloat16*>(d)[i] = __float2bfloat16_rn(x);
+  } else {
+    static_cast<float*>(d)[i] = x;
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -100,12 +112,12 @@ struct AdamScalars {
 };
 
 template <typename T, int kPenalty>  // 0 none, 1 per row, 2 per element
-__device__ __forceinline__ void adam_element(T* p, const T* g, float* m, float* v, const float* h, float h_row,
-                                             const T* p0, int64_t i, const AdamScalars& s) {
+__device__ __forceinline__ void adam_element(T* p, const T* g, float* m, float* v, const void* h, int h_bf16,
+                                             float h_row, const T* p0, int64_t i, const AdamScalars& s) {
   const float x = to_f32(p[i]);
   float gi = to_f32(g[i]);
   if (kPenalty == 1) gi += s.lam * h_row * (x - to_f32(p0[i]));
-  if (kPenalty == 2) gi += s.lam * curvature(h[i]) * (x - to_f32(p0[i]));
+  if (kPenalty == 2) gi += s.lam * curvature(load_diag(h, h_bf16, i)) * (x - to_f32(p0[i]));
   const float mi = m[i] + s.one_m_b1 * (gi - m[i]);
   const float vi = s.beta2 * v[i] + s.one_m_b2 * gi * gi;
   m[i] = mi;
@@ -121,8 +133,8 @@ struct alignas(4 * sizeof(T)) Vec4 {
 
 template <typename T, int kPenalty>
 __device__ __forceinline__ void adam_vec4(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m,
-                                          float* __restrict__ v, const float* __restrict__ h, float h_row,
-                                          const T* __restrict__ p0, int64_t i, const AdamScalars& s) {
+                                          float* __restrict__ v, const void* __restrict__ h, int h_bf16,
+                                          float h_row, const T* __restrict__ p0, int64_t i, const AdamScalars& s) {
   Vec4<T> pv = *reinterpret_cast<const Vec4<T>*>(p + i);
   const Vec4<T> gv = *reinterpret_cast<const Vec4<T>*>(g + i);
   float4 mv = *reinterpret_cast<const float4*>(m + i);
@@ -132,8 +144,11 @@ __device__ __forceinline__ void adam_vec4(T* __restrict__ p, const T* __restrict
   float hh[4] = {h_row, h_row, h_row, h_row};
   Vec4<T> p0v;
   if (kPenalty != 0) p0v = *reinterpret_cast<const Vec4<T>*>(p0 + i);
-  if (kPenalty == 2) {
-    const float4 hv = *reinterpret_cast<const float4*>(h + i);
+  if (kPenalty == 2 && h_bf16) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) hh[j] = curvature(load_diag(h, 1, i + j));
+  } else if (kPenalty == 2) {
+    const float4 hv = *reinterpret_cast<const float4*>(static_cast<const float*>(h) + i);
     hh[0] = curvature(hv.x); hh[1] = curvature(hv.y); hh[2] = curvature(hv.z); hh[3] = curvature(hv.w);
   }
 #pragma unroll
@@ -181,8 +196,12 @@ __global__ void __launch_bounds__(kThreads) masked_adamw_kernel(const AdamTensor
     T* p = static_cast<T*>(t.p) + r * t.width;
     const T* g = static_cast<const T*>(t.g) + r * t.width;
     const T* p0 = kPenalty ? static_cast<const T*>(t.p0) + r * t.width : nullptr;
-    const float* h = kPenalty == 2 ? t.h + r * t.width : nullptr;
-    const float h_row = kPenalty == 1 ? curvature(t.h[r]) : 0.f;
+    const void* h = nullptr;
+    if (kPenalty == 2) {
+      h = t.h_bf16 ? static_cast<const void*>(static_cast<const __nv_bfloat16*>(t.h) + r * t.width)
+                   : static_cast<const void*>(static_cast<const float*>(t.h) + r * t.width);
+    }
+    const float h_row = kPenalty == 1 ? curvature(load_diag(t.h, t.h_bf16, r)) : 0.f;
     float* m = t.m + sl * t.width;
     float* v = t.v + sl * t.width;
     if (t.vectorized) {
@@ -190,9 +209,9 @@ __global__ void __launch_bounds__(kThreads) masked_adamw_kernel(const AdamTensor
       // arrays never alias (__restrict__), so the unrolled iterations' loads are
       // issued together instead of one memory round trip per 128 elements.
 #pragma unroll 4
-      for (int64_t i = 4 * lane; i < t.width; i += 4 * kWarp) adam_vec4<T, kPenalty>(p, g, m, v, h, h_row, p0, i, s);
+      for (int64_t i = 4 * lane; i < t.width; i += 4 * kWarp) adam_vec4<T, kPenalty>(p, g, m, v, h, t.h_bf16, h_row, p0, i, s);
     } else {
-      for (int64_t i = lane; i < t.width; i += kWarp) adam_element<T, kPenalty>(p, g, m, v, h, h_row, p0, i, s);
+      for (int64_t i = lane; i < t.width; i += kWarp) adam_element<T, kPenalty>(p, g, m, v, h, t.h_bf16, h_row, p0, i, s);
     }
   }
 }
@@ -221,13 +240,14 @@ __global__ void __launch_bounds__(kThreads) hutchinson_kernel(const HutchTensor*
       acc = warp_sum(acc);
       if (lane == 0) {
         const float est = acc / static_cast<float>(t.width);
-        t.d[r] = fresh ? est : t.d[r] * keep + __fdiv_rn(est, n_seen);
+        store_diag(t.d, t.d_bf16, r, fresh ? est : load_diag(t.d, t.d_bf16, r) * keep + __fdiv_rn(est, n_seen));
       }
     } else {
-      float* d = t.d + r * t.width;
+      const int64_t d0 = r * t.width;
       for (int64_t i = lane; i < t.width; i += kWarp) {
         const float est = to_f32(z[i]) * to_f32(hz[i]);
-        d[i] = fresh ? est : d[i] * keep + __fdiv_rn(est, n_seen);
+        store_diag(t.d, t.d_bf16, d0 + i,
+                   fresh ? est : load_diag(t.d, t.d_bf16, d0 + i) * keep + __fdiv_rn(est, n_seen));
       }
     }
   }

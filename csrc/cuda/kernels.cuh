@@ -37,7 +37,7 @@ struct AdamTensor {
   float* m;             // (slots, width) first moment
   float* v;             // (slots, width) second moment
   float* step;          // (slots,) step counts
-  const float* h;       // Hessian diagonal: (rows, width), (rows,) or nullptr
+  const void* h;        // Hessian diagonal: (rows, width), (rows,) or nullptr; float32 or bfloat16
   const void* p0;       // reference params (param dtype) or nullptr
   const void* rows;     // (n,) row indices, int32 or int64
   const void* slots;    // (n,) slot indices, int32 or int64
@@ -46,6 +46,8 @@ struct AdamTensor {
   int32_t slots_int32;
   int32_t h_per_row;
   int32_t vectorized;   // width % 4 == 0 and every row 4-element aligned (16 bytes for float arrays)
+  int32_t h_bf16;       // h holds bfloat16 (else float32); math in float32 either way
+  int32_t pad;
 };
 
 struct AdamHyper {
@@ -53,13 +55,15 @@ struct AdamHyper {
 };
 
 struct HutchTensor {
-  float* d;             // (rows, width) per element or (rows,) per row
+  void* d;              // (rows, width) per element or (rows,) per row; float32 or bfloat16
   const void* hz;       // (rows, width)
   const void* z;        // (rows, width), dtype of hz
   const void* rows;     // (n,) row indices or nullptr for all rows
   int64_t width;
   int32_t rows_int32;
   int32_t per_row;
+  int32_t d_bf16;       // d holds bfloat16 (else float32), rounded once per store
+  int32_t pad;
 };
 
 constexpr int kThreads = 256;  // 8 warps per block

@@ -125,7 +125,8 @@ def masked_adamw_(
     - steps[i]: float32 (S,) per-slot step counts, incremented for the used slots;
       bias correction of a row uses its own slot's count.
     - rows[i], slots[i]: int32/int64 (n,), in range, no duplicates.
-    - hess[i]: optional float32 Hessian diagonal, param shape (per element) or (R,) (per row);
+    - hess[i]: optional float32 or bfloat16 Hessian diagonal (read as float32), param shape
+      (per element) or (R,) (per row);
       with ref_params[i] (param shape and dtype) it adds lam * max(hess, 0) * (p - ref) to the
       gradient (a negative curvature estimate adds no penalty; NaN stays NaN).
 
@@ -164,7 +165,8 @@ def hutchinson_diag_(
     the diag held: NaN and Inf included).
 
     Args:
-        diags: float32, per element (param shape) or per row ((R,): the row mean of z*Hz).
+        diags: float32 or bfloat16 (float32 math, rounded to nearest once per store), per element
+            (param shape) or per row ((R,): the row mean of z*Hz).
         hz: Hessian-vector products H z, param shape, float32/float16/bfloat16.
         z: the probe vectors (Rademacher, see :func:`rademacher_like`), same shape and dtype as hz.
         rows: optional int32/int64 row indices per tensor; only those rows are updated.

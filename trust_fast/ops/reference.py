@@ -18,6 +18,9 @@ import torch
 from torch import Tensor
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: dtypes of a Hessian diagonal (hutchinson_diag_'s diags, masked_adamw_'s hess): math is float32 either way;
+#: bfloat16 halves the memory of an estimate whose own noise is far above bfloat16's 0.4% rounding
+DIAG_DTYPES = (torch.float32, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 SALIENCY_MODES = ("g", "gw")
 
@@ -335,7 +338,7 @@ def _adam_tensors_ok(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, h
             return False
         if hess is not None:
             h, p0 = hess[i], ref_params[i]
-            if not (h.dtype == f32 and h.device == device and (h.shape == shape or h.shape == shape[:1])
+            if not (h.dtype in DIAG_DTYPES and h.device == device and (h.shape == shape or h.shape == shape[:1])
                     and p0.shape == shape and p0.dtype == p.dtype and p0.device == device):
                 return False
     return True
@@ -374,10 +377,10 @@ def _explain_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slo
             h, p0 = hess[i], ref_params[i]
             _check_device("hess", i, h, device)
             _check_device("ref_params", i, p0, device)
-            if h.dtype != torch.float32 or h.shape not in (p.shape, (rows_of(p),)):
+            if h.dtype not in DIAG_DTYPES or h.shape not in (p.shape, (rows_of(p),)):
                 _fail(
                     ValueError,
-                    f"hess[{i}] must be float32 with the param's shape {tuple(p.shape)} or ({rows_of(p)},), "
+                    f"hess[{i}] must be float32 or bfloat16 with the param's shape {tuple(p.shape)} or ({rows_of(p)},), "
                     f"got {h.dtype} {tuple(h.shape)}",
                 )
             if p0.shape != p.shape or p0.dtype != p.dtype:
@@ -407,10 +410,10 @@ def check_hutchinson_diag(
             _fail(ValueError, f"hz[{i}] must have at least one dimension")
         if zz.shape != h.shape or zz.dtype != h.dtype:
             _fail(ValueError, f"z[{i}] is {zz.dtype} {tuple(zz.shape)} but hz[{i}] is {h.dtype} {tuple(h.shape)}")
-        if d.dtype != torch.float32 or d.shape not in (h.shape, (rows_of(h),)) or not d.is_contiguous():
+        if d.dtype not in DIAG_DTYPES or d.shape not in (h.shape, (rows_of(h),)) or not d.is_contiguous():
             _fail(
                 ValueError,
-                f"diags[{i}] must be a contiguous float32 tensor of shape {tuple(h.shape)} (per element) or "
+                f"diags[{i}] must be a contiguous float32 or bfloat16 tensor of shape {tuple(h.shape)} (per element) or "
                 f"({rows_of(h)},) (per row), got {d.dtype} {tuple(d.shape)}",
             )
     if rows is not None:
@@ -499,7 +502,7 @@ def masked_adamw_(*args) -> None:
         g = grads[i].reshape(rows_of(p), -1)[r].float()
         x = p2[r].float()
         if hess is not None:
-            h = hess[i].reshape(rows_of(p), -1)[r].clamp(min=0)  # negative curvature: no penalty
+            h = hess[i].reshape(rows_of(p), -1)[r].float().clamp(min=0)  # negative curvature: no penalty
             g = g + lam * h * (x - ref_params[i].reshape(rows_of(p), -1)[r].float())
         step = steps[i][sl] + 1
         steps[i][sl] = step
@@ -537,7 +540,8 @@ def hutchinson_diag_(
         sel = rows[i].long() if rows is not None else torch.arange(n, device=d.device)
         if sel.numel() == 0:
             continue
+        # float32 math; a bfloat16 diag is rounded once, when stored
         if count == 0:
-            d2[sel] = est[sel]
+            d2[sel] = est[sel].to(d.dtype)
         else:
-            d2[sel] = d2[sel] * (count / (count + 1)) + est[sel] / (count + 1)
+            d2[sel] = (d2[sel].float() * (count / (count + 1)) + est[sel] / (count + 1)).to(d.dtype)
