@@ -59,10 +59,10 @@ MUTANTS = [
             f"{TERMS}::test_forget_targets_come_from_the_original_model"),
            "ESD trains toward the concept"),
     Mutant("save_writes_original_weights", "trust_fast/engine.py",
-           "        self.finalize()\n        write_pretrained(self.pipe, directory)",
-           "        self.finalize()\n        with torch.no_grad():\n"
+           "        if directory is not None:\n            write_pretrained(self.pipe, directory)",
+           "        with torch.no_grad():\n"
            "            for p, p0 in zip(self.params, self.theta0):\n                p.copy_(p0)\n"
-           "        write_pretrained(self.pipe, directory)",
+           "        if directory is not None:\n            write_pretrained(self.pipe, directory)",
            ("tests/test_resume_and_save.py::test_save_writes_the_in_memory_weights_not_the_originals",),
            "save() writes the original weights"),
     # more, across engine, checkpoint, localize, hessian, optim, objectives, evaluation
@@ -106,12 +106,12 @@ MUTANTS = [
            ("tests/test_engine.py::test_finalize_resets_rows_updated_fewer_than_min_row_updates",),
            "finalize resets nothing"),
     Mutant("hutchinson_no_running_mean", "trust_fast/hessian.py",
-           "[z.tensor(k, self.diags[k].dtype) for k in idx], None, self.count)",
-           "[z.tensor(k, self.diags[k].dtype) for k in idx], None, 0)",
+           "[z.tensor(k, hz[k].dtype) for k in idx], None, self.count)",
+           "[z.tensor(k, hz[k].dtype) for k in idx], None, 0)",
            ("tests/test_hessian.py::test_hutchinson_diagonal_converges_to_the_true_diagonal",),
            "the Hessian diagonal keeps only the last probe"),
     Mutant("penalty_not_clamped", "trust_fast/ops/reference.py",
-           "h = hess[i].reshape(rows_of(p), -1)[r].clamp(min=0)", "h = hess[i].reshape(rows_of(p), -1)[r]",
+           "h = hess[i].reshape(rows_of(p), -1)[r].float().clamp(min=0)", "h = hess[i].reshape(rows_of(p), -1)[r].float()",
            ("tests/test_ops_kernels.py::test_negative_curvature_adds_no_penalty",),
            "the fused penalty pushes weights away where the curvature estimate is negative"),
     Mutant("row_gradients_misaligned", "trust_fast/engine.py",
@@ -175,6 +175,27 @@ MUTANTS = [
            "            pass\n        for i, prompt in enumerate(prompts):",
            (f"{ATTACKS}::test_inversion_learns_one_word_placed_at_the_concept_in_every_prompt",),
            "the inversion attack never learns its word"),
+    # FSDP2 (trust_fast/fsdp.py)
+    Mutant("fsdp_scores_not_gathered", "trust_fast/fsdp.py",
+           "scores = self.gather_scores(ops.row_saliency(grads, weights, mode))",
+           "scores = ops.row_saliency(grads, weights, mode)",
+           ("tests/test_fsdp.py::test_sharded_run_selects_and_trains_like_data_parallel",),
+           "each rank selects among its own rows only (z-scores of half a layer)"),
+    Mutant("fsdp_rows_not_offset", "trust_fast/fsdp.py",
+           "out.append(r[keep] - start)", "out.append(r[keep])",
+           ("tests/test_fsdp.py::test_sharded_run_selects_and_trains_like_data_parallel",),
+           "a rank trains its shard's rows at the whole layer's indices"),
+    Mutant("fsdp_fd_probe_not_shifted", "trust_fast/engine.py",
+           "[p + eps * z.tensor(i, p.dtype) for i, p in enumerate(self.params)]",
+           "[p + 0 * z.tensor(i, p.dtype) for i, p in enumerate(self.params)]",
+           ("tests/test_fsdp.py::test_sharded_hessian_steps_checkpoint_resume_and_save",),
+           "the finite-difference Hessian products see unshifted weights (H z = 0)"),
+    Mutant("fsdp_frozen_pass_uses_trained_weights", "trust_fast/engine.py",
+           "with self.sharding.swapped(self.params, self.theta0):",
+           "with self.sharding.swapped(self.params, self.params):",
+           ("tests/test_fsdp.py::test_sharded_run_selects_and_trains_like_data_parallel",),
+           "the frozen model's targets are the edited weights under FSDP2"),
+
 ]
 
 

@@ -239,14 +239,14 @@ def _check_tensors(path: str, state: dict, u) -> None:
         same_shapes(hutch.get("diags"), u.hutchinson.diags, "Hessian diagonal")
     if state.get("mask") is not None:
         same_shapes(state["mask"], u.params, "SalUn mask")
-    adv = state.get("adversary")
-    if isinstance(adv, dict) and isinstance(adv.get("prefixes"), list) and u.config.adv_prefix:
+    stored_prefixes = state.get("adversary")
+    if isinstance(stored_prefixes, dict) and isinstance(stored_prefixes.get("prefixes"), list) and u.config.adv_prefix:
         # one soft token spans every text encoder of the family: a prefix of another model's encoders
         # would be split wrongly at the first refresh
         from .softprompt import widths
 
         want = (u.config.adv_prefix, sum(widths(u.family)))
-        for k, q in enumerate(adv["prefixes"]):
+        for k, q in enumerate(stored_prefixes["prefixes"]):
             expect(isinstance(q, torch.Tensor) and tuple(q.shape) == want,
                    f"adversarial prefix {k}: shape {tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}"
                    f", expected {want} ({want[0]} tokens over this model's text encoders)")
