@@ -845,7 +845,8 @@ class TrustUnlearner:
         g0 = self._grads(retain_loss)
         pending = []
         for z in self.hutchinson.draw(self.config.diag_samples):
-            with self.sharding.swapped(self.params, [p + eps * z.tensor(i, p.dtype) for i, p in enumerate(self.params)]):
+            # a generator: one shifted tensor at a time, not a second full copy beside swapped()'s own
+            with self.sharding.swapped(self.params, (p + eps * z.tensor(i, p.dtype) for i, p in enumerate(self.params))):
                 g1 = self._grads(retain_fn())
             pending.append((z, [(a - b).div_(eps) for a, b in zip(g1, g0)]))
             del g1

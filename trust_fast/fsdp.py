@@ -170,7 +170,7 @@ class Sharding:
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded)
         out, dst = [], 0
-        for k, (n, c) in enumerate(zip(self.global_rows, self.chunks)):
+        for n, c in zip(self.global_rows, self.chunks):
             for r, part in enumerate(parts):
                 take = max(0, min(c, n - r * c))
                 out.append(part[dst:dst + take])
@@ -205,8 +205,9 @@ class Sharding:
     @staticmethod
     @contextlib.contextmanager
     def swapped(params: Sequence[Tensor], values: Sequence[Tensor]):
-        """`values` in the local shards `params` for the duration (the frozen model's passes), the
-        params' own values back afterwards, bit for bit."""
+        """`values` (a sequence, or an iterable made one tensor at a time) in the local shards
+        `params` for the duration (the frozen model's passes), the params' own values back
+        afterwards, bit for bit."""
         with torch.no_grad():
             own = [p.clone() for p in params]
             for p, v in zip(params, values):
