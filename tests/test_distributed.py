@@ -57,15 +57,29 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             tfd.check_same_rows([torch.tensor([rank])], step=99)
         except tfd.RankMismatchError as e:
             mismatch = str(e)
+        # save_checkpoint called directly on every rank: a user's directory is refused on every rank
+        # before any rank writes into it; a new one gets every rank's file
+        from trust_fast.checkpoint import save_checkpoint
+        from trust_fast.io import OutputError
+
+        refused = ""
+        try:
+            save_checkpoint(u, os.path.join(out, "users_dir"))
+        except OutputError as e:
+            refused = str(e)
+        save_checkpoint(u, os.path.join(out, "ckpt"))
         torch.save({"rows": rows, "weights": [p.detach().clone() for p in u.params], "before": before,
                     "after": after, "losses": losses, "pool": u.pools["forget"].clone(), "mismatch": mismatch,
-                    "prefixes": [q.clone() for q in u.adv_prefixes]},
+                    "prefixes": [q.clone() for q in u.adv_prefixes], "refused": refused},
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_select_the_same_rows_and_end_identical(tmp_path):
+    users = tmp_path / "users_dir"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
     t0 = time.perf_counter()
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     seconds = time.perf_counter() - t0
@@ -84,6 +98,11 @@ def test_two_gloo_ranks_select_the_same_rows_and_end_identical(tmp_path):
     for r in (r0, r1):
         assert r["after"] < 0.7 * r["before"], (r["before"], r["after"])
     assert "ranks selected different rows at step 99" in r0["mismatch"] and r1["mismatch"]
+    # direct checkpoints on every rank: refused everywhere, nothing written into the user's directory
+    assert "checkpoint directory" in r0["refused"] and r0["refused"] in r1["refused"]
+    assert sorted(p.name for p in users.iterdir()) == ["notes.txt"]
+    written = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith("."))
+    assert written == ["checkpoint-rank0.pt", "checkpoint-rank1.pt"], written
     print(f"2-rank DDP unlearning test: {seconds:.1f} s")
 
 

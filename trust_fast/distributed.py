@@ -76,6 +76,17 @@ def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> None:
         dist.broadcast(t, src=src)
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` (picklable), on every rank; `obj` itself outside torch.distributed."""
+    if not active():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def rows_checksum(rows: Sequence[Tensor]) -> Tensor:
     """A float64 (2,) fingerprint of a selection: (number of rows, sum over tensors k and rows r of
     a pseudo-random odd weight of (k, r)). Equal selections give equal checksums; a differing row
@@ -181,5 +192,5 @@ def gather_digests(tensors: Sequence[Tensor]) -> list[str]:
     return out
 
 
-__all__ = ["active", "rank", "world_size", "average_", "rows_checksum", "check_same_rows", "any_rank",
+__all__ = ["active", "rank", "world_size", "average_", "broadcast_", "broadcast_object", "rows_checksum", "check_same_rows", "any_rank",
            "RankMismatchError", "init_from_env", "shutdown", "barrier", "weights_digest", "gather_digests"]
