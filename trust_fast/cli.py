@@ -277,8 +277,9 @@ def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: in
     """Evaluate (world only), unlearn, evaluate again. Returns (unlearner, report, images), images
     being ((forget, retain) before, (forget, retain) after) for the world, else None. With
     `resume`, the run continues from the checkpoint in that directory; with `log_dir`, step stats
-    and evaluations also go to TensorBoard there; `shard(pipe)` (--fsdp) shards the denoiser before the
-    unlearner is built, and the run ends by gathering it (rank 0 then evaluates and saves a plain one)."""
+    and evaluations also go to TensorBoard there; `shard(pipe, cfg) -> cfg` (--fsdp) shards the
+    denoiser before the unlearner is built and gives the config to run with, and the run ends by
+    gathering it (rank 0 then evaluates and saves a plain one)."""
     from .checkpoint import load_checkpoint
     from .engine import TrustUnlearner
 
@@ -287,7 +288,7 @@ def _unlearn(pipe, spec, cfg, prompts=None, world: bool = True, n_per_prompt: in
     before, imgs_before = (_evaluate_world(pipe, spec, n_per_prompt, eval_seed, "evaluating before")
                            if world else (None, None))
     if shard is not None:
-        shard(pipe)
+        cfg = shard(pipe, cfg)
     unlearner = TrustUnlearner(pipe, spec, cfg, prompts=prompts)
     if resume is not None:
         done = load_checkpoint(unlearner, resume)
@@ -398,7 +399,7 @@ def cmd_unlearn(args) -> int:
     from . import distributed
 
     if args.fsdp:
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if distributed.launched_world_size() <= 1:
             raise UserError("--fsdp shards the denoiser over several processes: launch with "
                             "torchrun --nproc-per-node N (N > 1) or accelerate launch")
         if args.eval_every:
@@ -424,7 +425,7 @@ def cmd_unlearn(args) -> int:
                                                  checkpoint_dir=checkpoint_dir if args.checkpoint_every else None,
                                                  checkpoint_every=args.checkpoint_every,
                                                  log_dir=args.log_dir if lead else None,
-                                                 shard=_fsdp_sharder(cfg) if args.fsdp else None)
+                                                 shard=_fsdp_sharder() if args.fsdp else None)
             if unlearner.sharding is None:
                 digests = distributed.gather_digests(unlearner.params)
                 if len(set(digests)) > 1:
@@ -548,11 +549,12 @@ def _add_variant(p: argparse.ArgumentParser, which: str) -> None:
     p.add_argument("--variant", default=None, help=f"weights variant to load, e.g. fp16 for *.fp16.safetensors, {which}")
 
 
-def _fsdp_sharder(cfg):
-    """--fsdp: shard the denoiser with FSDP2 (trust_fast.fsdp.shard_denoiser); on a CUDA device that
-    supports bf16 and with --amp auto/bf16, FSDP2 computes in bf16 (its MixedPrecisionPolicy) and
-    the engine's own autocast is off."""
-    def shard(pipe):
+def _fsdp_sharder():
+    """--fsdp: `shard(pipe, cfg) -> cfg` shards the denoiser with FSDP2 (trust_fast.fsdp.shard_denoiser)
+    and returns the config to run with. On a CUDA device that supports bf16 and with --amp auto/bf16,
+    FSDP2 computes in bf16 (its MixedPrecisionPolicy), so the returned config turns the engine's
+    own autocast off (the engine refuses it on a sharded denoiser); the caller's config is not changed."""
+    def shard(pipe, cfg):
         import torch
 
         from .families import family_for
@@ -565,8 +567,7 @@ def _fsdp_sharder(cfg):
 
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         shard_denoiser(denoiser, policy)
-        if policy is not None and cfg.amp == "bf16":
-            cfg.amp = "off"  # FSDP2 casts; the engine refuses its own autocast on a sharded denoiser
+        return cfg.replace(amp="off") if policy is not None and cfg.amp == "bf16" else cfg
 
     return shard
 

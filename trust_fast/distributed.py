@@ -136,6 +136,12 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def launched_world_size() -> int:
+    """The number of processes `torchrun` / `accelerate launch` started (WORLD_SIZE; 1 without one),
+    known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_from_env() -> bool:
     """Join the process group that `torchrun` or `accelerate launch` describe in the environment
     (WORLD_SIZE > 1, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL when CUDA is available (each
@@ -144,7 +150,7 @@ def init_from_env() -> bool:
     already exists."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+    if launched_world_size() <= 1 or not dist.is_available() or dist.is_initialized():
         return False
     for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
@@ -192,5 +198,6 @@ def gather_digests(tensors: Sequence[Tensor]) -> list[str]:
     return out
 
 
-__all__ = ["active", "rank", "world_size", "average_", "broadcast_", "broadcast_object", "rows_checksum", "check_same_rows", "any_rank",
-           "RankMismatchError", "init_from_env", "shutdown", "barrier", "weights_digest", "gather_digests"]
+__all__ = ["active", "rank", "world_size", "average_", "broadcast_", "broadcast_object", "rows_checksum",
+           "check_same_rows", "any_rank", "RankMismatchError", "launched_world_size", "init_from_env", "shutdown",
+           "barrier", "weights_digest", "gather_digests"]
