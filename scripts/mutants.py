@@ -191,8 +191,8 @@ MUTANTS = [
            ("tests/test_fsdp.py::test_sharded_hessian_steps_checkpoint_resume_and_save",),
            "the finite-difference Hessian products see unshifted weights (H z = 0)"),
     Mutant("fsdp_frozen_pass_uses_trained_weights", "trust_fast/engine.py",
-           "with self.sharding.swapped(self.params, self.theta0):",
-           "with self.sharding.swapped(self.params, self.params):",
+           "with self.sharding.swapped(self.params, self.theta0, self._edited_rows()):",
+           "with self.sharding.swapped(self.params, self.params, self._edited_rows()):",
            ("tests/test_fsdp.py::test_sharded_run_selects_and_trains_like_data_parallel",),
            "the frozen model's targets are the edited weights under FSDP2"),
 

@@ -271,3 +271,29 @@ def test_cli_unlearn_fsdp_under_torchrun(tmp_path):
                             "--out", str(tmp_path / "alone")], capture_output=True, text=True, timeout=300)
     assert alone.returncode == 2 and "torchrun" in alone.stderr and len(alone.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "alone").exists()
+
+
+def test_swapped_puts_values_in_for_the_pass_and_restores_bit_for_bit():
+    """Sharding.swapped: whole shards, or only the rows an edit may have changed (the frozen passes
+    of a row-sparse run), with the params' own values back afterwards, bit for bit."""
+    from trust_fast.fsdp import Sharding
+
+    g = torch.Generator().manual_seed(0)
+    theta0 = [torch.randn(7, 5, generator=g), torch.randn(7, generator=g), torch.randn(3, 2, generator=g)]
+    params = [t.clone() for t in theta0]
+    edited = [torch.tensor([1, 4]), torch.tensor([1, 4]), torch.zeros(0, dtype=torch.int64)]
+    for p, r in zip(params, edited):
+        p[r] += 1.0  # a row-sparse edit
+    trained = [p.clone() for p in params]
+    for rows in (None, edited):
+        with Sharding.swapped(params, theta0, rows):
+            assert all(torch.equal(p, t) for p, t in zip(params, theta0))
+        assert all(torch.equal(p, t) for p, t in zip(params, trained))
+    # values made one tensor at a time (the finite-difference probes), whole shards
+    with Sharding.swapped(params, (t * 2 for t in trained)):
+        assert all(torch.equal(p, t * 2) for p, t in zip(params, trained))
+    assert all(torch.equal(p, t) for p, t in zip(params, trained))
+    # rows restrict the copy: a row outside them keeps the edited value during the pass
+    with Sharding.swapped(params, theta0, [torch.tensor([1]), None, None]):
+        assert torch.equal(params[0][4], trained[0][4]) and torch.equal(params[0][1], theta0[0][1])
+    assert all(torch.equal(p, t) for p, t in zip(params, trained))

@@ -544,11 +544,20 @@ class TrustUnlearner:
             if self.theta0 is None:
                 with torch.no_grad():
                     return self._denoise(noisy, t, cond)
-            with self.sharding.swapped(self.params, self.theta0):
+            with self.sharding.swapped(self.params, self.theta0, self._edited_rows()):
                 return self._denoise(noisy, t, cond)
         with torch.inference_mode():
             out = self._denoise(noisy, t, cond, self._frozen_weights)
         return out.clone()
+
+    def _edited_rows(self) -> list[Tensor | None]:
+        """Per target param, the rows that can differ from theta_0: those MaskedAdamW ever updated
+        (None, all rows, under a dense optimizer)."""
+        try:
+            opt = self.masked_optimizer
+        except TypeError:
+            return [None] * len(self.params)
+        return [opt.row_updates(q)[0] for q in self.opt_params]
 
     def pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """The edited model's prediction, with grad to the target parameters."""

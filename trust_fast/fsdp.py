@@ -204,20 +204,29 @@ class Sharding:
 
     @staticmethod
     @contextlib.contextmanager
-    def swapped(params: Sequence[Tensor], values: Sequence[Tensor]):
+    def swapped(params: Sequence[Tensor], values: Sequence[Tensor], rows: Sequence[Tensor | None] | None = None):
         """`values` (a sequence, or an iterable made one tensor at a time) in the local shards
         `params` for the duration (the frozen model's passes), the params' own values back
-        afterwards, bit for bit."""
+        afterwards, bit for bit. With `rows` (per param: the rows that may differ, or None for
+        all of them) only those rows are swapped and saved, so a pass that puts theta_0 back into
+        a row-sparse edit copies the edited rows, not whole shards."""
+        rows = [None] * len(params) if rows is None else list(rows)
         with torch.no_grad():
-            own = [p.clone() for p in params]
-            for p, v in zip(params, values):
-                p.copy_(v)
+            own = [p.clone() if r is None else p[r] for p, r in zip(params, rows)]
+            for p, v, r in zip(params, values, rows):
+                if r is None:
+                    p.copy_(v)
+                elif r.numel():
+                    p[r] = v[r]
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, v in zip(params, own):
-                    p.copy_(v)
+                for p, v, r in zip(params, own, rows):
+                    if r is None:
+                        p.copy_(v)
+                    elif r.numel():
+                        p[r] = v
 
 
 __all__ = ["is_sharded", "shard_denoiser", "plain_class", "gather_module", "Sharding"]
