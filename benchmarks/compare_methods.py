@@ -46,11 +46,17 @@ ATTACKS = ["paraphrase", "softprompt", "embedding", "inversion"]
 VARIANTS = {"trust-lite": ("trust", {"x0_per_prompt": 2, "x0_steps": 10, "adv_prefix": 0})}
 
 
+def refuse(message: str):
+    """Bad input: one line on stderr naming the problem, exit code 2, nothing written."""
+    print(f"compare_methods.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def add_variant(text: str) -> str:
     """'NAME:FIELD=VALUE,FIELD=VALUE' (TrustConfig fields on top of TRUST's defaults) -> a named variant."""
     name, _, fields = text.partition(":")
     if not name or not fields:
-        raise SystemExit(f"--variant expects NAME:FIELD=VALUE[,FIELD=VALUE...], got {text!r}")
+        refuse(f"--variant expects NAME:FIELD=VALUE[,FIELD=VALUE...], got {text!r}")
     extra = {}
     for kv in fields.split(","):
         k, _, v = kv.partition("=")
@@ -291,18 +297,19 @@ def write_outputs(rows: list[dict], command: str, results: str = RESULTS) -> Non
 BEGIN, END = "<!-- COMPARE:BEGIN -->", "<!-- COMPARE:END -->"
 
 
-def replace_block(path: str, block: str, heading: str | None = None) -> None:
-    """Put ``block`` between the COMPARE markers of ``path`` (atomically).  A file without the
-    markers gets it appended under ``heading``, or is left alone when no heading is given."""
+def replace_block(path: str, block: str, heading: str | None = None, markers: tuple[str, str] = (BEGIN, END)) -> None:
+    """Put ``block`` between the `markers` (COMPARE by default) of ``path`` (atomically).  A file
+    without the markers gets it appended under ``heading``, or is left alone when no heading is given."""
     from trust_fast.io import atomic_path
 
+    begin, end = markers
     text = "# Benchmarks\n" if heading else ""
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        text = pre + block + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        text = pre + block + rest.split(end, 1)[1]
     elif heading:
         text = text.rstrip() + f"\n\n{heading}\n\n" + block + "\n"
     else:
@@ -346,6 +353,132 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------ the front over settings tried
+
+# issue #16's bars on a (concept, setting) row: (column, bar, "min" when the column must stay under it)
+TARGETS = [("ua", 0.02, "max"), ("ua_worst", 0.05, "max"), ("asr_softprompt", 0.10, "max"),
+           ("asr_paraphrase", 0.05, "max"), ("asr_embedding", 0.20, "max"), ("asr_inversion", 0.20, "max"),
+           ("retain_ratio_min", 0.95, "min")]
+# what the front trades: lower UA, lower soft-prompt ASR, higher worst-seed retain, less time
+FRONT_AXES = [("ua", -1), ("asr_softprompt", -1), ("retain_ratio_min", 1), ("seconds", -1)]
+
+
+def missed_targets(row: dict) -> list[str]:
+    """The #16 bars a pooled row misses ('asr_softprompt 0.64 > 0.10'); unmeasured columns are skipped."""
+    out = []
+    for key, bar, kind in TARGETS:
+        v = row.get(key)
+        if not isinstance(v, (int, float)):
+            continue
+        if (kind == "max" and v > bar) or (kind == "min" and v < bar):
+            out.append(f"{key} {v:.3f} {'>' if kind == 'max' else '<'} {bar:.2f}")
+    return out
+
+
+def on_front(rows: list[dict]) -> list[bool]:
+    """For rows of one concept: True where no other row is as good on every FRONT_AXES column and
+    better on one (rows missing a column are compared on the columns both have)."""
+    def better_or_equal(a, b, key, sign):
+        return sign * (a[key] - b[key]) >= 0
+
+    flags = []
+    for r in rows:
+        dominated = False
+        for o in rows:
+            if o is r:
+                continue
+            axes = [(k, s) for k, s in FRONT_AXES if k in r and k in o]
+            if all(better_or_equal(o, r, k, s) for k, s in axes) and any(s * (o[k] - r[k]) > 0 for k, s in axes):
+                dominated = True
+                break
+        flags.append(not dominated)
+    return flags
+
+
+def front_rows(sources: list[str], concepts: list[str]) -> list[dict]:
+    """Every (concept, setting) pooled over its seeds, from each runs file in `sources` (a setting
+    is a method name within one file: files measured with other evaluation sizes stay apart and are
+    labelled by their directory), with `front` and `missed` filled in per concept."""
+    rows = []
+    for path in sources:
+        runs = read_runs(path)
+        tag = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        methods = list(dict.fromkeys(r["method"] for r in runs))
+        for row in aggregate(runs, concepts, methods):
+            row["setting"] = row["method"] if len(sources) == 1 else f"{row['method']} [{tag}]"
+            rows.append(row)
+    out = []
+    for c in concepts:
+        group = [r for r in rows if r["concept"] == c]
+        for r, flag in zip(group, on_front(group)):
+            r["front"], r["missed"] = flag, missed_targets(r)
+        out += sorted(group, key=lambda r: (not r["front"], r.get("asr_softprompt", 1.0)))
+    return out
+
+
+def front_markdown(rows: list[dict]) -> str:
+    head = ["concept", "setting", "seeds", "UA (pooled; 95% CI)", "asr_softprompt", "asr_embedding",
+            "retain ratio (worst seed)", "s (median)", "on the front", "#16 bars missed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["concept"], r["setting"], r["seeds"], rate(r, "ua"), rate(r, "asr_softprompt"),
+                 rate(r, "asr_embedding"), fmt(r["retain_ratio_min"]), f"{r['seconds']:.0f}",
+                 "yes" if r["front"] else "", "; ".join(r["missed"]) or "none"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_front(rows: list[dict], path: str) -> None:
+    """One panel per concept: soft-prompt ASR (pooled, 95% interval) against worst-seed retain ratio,
+    one point per setting, the front filled, the #16 bars dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trust_fast.io import atomic_path
+
+    concepts = list(dict.fromkeys(r["concept"] for r in rows))
+    fig, axes = plt.subplots(1, len(concepts), figsize=(4.2 * len(concepts), 4.0), dpi=110, squeeze=False)
+    for ax, c in zip(axes[0], concepts):
+        for r in (r for r in rows if r["concept"] == c and "asr_softprompt_n" in r):
+            y = r["asr_softprompt"]
+            err = [[y - r["asr_softprompt_lo"]], [r["asr_softprompt_hi"] - y]]
+            ax.errorbar(r["retain_ratio_min"], y, yerr=err, fmt="o" if r["front"] else "x", capsize=2,
+                        mfc=None if r["front"] else "none")
+            ax.annotate(r["setting"], (r["retain_ratio_min"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0.10, ls="--", lw=0.8, color="grey")
+        ax.set_ylim(bottom=-0.02)
+        ax.axvline(0.95, ls="--", lw=0.8, color="grey")
+        ax.set_title(c, fontsize=9)
+        ax.set_xlabel("retain / original (worst seed)", fontsize=8)
+        ax.set_ylabel("asr_softprompt (pooled)", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+FRONT_BEGIN, FRONT_END = "<!-- FRONT:BEGIN -->", "<!-- FRONT:END -->"
+
+
+def write_front(rows: list[dict], command: str, results: str = RESULTS) -> str:
+    """front.json and front.png under `results`; the Markdown block between the FRONT markers of
+    BENCHMARKS.md for the repository's own results directory. Returns the Markdown."""
+    from trust_fast.io import write_json_atomic
+
+    os.makedirs(results, exist_ok=True)
+    write_json_atomic(rows, os.path.join(results, "front.json"))
+    plot_front(rows, os.path.join(results, "front.png"))
+    text = front_markdown(rows)
+    if os.path.abspath(results) == os.path.abspath(RESULTS):
+        block = f"{FRONT_BEGIN}\nCommand: `{command}`\n\n{text}\n![the front](benchmarks/results/front.png)\n{FRONT_END}"
+        replace_block(os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"), block,
+                      "## The front over the settings tried (issue #16)", (FRONT_BEGIN, FRONT_END))
+    return text
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concepts", default=",".join(CONCEPTS))
@@ -366,6 +499,10 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...",
                     help="a TRUST variant to compare (TrustConfig fields over the defaults); name it in --methods")
     ap.add_argument("--table", action="store_true", help="only write the table from the saved runs")
+    ap.add_argument("--front", nargs="*", metavar="RUNS.jsonl", default=None,
+                    help="only write the front over every setting in these runs files (default: the results "
+                         "directory's and its robust/ subdirectory's): pooled UA, soft-prompt ASR, worst retain, "
+                         "time, and the #16 bars each misses")
     ap.add_argument("--results", default=RESULTS, help="directory of the runs and outputs (default "
                     "benchmarks/results; BENCHMARKS.md and README.md are updated only for that one)")
     ap.add_argument("--group", help=argparse.SUPPRESS)
@@ -396,10 +533,20 @@ def main() -> int:
 
     unknown = sorted(set(methods) - set(REGISTERED) - set(VARIANTS))
     if unknown:
-        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(list(REGISTERED) + list(VARIANTS))}")
+        refuse(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(list(REGISTERED) + list(VARIANTS))}")
     command = "python benchmarks/compare_methods.py " + " ".join(a for a in sys.argv[1:] if a != "--table")
+    if args.front is not None:
+        command = "python benchmarks/compare_methods.py " + " ".join(sys.argv[1:])
     wanted = {"steps_override": args.steps, "sample_steps": args.sample_steps, "images": args.images, "attack_images": args.attack_images,
               "attacks": attacks, "attack_settings": settings}
+    if args.front is not None:
+        sources = args.front or [p for p in (runs_path, os.path.join(args.results, "robust", "compare_runs.jsonl"))
+                                 if os.path.exists(p)]
+        rows = front_rows(sources, concepts)
+        if not rows:
+            refuse(f"no saved runs of {', '.join(concepts)} in {', '.join(sources) or args.results}")
+        print(write_front(rows, command, args.results))
+        return 0
     if args.table:
         rows = aggregate([r for r in read_runs(runs_path, **wanted) if r["seed"] in args.seeds], concepts, methods)
         write_outputs(rows, command, args.results)

@@ -34,10 +34,12 @@ def test_every_compared_method_is_a_valid_configuration(compare):
     assert config("salun").adv_prefix == 0 and config("esd").adv_prefix == 0
 
 
-def test_unknown_method_is_refused_before_any_run(compare, monkeypatch):
+def test_unknown_method_is_refused_before_any_run(compare, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["compare_methods.py", "--concepts", "red", "--methods", "trust,fmn"])
-    with pytest.raises(SystemExit, match="unknown method.*fmn"):
+    with pytest.raises(SystemExit) as e:
         compare.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown method(s) fmn" in err and len(err.strip().splitlines()) == 1
 
 
 def test_results_block_replaces_only_the_marked_part(compare, tmp_path):
@@ -118,7 +120,47 @@ def test_variants_are_trust_with_named_fields(compare, monkeypatch):
     assert compare.add_variant("trust-x0:x0_per_prompt=8,x0_steps=5") == "trust-x0"
     cfg = compare.method_config("trust-x0", seed=3)
     assert (cfg.x0_per_prompt, cfg.x0_steps, cfg.seed, cfg.method) == (8, 5, 3, "trust")
-    with pytest.raises(SystemExit, match="NAME:FIELD=VALUE"):
+    with pytest.raises(SystemExit) as e:
         compare.add_variant("trust-x0")
+    assert e.value.code == 2
     with pytest.raises(ValueError, match="unknown TrustConfig field"):
         compare.add_variant("bad:x0_per_promt=8")
+
+
+def test_the_front_keeps_undominated_settings_and_names_the_bars_missed(compare, tmp_path, monkeypatch, capsys):
+    """--front: every (concept, setting) pooled over seeds, from several runs files kept apart; a
+    setting worse on every axis than another is off the front; each row lists the #16 bars it misses."""
+    import json
+
+    def run(method, seed, ua_k, asr_k, retain, seconds, concept="red"):
+        return {"concept": concept, "method": method, "seed": seed, "ua": ua_k / 96, "n_forget": 96,
+                "retain_acc": retain, "retain_before": 1.0, "fd": 1.0, "fd_self": 1.0, "seconds": seconds,
+                "secs_to_ua05": None, "peak_rss_mb": 1.0, "train_mem_mb": 1.0, "optimizer_state_bytes": 8,
+                "asr_softprompt": asr_k / 32, "asr_softprompt_hits": asr_k, "asr_softprompt_n": 32}
+
+    main_dir, other_dir = tmp_path / "results", tmp_path / "results" / "robust"
+    other_dir.mkdir(parents=True)
+    (main_dir / "compare_runs.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        run("trust", 0, 0, 2, 0.99, 100.0), run("trust", 1, 1, 1, 0.97, 110.0),     # meets every bar
+        run("salun", 0, 0, 1, 0.45, 60.0), run("salun", 1, 0, 0, 0.50, 60.0),       # robust, breaks retain
+        run("worse", 0, 3, 9, 0.90, 200.0), run("worse", 1, 3, 9, 0.90, 200.0)]) + "\n")
+    (other_dir / "compare_runs.jsonl").write_text(json.dumps(run("trust", 0, 0, 20, 1.0, 50.0)) + "\n")
+    monkeypatch.setattr(sys, "argv", ["compare_methods.py", "--front", "--concepts", "red", "--results",
+                                      str(main_dir)])
+    assert compare.main() == 0
+    rows = {r["setting"]: r for r in json.loads((main_dir / "front.json").read_text())}
+    assert set(rows) == {"trust [results]", "salun [results]", "worse [results]", "trust [robust]"}
+    assert rows["trust [results]"]["front"] and rows["salun [results]"]["front"]
+    assert rows["trust [robust]"]["front"]  # fastest and best retain, if the least robust
+    assert not rows["worse [results]"]["front"]  # trust [results] beats it on every axis
+    assert rows["trust [results]"]["missed"] == [] and (rows["trust [results]"]["ua_k"], rows["trust [results]"]["ua_n"]) == (1, 192)
+    assert rows["salun [results]"]["missed"] == ["retain_ratio_min 0.450 < 0.95"]
+    assert any(m.startswith("asr_softprompt 0.625 > 0.10") for m in rows["trust [robust]"]["missed"])
+    assert (main_dir / "front.png").stat().st_size > 0
+    assert "| red | trust [results] | 0 1 |" in capsys.readouterr().out
+    # nothing saved for the concepts asked: one line, exit code 2
+    monkeypatch.setattr(sys, "argv", ["compare_methods.py", "--front", "--concepts", "circle", "--results",
+                                      str(main_dir)])
+    with pytest.raises(SystemExit) as e:
+        compare.main()
+    assert e.value.code == 2 and "no saved runs of circle" in capsys.readouterr().err
