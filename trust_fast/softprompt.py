@@ -74,14 +74,14 @@ def split(family, vectors: Tensor) -> list[Tensor]:
 
 
 def random_prefix(family, k: int, generator: torch.Generator) -> Tensor:
-    """k soft tokens (k, sum of widths), float32, detached: in every encoder the embeddings of k random
-    vocabulary tokens (an attack's starting point)."""
+    """k soft tokens (k, sum of widths), float32, detached, on the first text encoder's device: in
+    every encoder the embeddings of k random vocabulary tokens (an attack's starting point)."""
     out = []
     for _, te, _ in family.prompt_encoders():
         table = te.get_input_embeddings().weight.detach()
         idx = torch.randint(table.shape[0], (k,), generator=generator, device=generator.device)
-        out.append(table[idx.to(table.device)].float().cpu())
-    return torch.cat(out, -1)
+        out.append(table[idx.to(table.device)].float())
+    return torch.cat([o.to(out[0].device) for o in out], -1)
 
 
 def prefixed_ids(family, prompts: list[str], k: int) -> list[Tensor]:
