@@ -210,6 +210,64 @@ def test_adversarial_prefix_lowers_the_attack_loss_and_enters_forget_batches(unt
             == u.adv_optimizers[0].state_dict()["state"][0]["step"])
 
 
+def test_token_offset_adversary_lowers_the_attack_loss_per_prompt(untrained_world, tmp_path):
+    """adv_mode='tokens': one offset per forget prompt on every input token embedding after the
+    start token (the embedding attack's search space), starting at zero (the prompts themselves);
+    refreshes lower the model's diffusion loss on the concept's images, the forget prompts are
+    re-encoded with their own offsets, and the state survives a checkpoint (shape-checked)."""
+    from trust_fast import objectives
+    from trust_fast.checkpoint import load_checkpoint, save_checkpoint
+    from trust_fast.softprompt import encode_with_offsets, widths
+
+    cfg = TrustConfig(adv_prefix=1, adv_mode="tokens", adv_steps=8, adv_interval=100, adv_lr=0.05,
+                      adv_fraction=0.5, steps=1, **SMALL)
+    u = TrustUnlearner(fresh(untrained_world), "red", cfg)
+    u.prepare()
+    ids = u.family.tokenize(u.prompts.forget)
+    n_prompts = len(u.prompts.forget)
+    assert u.adversary_shape() == (n_prompts, ids[0].shape[1] - 1, sum(widths(u.family)))
+    zero = torch.zeros(u.adversary_shape())
+    with torch.no_grad():  # zero offsets are the prompts' own conditioning
+        torch.testing.assert_close(encode_with_offsets(u.family, ids, zero), u.emb_forget, rtol=0, atol=1e-6)
+    g = torch.Generator().manual_seed(5)
+    x0 = u.pools["forget"][:, 0]
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    noisy = objectives.add_noise(x0, noise, t, u.alphas_cumprod)
+
+    def attack_loss(offsets):
+        with torch.no_grad():
+            return float(objectives.mse(u.pred(noisy, t, encode_with_offsets(u.family, ids, offsets)), noise))
+
+    for _ in range(4):
+        u.refresh_adversary()
+    (offsets,) = u.adv_prefixes
+    assert offsets.shape == u.adversary_shape() and offsets[:, 0].abs().sum() > 0
+    assert attack_loss(offsets) < attack_loss(zero)
+    # every forget prompt carries its own offsets: re-encoded rows match the per-prompt encoding
+    with torch.no_grad():
+        torch.testing.assert_close(u.emb_forget_adv[0][:2], encode_with_offsets(u.family, [x[:2] for x in ids],
+                                                                                offsets[:2]))
+    b = u._forget_batch(8)
+    adv_rows = [any(torch.equal(c, e) for e in u.emb_forget_adv[0]) for c in b.cond]
+    assert adv_rows == [False] * 4 + [True] * 4
+    u.step()
+    save_checkpoint(u, str(tmp_path))
+    v = TrustUnlearner(fresh(untrained_world), "red", cfg)
+    load_checkpoint(v, str(tmp_path))
+    assert torch.equal(v.adv_prefixes[0], offsets) and torch.equal(v.emb_forget_adv[0], u.emb_forget_adv[0])
+    # a prefix checkpoint is another config; token offsets of the wrong shape are refused in one line
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state["adversary"]["prefixes"] = [offsets[:-1].clone()]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="offsets of .* forget prompts"):
+        load_checkpoint(TrustUnlearner(fresh(untrained_world), "red", cfg), str(tmp_path))
+    with pytest.raises(ValueError, match="adv_mode must be one of"):
+        TrustConfig(adv_mode="suffix").validate()
+    with pytest.raises(ValueError, match="adv_retain_fraction needs adv_mode='prefix'"):
+        TrustConfig(adv_mode="tokens", adv_retain_fraction=0.5).validate()
+
+
 def test_an_adversary_population_steps_its_prefixes_in_turn(untrained_world, tmp_path):
     """adv_population=3: three prefixes from their own random starts, one refresh steps one of them
     in turn (the cost of one prefix per refresh), adversarial rows draw from all that exist, and all

@@ -266,15 +266,15 @@ def _check_tensors(path: str, state: dict, u) -> None:
         same_shapes(state["mask"], u.params, "SalUn mask")
     stored_prefixes = state.get("adversary")
     if isinstance(stored_prefixes, dict) and isinstance(stored_prefixes.get("prefixes"), list) and u.config.adv_prefix:
-        # one soft token spans every text encoder of the family: a prefix of another model's encoders
-        # would be split wrongly at the first refresh
-        from .softprompt import widths
-
-        want = (u.config.adv_prefix, sum(widths(u.family)))
+        # one soft token spans every text encoder of the family: a prefix (or token offsets) of another
+        # model's encoders would be split wrongly at the first refresh
+        want = u.adversary_shape()
+        what = (f"{want[0]} tokens over this model's text encoders" if u.config.adv_mode == "prefix"
+                else f"offsets of {want[0]} forget prompts over this model's text encoders")
         for k, q in enumerate(stored_prefixes["prefixes"]):
             expect(isinstance(q, torch.Tensor) and tuple(q.shape) == want,
                    f"adversarial prefix {k}: shape {tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}"
-                   f", expected {want} ({want[0]} tokens over this model's text encoders)")
+                   f", expected {want} ({what})")
     pools = state.get("pools")
     expect(pools is None or (isinstance(pools, dict) and all(isinstance(v, torch.Tensor) for v in pools.values())),
            "data-free image cache")

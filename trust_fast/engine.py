@@ -40,6 +40,7 @@ from .localize import DynamicLocalizer, Target, find_targets, freeze_all_but, st
 
 LOCALIZATIONS = ("dynamic", "static", "dense")
 ADV_PREFIX_AUTO = 5  # TrustConfig(adv_prefix=None): the adversary's prefix length
+ADV_MODES = ("prefix", "tokens")
 X0_SOURCES = ("forget", "anchor", "forget+anchor")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,6 +89,9 @@ class TrustConfig:
                                        # turn, and each adversarial row of a batch draws one
     adv_retain_fraction: float = 0.0   # fraction of a retain batch conditioned on retain prompts behind a prefix
                                        # (distilled to the original model there: the prefix may not change them)
+    adv_mode: str = "prefix"           # prefix: a soft prefix of adv_prefix tokens shared by the forget prompts |
+                                       # tokens: an offset on every input token embedding of each forget prompt
+                                       # (the embedding attack's search space; on when adv_prefix > 0)
     x0_per_prompt: int = 8             # cached data-free images per prompt
     x0_steps: int = 5                  # DDIM steps used to sample them
     x0_guidance: float | None = None   # CFG scale for them (None: the pipeline's default)
@@ -110,7 +114,8 @@ class TrustConfig:
         for name, value, allowed in (("localization", self.localization, LOCALIZATIONS),
                                      ("hessian", self.hessian, HESSIAN_MODES), ("x0_from", self.x0_from, X0_SOURCES),
                                      ("saliency", self.saliency, ("g", "gw")), ("amp", self.amp, AMP_MODES),
-                                     ("hessian_dtype", self.hessian_dtype, ("bfloat16", "float32"))):
+                                     ("hessian_dtype", self.hessian_dtype, ("bfloat16", "float32")),
+                                     ("adv_mode", self.adv_mode, ADV_MODES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         for name in ("steps", "batch_size", "retain_batch_size", "loc_interval", "hvp_interval", "diag_interval",
@@ -129,6 +134,8 @@ class TrustConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.adv_prefix is not None and self.adv_prefix < 0:
             raise ValueError(f"adv_prefix must be >= 0, got {self.adv_prefix}")
+        if self.adv_mode == "tokens" and self.adv_retain_fraction > 0:
+            raise ValueError("adv_retain_fraction needs adv_mode='prefix' (token offsets belong to the forget prompts)")
         for name in ("lr", "alpha", "lam", "eta", "weight_decay", "adv_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
@@ -652,6 +659,16 @@ class TrustUnlearner:
             cond = torch.cat([cond[:n - k], behind])
         return _Batch(noisy, t, cond, x0, noise, self.emb_anchor[i])
 
+    def adversary_shape(self) -> tuple[int, ...]:
+        """Shape of one adversary's free tensor: (adv_prefix, sum of the text encoders' widths) for a
+        soft prefix; (forget prompts, token positions, sum of widths) for token offsets."""
+        from .softprompt import offsets_shape, widths
+
+        if self.config.adv_mode == "tokens":
+            _, positions, width = offsets_shape(self.family, self.family.tokenize(self.prompts.forget[:1]))
+            return (len(self.prompts.forget), positions, width)
+        return (self.config.adv_prefix, sum(widths(self.family)))
+
     def refresh_adversary(self) -> None:
         """AdvUnlearn's inner loop, made cheap: a soft prefix shared by all forget prompts,
         warm-started across refreshes, takes `adv_steps` Adam steps that *minimize the current
@@ -659,24 +676,33 @@ class TrustUnlearner:
         the forget prompts are then re-encoded behind it, and a fraction of every forget batch is
         mapped to the anchors from there. With `adv_population` > 1 there are that many prefixes
         from their own random starts (an attacker starts from a random one too), and each refresh
-        steps the next in turn. Under torch.distributed the prefix gradient is averaged, so every
-        rank holds the same prefixes."""
-        from .softprompt import encode_with_prefix, index_ids, prefixed_ids, random_prefix
+        steps the next in turn. With `adv_mode="tokens"` the adversary is instead an offset on
+        every input token embedding of each forget prompt (zero at the start, so the prompts
+        themselves: the embedding attack's search space), stepped on the prompts of each batch.
+        Under torch.distributed the adversary's gradient is averaged, so every rank holds the same
+        prefixes (offsets)."""
+        from .softprompt import encode_with_offsets, encode_with_prefix, index_ids, prefixed_ids, random_prefix
 
         cfg, fam = self.config, self.family
         t0 = time.perf_counter()
+        tokens = cfg.adv_mode == "tokens"
+        encode = encode_with_offsets if tokens else encode_with_prefix
+        if self._adv_ids is None:  # the prompts never change: tokenize them once
+            self._adv_ids = fam.tokenize(self.prompts.forget) if tokens else prefixed_ids(fam, self.prompts.forget,
+                                                                                           cfg.adv_prefix)
+        ids = self._adv_ids
         which = self.adv_refreshes % cfg.adv_population
-        if which == len(self.adv_prefixes):  # this prefix's first refresh
-            self.adv_prefixes.append(random_prefix(fam, cfg.adv_prefix, self.generator).to(self.device))
+        if which == len(self.adv_prefixes):  # this adversary's first refresh
+            if tokens:  # offsets start at the prompts themselves, as the embedding attack does
+                self.adv_prefixes.append(torch.zeros(self.adversary_shape(), device=self.device))
+            else:
+                self.adv_prefixes.append(random_prefix(fam, cfg.adv_prefix, self.generator).to(self.device))
             distributed.broadcast_(self.adv_prefixes[-1:])  # ranks draw different starts: take rank 0's
             self.adv_optimizers.append(torch.optim.Adam([self.adv_prefixes[which]], lr=cfg.adv_lr))
             self.emb_forget_adv.append(None)
             if cfg.adv_retain_fraction > 0:
                 self.emb_retain_adv.append(None)
         optimizer = self.adv_optimizers[which]
-        if self._adv_ids is None:  # the prompts never change: tokenize them once
-            self._adv_ids = prefixed_ids(fam, self.prompts.forget, cfg.adv_prefix)
-        ids = self._adv_ids
         pool = self.pools["forget"]
         prefix = self.adv_prefixes[which].requires_grad_(True)
         for _ in range(cfg.adv_steps):
@@ -686,7 +712,7 @@ class TrustUnlearner:
             x0 = pool[i, j]
             noisy, t, noise = self._noisy(x0)
             target = objectives.diffusion_target(x0, noise, t, self.alphas_cumprod, self.prediction_type)
-            cond = encode_with_prefix(fam, index_ids(ids, i), prefix)
+            cond = encode(fam, index_ids(ids, i), prefix[i] if tokens else prefix)
             (g,) = torch.autograd.grad(objectives.mse(self.pred(noisy, t, cond), target), [prefix])
             distributed.average_([g])
             if _all_finite([g]):
@@ -696,7 +722,8 @@ class TrustUnlearner:
         prefix.requires_grad_(False)
         with torch.no_grad():
             def behind(all_ids: list[Tensor]) -> Tensor:
-                return torch.cat([encode_with_prefix(fam, index_ids(all_ids, slice(k, k + 256)), prefix)
+                return torch.cat([encode(fam, index_ids(all_ids, slice(k, k + 256)),
+                                         prefix[k:k + 256] if tokens else prefix)
                                   for k in range(0, all_ids[0].shape[0], 256)])
 
             self.emb_forget_adv[which] = behind(ids)

@@ -112,10 +112,28 @@ def encode_with_prefix(family, ids: list[Tensor], prefix: Tensor) -> Tensor:
                                        zip(split(family, prefix), family.prompt_encoders())])
 
 
+def offsets_shape(family, ids: list[Tensor]) -> tuple[int, int, int]:
+    """(N, T, sum of widths): per-token offsets of N prompts' ids (:meth:`Family.tokenize`) for
+    :func:`encode_with_offsets`, T covering every encoder's positions after its start token."""
+    firsts = [first_word(tok) for tok, _, _ in family.prompt_encoders()]
+    return ids[0].shape[0], max(x.shape[1] - f for x, f in zip(ids, firsts)), sum(widths(family))
+
+
+def encode_with_offsets(family, ids: list[Tensor], offsets: Tensor) -> Tensor:
+    """Conditioning of token ids (N, L per encoder) with `offsets` (N, T, sum of widths;
+    :func:`offsets_shape`) added to every input token embedding after the start token: the
+    embedding attack's search space around the prompts, differentiable in `offsets`."""
+    def add(piece: Tensor, at: int) -> Callable[[Tensor], Tensor]:
+        return lambda out: torch.cat([out[:, :at], out[:, at:] + piece[:, :out.shape[1] - at].to(out)], 1)
+
+    return encode_edited(family, ids, [add(p, first_word(tok)) for p, (tok, _, _) in
+                                       zip(split(family, offsets), family.prompt_encoders())])
+
+
 def index_ids(ids: list[Tensor], i: Tensor | slice) -> list[Tensor]:
     """Rows `i` of every encoder's ids."""
     return [x[i.to(x.device) if isinstance(i, Tensor) else i] for x in ids]
 
 
 __all__ = ["embedding_hook", "first_word", "placeholder_ids", "widths", "split", "random_prefix", "prefixed_ids",
-           "encode_edited", "encode_with_prefix", "index_ids"]
+           "encode_edited", "encode_with_prefix", "offsets_shape", "encode_with_offsets", "index_ids"]
