@@ -195,6 +195,11 @@ MUTANTS = [
            "with self.sharding.swapped(self.params, self.params, self._edited_rows()):",
            ("tests/test_fsdp.py::test_sharded_run_selects_and_trains_like_data_parallel",),
            "the frozen model's targets are the edited weights under FSDP2"),
+    Mutant("fsdp_probe_frozen_pass_rows_not_widened", "trust_fast/fsdp.py",
+           "rows = [None if id(p) in _WHOLE else r for p, r in zip(params, rows)]", "rows = list(rows)",
+           ("tests/test_fsdp.py::test_finite_difference_hessian_products_match_double_backward",),
+           "a frozen pass inside a finite-difference probe restores only the edited rows (the target moves "
+           "with the probe, H z ~ 0)"),
 
 ]
 

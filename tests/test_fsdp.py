@@ -14,6 +14,7 @@ Pinned here:
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -297,3 +298,14 @@ def test_swapped_puts_values_in_for_the_pass_and_restores_bit_for_bit():
     with Sharding.swapped(params, theta0, [torch.tensor([1]), None, None]):
         assert torch.equal(params[0][4], trained[0][4]) and torch.equal(params[0][1], theta0[0][1])
     assert all(torch.equal(p, t) for p, t in zip(params, trained))
+    # a frozen pass inside a whole-shard shift (a finite-difference probe) restores every row, whatever
+    # rows it names, and each swap undoes its own
+    shifted = [t + 0.5 for t in trained]
+    with Sharding.swapped(params, shifted):
+        with Sharding.swapped(params, theta0, edited):
+            assert all(torch.equal(p, t) for p, t in zip(params, theta0))
+        assert all(torch.equal(p, t) for p, t in zip(params, shifted))
+    assert all(torch.equal(p, t) for p, t in zip(params, trained))
+    with pytest.raises(ValueError, match="2 row sets for 3 params"):
+        with Sharding.swapped(params, theta0, edited[:2]):
+            pass

@@ -443,7 +443,7 @@ class TrustUnlearner:
         self.emb_forget_adv: list[Tensor] = []
         self.emb_retain_adv: list[Tensor] = []  # retain prompts behind each (adv_retain_fraction > 0)
         self.adv_refreshes = 0
-        self._adv_ids: Tensor | None = None
+        self._adv_ids: list[Tensor] | None = None
         self._adv_retain_ids: Tensor | None = None
         self.adv_seconds = 0.0
         self.step_count = 0
@@ -551,7 +551,7 @@ class TrustUnlearner:
             if self.theta0 is None:
                 with torch.no_grad():
                     return self._denoise(noisy, t, cond)
-            with self.sharding.swapped(self.params, self.theta0, self._edited_rows()):
+            with torch.no_grad(), self.sharding.swapped(self.params, self.theta0, self._edited_rows()):
                 return self._denoise(noisy, t, cond)
         with torch.inference_mode():
             out = self._denoise(noisy, t, cond, self._frozen_weights)
@@ -559,7 +559,8 @@ class TrustUnlearner:
 
     def _edited_rows(self) -> list[Tensor | None]:
         """Per target param, the rows that can differ from theta_0: those MaskedAdamW ever updated
-        (None, all rows, under a dense optimizer)."""
+        (None, all rows, under a dense optimizer; Sharding.swapped widens them to all rows inside a
+        whole-shard swap such as a finite-difference probe)."""
         try:
             opt = self.masked_optimizer
         except TypeError:

@@ -210,7 +210,29 @@ class Sharding:
         afterwards, bit for bit. With `rows` (per param: the rows that may differ, or None for
         all of them) only those rows are swapped and saved, so a pass that puts theta_0 back into
         a row-sparse edit copies the edited rows, not whole shards."""
-        rows = [None] * len(params) if rows is None else list(rows)
+        whole = rows is None
+        rows = [None] * len(params) if whole else list(rows)
+        if len(rows) != len(params):
+            raise ValueError(f"swapped: {len(rows)} row sets for {len(params)} params")
+        # inside a whole-shard swap of the same params (a finite-difference probe shifts every row),
+        # every row differs from what the caller's rows describe: swap those params whole
+        rows = [None if id(p) in _WHOLE else r for p, r in zip(params, rows)]
+        if whole:
+            for p in params:
+                _WHOLE[id(p)] = _WHOLE.get(id(p), 0) + 1
+        try:
+            with Sharding._swap(params, values, rows):
+                yield
+        finally:
+            if whole:
+                for p in params:
+                    _WHOLE[id(p)] -= 1
+                    if not _WHOLE[id(p)]:
+                        del _WHOLE[id(p)]
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _swap(params, values, rows):
         with torch.no_grad():
             own = [p.clone() if r is None else p[r] for p, r in zip(params, rows)]
             for p, v, r in zip(params, values, rows):
@@ -227,6 +249,10 @@ class Sharding:
                         p.copy_(v)
                     elif r.numel():
                         p[r] = v
+
+
+# ids of the params under a whole-shard Sharding.swapped (and how deeply nested)
+_WHOLE: dict[int, int] = {}
 
 
 __all__ = ["is_sharded", "shard_denoiser", "plain_class", "gather_module", "Sharding"]
