@@ -138,3 +138,12 @@ def test_cli_unlearn_under_torchrun_two_ranks(tmp_path):
     assert tfd.weights_digest(params) == report["weights_sha256"]
     # one copy of the table and the "wrote" line: only rank 0 printed
     assert r.stdout.count("wrote the unlearned pipeline") == 1
+    # the same command again: rank 0 refuses --out (it exists); every rank stops at once with that
+    # line (exit 2), none waits for rank 0 in a collective, and the first run's output is untouched
+    before = sorted(p.name for p in out.iterdir())
+    cmd[cmd.index("--master_port") + 1] = str(_free_port())
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode != 0 and "--out" in again.stderr and "--overwrite" in again.stderr, again.stderr[-2000:]
+    # both ranks stop on rank 0's refusal, with its line (not rank 1 failing later in a collective)
+    assert again.stderr.count("trust-fast: error: --out") == 2, again.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == before

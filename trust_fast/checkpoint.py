@@ -11,7 +11,6 @@ same base model, which a fingerprint of the frozen target weights checks.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -41,44 +40,26 @@ def is_checkpoint_dir(directory: str) -> bool:
     return bool(entries) and all(re.fullmatch(r"checkpoint(-rank\d+)?\.pt", e) for e in entries)
 
 
-@contextlib.contextmanager
 def claim_checkpoint_dir(directory: str, overwrite: bool = False, inputs=()):
     """Claim a checkpoint directory for a run (trust_fast.io.claim_output, in place): new, empty,
-    or trust_fast's and then only with `overwrite`. Under torch.distributed this is collective:
-    rank 0 claims it and tells the others; they follow (each rank writes its own file) only once
-    rank 0 holds the claim, and raise rank 0's OutputError when it refuses, so no rank writes into
-    a directory the rules refuse."""
-    from .io import OutputError, claim_output
+    or trust_fast's and then only with `overwrite`. Under torch.distributed this is collective
+    (distributed.lead_then_follow): rank 0 claims it, and the other ranks follow (each rank writes
+    its own file) only once rank 0 holds the claim, or raise rank 0's error when it refuses, so no
+    rank writes into a directory the rules refuse."""
+    from .io import claim_output
 
     def claim(lead: bool):
         return claim_output(directory, "checkpoint directory", staged=False, overwrite=overwrite, inputs=inputs,
                             recognize=is_checkpoint_dir, lock=lead)
 
-    if not distributed.active():
-        with claim(True) as out:
-            yield out
-        return
-    with contextlib.ExitStack() as stack:
-        refused, out, error = None, None, None
-        if distributed.rank() == 0:
-            try:
-                out = stack.enter_context(claim(True))
-            except Exception as e:  # the others must hear of any failure, or they wait for rank 0 forever
-                refused, error = str(e), e
-        refused = distributed.broadcast_object(refused)
-        if error is not None:
-            raise error
-        if refused is not None:
-            raise OutputError(f"rank 0 refused: {refused}")
-        if out is None:
-            out = stack.enter_context(claim(False))
-        yield out
+    return distributed.lead_then_follow(lambda: claim(True), lambda: claim(False))
 
 
 def save_checkpoint(unlearner, directory: str) -> str:
     """Write the run's state to ``directory/checkpoint.pt`` atomically; returns the file's path.
     The directory is claimed like every output (it must be new, empty or trust_fast's); inside
-    :meth:`TrustUnlearner.run` the run's own claim covers it."""
+    :meth:`TrustUnlearner.run` the run's own claim covers it. Under torch.distributed it is
+    collective: every rank calls it (each writes ``checkpoint-rank{k}.pt``)."""
     from .io import atomic_path
 
     u = unlearner

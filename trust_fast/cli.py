@@ -412,7 +412,9 @@ def cmd_unlearn(args) -> int:
     try:
         lead = distributed.rank() == 0
         with contextlib.ExitStack() as claims:
-            out = claims.enter_context(_claim(args.out, "--out", args, inputs=inputs)) if lead else None
+            # rank 0 claims --out; the other ranks learn of a refusal instead of waiting in a collective
+            out = claims.enter_context(distributed.lead_then_follow(lambda: _claim(args.out, "--out", args,
+                                                                                   inputs=inputs)))
             if args.checkpoint_every:
                 claims.enter_context(claim_checkpoint_dir(
                     checkpoint_dir, overwrite=args.overwrite or args.resume is not None,

@@ -10,9 +10,12 @@ is a no-op, so single-process code pays nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Sequence
+import pickle
+from collections.abc import Callable, Sequence
+from typing import ContextManager
 
 import torch
 from torch import Tensor
@@ -85,6 +88,45 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def _portable(error: BaseException | None) -> BaseException | None:
+    """`error` itself when it pickles (so other ranks raise the same type), else a RuntimeError
+    carrying its text."""
+    if error is None:
+        return None
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(f"rank 0: {type(error).__name__}: {error}")
+
+
+@contextlib.contextmanager
+def lead_then_follow(lead: Callable[[], ContextManager], follow: Callable[[], ContextManager] | None = None):
+    """Enter `lead()` on rank 0 first; one broadcast then tells the other ranks whether it could.
+    They enter `follow()` (when given; else they yield None) only after rank 0 succeeded, and raise
+    rank 0's exception when it failed, so a refusal stops every rank at the same point instead of
+    leaving some waiting in a collective. Outside torch.distributed: `lead()` alone."""
+    if not active():
+        with lead() as out:
+            yield out
+        return
+    with contextlib.ExitStack() as stack:
+        error, out = None, None
+        if rank() == 0:
+            try:
+                out = stack.enter_context(lead())
+            except Exception as e:  # the others must hear of any failure, or they wait for rank 0 forever
+                error = e
+        shared = broadcast_object(_portable(error))
+        if error is not None:
+            raise error
+        if shared is not None:
+            raise shared
+        if follow is not None:
+            out = stack.enter_context(follow())
+        yield out
 
 
 def rows_checksum(rows: Sequence[Tensor]) -> Tensor:
@@ -198,6 +240,7 @@ def gather_digests(tensors: Sequence[Tensor]) -> list[str]:
     return out
 
 
-__all__ = ["active", "rank", "world_size", "average_", "broadcast_", "broadcast_object", "rows_checksum",
+__all__ = ["active", "rank", "world_size", "average_", "broadcast_", "broadcast_object", "lead_then_follow",
+           "rows_checksum",
            "check_same_rows", "any_rank", "RankMismatchError", "launched_world_size", "init_from_env", "shutdown",
            "barrier", "weights_digest", "gather_digests"]
