@@ -140,22 +140,31 @@ def test_the_front_keeps_undominated_settings_and_names_the_bars_missed(compare,
 
     main_dir, other_dir = tmp_path / "results", tmp_path / "results" / "robust"
     other_dir.mkdir(parents=True)
+    unattacked = {k: v for k, v in run("fast", 0, 0, 0, 1.0, 10.0).items() if not k.startswith("asr_")}
+    fewer = dict(run("trust", 2, 0, 0, 1.0, 300.0), images=48)  # measured on fewer images: its own setting
     (main_dir / "compare_runs.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        run("trust", 0, 0, 2, 0.99, 100.0), run("trust", 1, 1, 1, 0.97, 110.0),     # meets every bar
+        run("trust", 0, 0, 2, 0.99, 100.0), run("trust", 1, 1, 1, 0.97, 110.0),     # meets every measured bar
         run("salun", 0, 0, 1, 0.45, 60.0), run("salun", 1, 0, 0, 0.50, 60.0),       # robust, breaks retain
-        run("worse", 0, 3, 9, 0.90, 200.0), run("worse", 1, 3, 9, 0.90, 200.0)]) + "\n")
+        run("worse", 0, 3, 9, 0.90, 200.0), run("worse", 1, 3, 9, 0.90, 200.0),
+        unattacked, fewer]) + "\n")
     (other_dir / "compare_runs.jsonl").write_text(json.dumps(run("trust", 0, 0, 20, 1.0, 50.0)) + "\n")
     monkeypatch.setattr(sys, "argv", ["compare_methods.py", "--front", "--concepts", "red", "--results",
                                       str(main_dir)])
     assert compare.main() == 0
     rows = {r["setting"]: r for r in json.loads((main_dir / "front.json").read_text())}
-    assert set(rows) == {"trust [results]", "salun [results]", "worse [results]", "trust [robust]"}
+    assert set(rows) == {"trust [results]", "salun [results]", "worse [results]", "trust [results/robust]",
+                         "fast [results]", "trust [results] images=48"}
+    assert rows["trust [results] images=48"]["seeds"] == "2" and rows["trust [results]"]["seeds"] == "0 1"
+    # never attacked: on the front by its other axes, but it pushes no attacked setting off it
+    assert rows["fast [results]"]["front"] and "asr_softprompt" in rows["fast [results]"]["missed"][-1]
     assert rows["trust [results]"]["front"] and rows["salun [results]"]["front"]
-    assert rows["trust [robust]"]["front"]  # fastest and best retain, if the least robust
+    assert rows["trust [results/robust]"]["front"]  # fast and best retain, if the least robust
     assert not rows["worse [results]"]["front"]  # trust [results] beats it on every axis
-    assert rows["trust [results]"]["missed"] == [] and (rows["trust [results]"]["ua_k"], rows["trust [results]"]["ua_n"]) == (1, 192)
-    assert rows["salun [results]"]["missed"] == ["retain_ratio_min 0.450 < 0.95"]
-    assert any(m.startswith("asr_softprompt 0.625 > 0.10") for m in rows["trust [robust]"]["missed"])
+    unmeasured = "not measured: asr_paraphrase, asr_embedding, asr_inversion"
+    assert rows["trust [results]"]["missed"] == [unmeasured]
+    assert (rows["trust [results]"]["ua_k"], rows["trust [results]"]["ua_n"]) == (1, 192)
+    assert rows["salun [results]"]["missed"] == ["retain_ratio_min 0.450 < 0.95", unmeasured]
+    assert any(m.startswith("asr_softprompt 0.625 > 0.10") for m in rows["trust [results/robust]"]["missed"])
     assert (main_dir / "front.png").stat().st_size > 0
     assert "| red | trust [results] | 0 1 |" in capsys.readouterr().out
     # nothing saved for the concepts asked: one line, exit code 2
@@ -164,3 +173,7 @@ def test_the_front_keeps_undominated_settings_and_names_the_bars_missed(compare,
     with pytest.raises(SystemExit) as e:
         compare.main()
     assert e.value.code == 2 and "no saved runs of circle" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["compare_methods.py", "--front", str(tmp_path / "nope.jsonl")])
+    with pytest.raises(SystemExit) as e:
+        compare.main()
+    assert e.value.code == 2 and "no runs file" in capsys.readouterr().err

@@ -266,6 +266,8 @@ def test_token_offset_adversary_lowers_the_attack_loss_per_prompt(untrained_worl
         TrustConfig(adv_mode="suffix").validate()
     with pytest.raises(ValueError, match="adv_retain_fraction needs adv_mode='prefix'"):
         TrustConfig(adv_mode="tokens", adv_retain_fraction=0.5).validate()
+    with pytest.raises(ValueError, match="adv_population > 1 needs adv_mode='prefix'"):
+        TrustConfig(adv_mode="tokens", adv_population=2).validate()
 
 
 def test_an_adversary_population_steps_its_prefixes_in_turn(untrained_world, tmp_path):

@@ -136,6 +136,9 @@ class TrustConfig:
             raise ValueError(f"adv_prefix must be >= 0, got {self.adv_prefix}")
         if self.adv_mode == "tokens" and self.adv_retain_fraction > 0:
             raise ValueError("adv_retain_fraction needs adv_mode='prefix' (token offsets belong to the forget prompts)")
+        if self.adv_mode == "tokens" and self.adv_population > 1:
+            raise ValueError("adv_population > 1 needs adv_mode='prefix' (token offsets all start at the prompts "
+                             "themselves, so a population would be copies)")
         for name in ("lr", "alpha", "lam", "eta", "weight_decay", "adv_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
