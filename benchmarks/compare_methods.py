@@ -95,6 +95,20 @@ def per_prompt(concept: str, images: int) -> int:
     return max(1, math.ceil(images / len(world_prompts(parse_concept(concept)).forget)))
 
 
+RETAIN_IMAGES = 300  # retain images per run at most (single concepts stay under it at their forget sample)
+
+
+def retain_per_prompt(concept: str, n: int) -> int:
+    """Images per retain prompt: the forget prompts' `n`, capped so that a run samples about
+    RETAIN_IMAGES retain images at most (the pairs' 2 forget prompts need 48 images each for 96 forget
+    images; at 48 per retain prompt their 22 retain prompts, and fd's three samples of them, were
+    3,168 images per concept)."""
+    from trust_fast.concepts import parse_concept
+    from trust_fast.world.concepts import world_prompts
+
+    return min(n, math.ceil(RETAIN_IMAGES / len(world_prompts(parse_concept(concept)).retain)))
+
+
 def training_groups(concepts: list[str]) -> list[list[str]]:
     """Concepts whose training is identical (same world prompt sets) share one run: the first trains."""
     from trust_fast.concepts import parse_concept
@@ -146,10 +160,12 @@ def run_group(concepts: list[str], method: str, seed: int, steps: int | None, ev
     rows = []
     for concept, spec in zip(concepts, specs):
         n, n_attack = per_prompt(concept, images), per_prompt(concept, attack_images)
+        n_retain = retain_per_prompt(concept, n)
         sampling = {"steps": sample_steps} if sample_steps else {}
-        before = original_figures(reference, spec, classifier, n, seed, sampling, results)
+        before = original_figures(reference, spec, classifier, n, seed, sampling, results, n_retain)
         final = full_report(u.pipe, spec, reference, attack=",".join(attacks) or "none", classifier=classifier,
-                            n_per_prompt=n, seed=seed, settings=settings, attack_n_per_prompt=n_attack, **sampling)
+                            n_per_prompt=n, seed=seed, settings=settings, attack_n_per_prompt=n_attack,
+                            retain_n_per_prompt=n_retain, **sampling)
         row = {"concept": concept, "method": method, "seed": seed, "steps_override": steps, "images": images,
                "sample_steps": sample_steps,
                "attack_images": attack_images, "attacks": attacks, "attack_settings": settings,
@@ -180,12 +196,14 @@ def run_group(concepts: list[str], method: str, seed: int, steps: int | None, ev
     return rows
 
 
-def original_figures(reference, spec, classifier, n: int, seed: int, sampling: dict, results: str) -> dict:
+def original_figures(reference, spec, classifier, n: int, seed: int, sampling: dict, results: str,
+                     n_retain: int | None = None) -> dict:
     """The original model's UA and retain accuracy on a run's evaluation sample; the same for every
-    method, so computed once per (concept, n, seed, sampling) and kept in `results`/originals.jsonl."""
+    method, so computed once per (concept, n, n_retain, seed, sampling) and kept in `results`/originals.jsonl."""
     from trust_fast.evaluation import evaluate
 
-    key = {"concept": str(spec), "n": n, "seed": seed, **sampling}
+    n_retain = n_retain or n
+    key = {"concept": str(spec), "n": n, "seed": seed, **sampling, **({"n_retain": n_retain} if n_retain != n else {})}
     path = os.path.join(results, "originals.jsonl") if results else None
     if path and os.path.exists(path):
         with open(path) as f:
@@ -193,7 +211,8 @@ def original_figures(reference, spec, classifier, n: int, seed: int, sampling: d
                 rec = json.loads(line)
                 if rec["key"] == key:
                     return rec["figures"]
-    figures = {k: v for k, v in evaluate(reference, spec, classifier, n_per_prompt=n, seed=seed, **sampling).items()
+    figures = {k: v for k, v in evaluate(reference, spec, classifier, n_per_prompt=n, seed=seed,
+                                         retain_n_per_prompt=n_retain, **sampling).items()
                if k in ("ua", "retain_acc", "n_forget", "n_retain")}
     if path:
         os.makedirs(results, exist_ok=True)

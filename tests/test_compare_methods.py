@@ -63,6 +63,8 @@ def test_pairs_with_the_same_training_share_one_run(compare):
     assert compare.training_groups(["red", "red+circle", "circle", "red|circle"]) == [
         ["red"], ["red+circle", "red|circle"], ["circle"]]
     assert compare.per_prompt("red", 96) * 6 >= 96 and compare.per_prompt("red+circle", 96) == 48
+    # retain prompts: the forget sample per prompt, capped near RETAIN_IMAGES images (only the pairs hit it)
+    assert compare.retain_per_prompt("red", 16) == 16 and compare.retain_per_prompt("red+circle", 48) == 14
 
 
 def test_rates_are_pooled_over_seeds_with_wilson_intervals(compare):

@@ -28,3 +28,20 @@ def test_attribute_accuracy_and_table():
     assert acc == {"color_acc": 0.5, "shape_acc": 1.0, "all_acc": 0.5}
     table = format_table([("m", {"ua": 0.25, "n": 3})], ["ua", "n"])
     assert "0.250" in table and table.splitlines()[0].split() == ["ua", "n"]
+
+
+def test_retain_prompts_get_their_own_sample_size(shapes_pipe, classifier, tmp_path):
+    """full_report(retain_n_per_prompt=k): retain accuracy, fd and the retain grid use k images per
+    retain prompt while UA keeps n_per_prompt per forget prompt (a pair's 2 forget prompts need many
+    images each, its 22 retain prompts fewer)."""
+    from trust_fast.concepts import parse_concept
+    from trust_fast.evaluation import full_report
+    from trust_fast.world.concepts import world_prompts
+
+    spec = parse_concept("red+circle")
+    prompts = world_prompts(spec)
+    r = full_report(shapes_pipe, spec, shapes_pipe, classifier=classifier, n_per_prompt=3, steps=2,
+                    retain_n_per_prompt=1, grids=str(tmp_path / "grids"))
+    assert r["n_forget"] == 3 * len(prompts.forget) and r["n_retain"] == len(prompts.retain)
+    assert r["fd_n"] == len(prompts.retain)
+    assert sorted(r["grids"]) == ["forget.png", "retain.png"] and (tmp_path / "grids" / "retain.png").stat().st_size

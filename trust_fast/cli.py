@@ -328,7 +328,7 @@ def _unlearn_and_report(unlearner, pipe, spec, world, n_per_prompt, eval_seed, e
     return unlearner, report, (imgs_before, imgs_after)
 
 
-def _write_pictures(out: str, spec, n_per_prompt: int, report: dict, images) -> list[str]:
+def _write_pictures(out: str, spec, report: dict, images) -> list[str]:
     """The world run's pictures in `out`: forget.png and retain.png (one labelled row per prompt, before |
     after, same noise) and, when the run evaluated on a schedule, history.png (UA and retain accuracy
     against the step, the original model at step 0). Returns the file names written."""
@@ -338,7 +338,7 @@ def _write_pictures(out: str, spec, n_per_prompt: int, report: dict, images) -> 
     (forget_before, retain_before), (forget_after, retain_after) = images
     prompts = world_prompts(spec)
     names = write_grids(out, {"forget": (prompts.forget, forget_before, forget_after),
-                              "retain": (prompts.retain, retain_before, retain_after)}, n_per_prompt)
+                              "retain": (prompts.retain, retain_before, retain_after)})
     evals = report.get("evals") or []
     if evals:
         start = {"step": 0, "ua": report["ua_before"], "retain_acc": report["retain_before"]}
@@ -442,7 +442,7 @@ def cmd_unlearn(args) -> int:
                 # run its report
                 try:
                     if images is not None:
-                        report["pictures"] = _write_pictures(out.path, spec, args.n_per_prompt, report, images)
+                        report["pictures"] = _write_pictures(out.path, spec, report, images)
                     elif prompts is not None and not args.no_eval:
                         report["eval_vs_original"] = _evaluate_against_original(pipe, args.model, prompts, args,
                                                                                 out.path)
@@ -505,7 +505,7 @@ def cmd_demo(args) -> int:
         print(format_table(rows, ["ua", "retain_acc", "seconds"]))
         print("ua: share of images of the concept's prompts that show it; retain_acc: other prompts drawn right;"
               " seconds: evaluation (before), unlearning (after)")
-        report["pictures"] = _write_pictures(out.path, spec, args.n_per_prompt, report, images)
+        report["pictures"] = _write_pictures(out.path, spec, report, images)
         unlearner.write_pipeline(os.path.join(out.path, "model"))
         report["written_by"] = "trust_fast"
         write_json_atomic(report, os.path.join(out.path, "report.json"))

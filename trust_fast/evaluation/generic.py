@@ -122,7 +122,7 @@ def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: l
 
         pixels = {name: (sets[name], to_pixels(reference, ref), to_pixels(pipe, ours))
                   for name, (ref, ours, _) in images.items()}
-        report["grids"] = write_grids(grids, pixels, n_per_prompt, labels=("original", "evaluated"))
+        report["grids"] = write_grids(grids, pixels, labels=("original", "evaluated"))
     report["skipped"] = skipped
     report["seconds"] = time.perf_counter() - t0
     return report

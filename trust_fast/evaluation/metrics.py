@@ -104,8 +104,10 @@ def attribute_accuracy(preds: list[dict[str, str]], truth: list[dict[str, str]])
 
 def evaluate(pipe, spec: ConceptSpec, classifier=None, n_per_prompt: int = 4, seed: int = 0,
              steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, prompts: PromptSet | None = None,
-             return_images: bool = False) -> dict:
-    """UA, retain accuracy and per-attribute accuracies of a world pipeline for a concept.
+             return_images: bool = False, retain_n_per_prompt: int | None = None) -> dict:
+    """UA, retain accuracy and per-attribute accuracies of a world pipeline for a concept
+    (`n_per_prompt` images per forget prompt; `retain_n_per_prompt`, default the same, per retain
+    prompt: a pair's 2 forget prompts need many images each, its 22 retain prompts fewer).
 
     ua: fraction of forget-prompt images in which the classifier sees the concept (for "A+B" both
     together, for "A|B" A in the presence of B); retain_acc: fraction of retain-prompt images whose
@@ -117,10 +119,11 @@ def evaluate(pipe, spec: ConceptSpec, classifier=None, n_per_prompt: int = 4, se
     classifier = classifier or load_classifier()
     prompts = prompts or world_prompts(spec)
     forget_imgs = sample_images(pipe, prompts.forget, n_per_prompt, seed, steps, guidance)
-    retain_imgs = sample_images(pipe, prompts.retain, n_per_prompt, seed + 1, steps, guidance)
+    n_retain = retain_n_per_prompt or n_per_prompt
+    retain_imgs = sample_images(pipe, prompts.retain, n_retain, seed + 1, steps, guidance)
     f_pred, r_pred = predict_attrs(classifier, forget_imgs), predict_attrs(classifier, retain_imgs)
     f_truth = [a for a in prompts.forget_attrs for _ in range(n_per_prompt)]
-    r_truth = [a for a in prompts.retain_attrs for _ in range(n_per_prompt)]
+    r_truth = [a for a in prompts.retain_attrs for _ in range(n_retain)]
     named = {vocab.meaning(t).attribute for t in spec.terms()}
     report: dict = {"concept": str(spec), "kind": spec.kind,
                     "ua": sum(shows(spec, p) for p in f_pred) / max(1, len(f_pred)),

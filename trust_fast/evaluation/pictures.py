@@ -28,13 +28,15 @@ def before_after_grid(before: torch.Tensor, after: torch.Tensor, prompts: list[s
               labels=[f"{p}  ({labels[0]} | {labels[1]})" for p in prompts[:rows]])
 
 
-def write_grids(directory: str, sets: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]], n_per_prompt: int,
+def write_grids(directory: str, sets: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]],
                 labels: tuple[str, str] = ("before", "after")) -> list[str]:
-    """``{directory}/{name}.png`` for each ``name: (prompts, before, after)`` (see before_after_grid);
-    returns the file names written."""
+    """``{directory}/{name}.png`` for each ``name: (prompts, before, after)`` (see before_after_grid;
+    each set's images per prompt is its image count over its prompt count); returns the file names
+    written."""
     os.makedirs(directory, exist_ok=True)
     for name, (prompts, before, after) in sets.items():
-        before_after_grid(before, after, prompts, n_per_prompt, os.path.join(directory, f"{name}.png"), labels=labels)
+        n = before.shape[0] // max(1, len(prompts))
+        before_after_grid(before, after, prompts, n, os.path.join(directory, f"{name}.png"), labels=labels)
     return [f"{name}.png" for name in sets]
 
 

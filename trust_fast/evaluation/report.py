@@ -27,11 +27,12 @@ def full_report(pipe, spec: ConceptSpec, reference=None, attack: str = "none", c
                 n_per_prompt: int = 4, seed: int = 0, steps: int = DEFAULT_STEPS,
                 guidance: float = DEFAULT_GUIDANCE, softprompt_steps: int = 40, softprompt_k: int = 5,
                 grids: str | None = None, settings: dict | None = None,
-                attack_n_per_prompt: int | None = None) -> dict:
+                attack_n_per_prompt: int | None = None, retain_n_per_prompt: int | None = None) -> dict:
     """evaluate() plus, with a reference (the original model), fd on the retain prompts, plus attacks.
     `attack`: 'none', 'all' or a comma-separated list of :data:`ATTACKS`; `settings`: per-attack
     keywords (see :func:`attack_settings`); `attack_n_per_prompt`: attacked images per forget prompt
-    (default `n_per_prompt`). The optimized attacks (softprompt, embedding, inversion)
+    (default `n_per_prompt`); `retain_n_per_prompt`: images per retain prompt for retain accuracy,
+    fd and the retain grid (default `n_per_prompt`). The optimized attacks (softprompt, embedding, inversion)
     need the reference: they attack with the original model's images.
     `grids`: a directory for ``forget.png`` and ``retain.png``, labelled original | evaluated
     images from the same noise (needs the reference)."""
@@ -44,8 +45,9 @@ def full_report(pipe, spec: ConceptSpec, reference=None, attack: str = "none", c
                          "model (--reference)")
     t0 = time.perf_counter()
     classifier = classifier or load_classifier()
+    n_retain = retain_n_per_prompt or n_per_prompt
     report, forget_imgs, retain_imgs = evaluate(pipe, spec, classifier, n_per_prompt, seed, steps, guidance,
-                                                return_images=True)
+                                                return_images=True, retain_n_per_prompt=n_retain)
     skipped = []
     if grids and reference is None:
         skipped.append("grids (no reference model)")
@@ -54,13 +56,13 @@ def full_report(pipe, spec: ConceptSpec, reference=None, attack: str = "none", c
 
         prompts = world_prompts(spec)
         # evaluate() samples the forget prompts from `seed` and the retain prompts from `seed + 1`
-        sets = {name: (plist, sample_images(reference, plist, n_per_prompt, s, steps, guidance), ours)
-                for name, plist, ours, s in (("forget", prompts.forget, forget_imgs, seed),
-                                             ("retain", prompts.retain, retain_imgs, seed + 1))}
-        report["grids"] = write_grids(grids, sets, n_per_prompt, labels=("original", "evaluated"))
+        sets = {name: (plist, sample_images(reference, plist, n, s, steps, guidance), ours)
+                for name, plist, ours, s, n in (("forget", prompts.forget, forget_imgs, seed, n_per_prompt),
+                                                ("retain", prompts.retain, retain_imgs, seed + 1, n_retain))}
+        report["grids"] = write_grids(grids, sets, labels=("original", "evaluated"))
     if reference is not None:
         report.update(quality_distance(pipe, reference, world_prompts(spec).retain, classifier,
-                                       n_per_prompt, seed, steps, guidance))
+                                       n_retain, seed, steps, guidance))
     else:
         skipped.append("fd (no reference model)")
     n_attacked = attack_n_per_prompt or n_per_prompt
