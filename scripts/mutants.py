@@ -175,6 +175,11 @@ MUTANTS = [
            "            pass\n        for i, prompt in enumerate(prompts):",
            (f"{ATTACKS}::test_inversion_learns_one_word_placed_at_the_concept_in_every_prompt",),
            "the inversion attack never learns its word"),
+    Mutant("adv_token_offsets_ignored", "trust_fast/softprompt.py",
+           "out[:, at:] + piece[:, :out.shape[1] - at].to(out)], 1)",
+           "out[:, at:] + 0 * piece[:, :out.shape[1] - at].to(out)], 1)",
+           ("tests/test_engine.py::test_token_offset_adversary_lowers_the_attack_loss_per_prompt",),
+           "adv_mode='tokens': the offsets never reach the text encoder (no adversary)"),
     # FSDP2 (trust_fast/fsdp.py)
     Mutant("fsdp_scores_not_gathered", "trust_fast/fsdp.py",
            "scores = self.gather_scores(ops.row_saliency(grads, weights, mode))",
