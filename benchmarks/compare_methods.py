@@ -585,6 +585,8 @@ def main() -> int:
         return 0
     if args.table:
         rows = aggregate([r for r in read_runs(runs_path, **wanted) if r["seed"] in args.seeds], concepts, methods)
+        if not rows:
+            refuse(f"no saved runs of {', '.join(methods)} on {', '.join(concepts)} with these settings in {runs_path}")
         write_outputs(rows, command, args.results)
         print(markdown(rows))
         return 0

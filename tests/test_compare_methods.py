@@ -175,6 +175,12 @@ def test_the_front_keeps_undominated_settings_and_names_the_bars_missed(compare,
     with pytest.raises(SystemExit) as e:
         compare.main()
     assert e.value.code == 2 and "no saved runs of circle" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["compare_methods.py", "--table", "--concepts", "circle", "--results",
+                                      str(main_dir)])
+    with pytest.raises(SystemExit) as e:
+        compare.main()
+    assert e.value.code == 2 and "no saved runs" in capsys.readouterr().err
+    assert not (main_dir / "compare.csv").exists()
     monkeypatch.setattr(sys, "argv", ["compare_methods.py", "--front", str(tmp_path / "nope.jsonl")])
     with pytest.raises(SystemExit) as e:
         compare.main()
