@@ -170,9 +170,24 @@ def test_stable_diffusion_pipeline_with_vae_unlearns_and_round_trips(tmp_path):
     assert s["loss_retain"] is not None
 
 
+def _adversarial_rows_then_resume(u, world, cfg, tmp_path):
+    """Half of a forget batch is conditioned on the adversary's prompts, the other half on the plain
+    ones; after a step the adversary's state survives a checkpoint. Returns the resumed unlearner."""
+    from trust_fast.checkpoint import load_checkpoint, save_checkpoint
+
+    b = u._forget_batch(8)
+    adv_rows = [any(torch.equal(c, e) for e in u.emb_forget_adv[0]) for c in b.cond]
+    assert adv_rows == [False] * 4 + [True] * 4
+    u.step()
+    save_checkpoint(u, str(tmp_path))
+    v = TrustUnlearner(fresh(world), "red", cfg)
+    load_checkpoint(v, str(tmp_path))
+    assert torch.equal(v.adv_prefixes[0], u.adv_prefixes[0]) and torch.equal(v.emb_forget_adv[0], u.emb_forget_adv[0])
+    return v
+
+
 def test_adversarial_prefix_lowers_the_attack_loss_and_enters_forget_batches(untrained_world, tmp_path):
     from trust_fast import objectives
-    from trust_fast.checkpoint import load_checkpoint, save_checkpoint
     from trust_fast.softprompt import encode_with_prefix, prefixed_ids
 
     cfg = TrustConfig(adv_prefix=3, adv_steps=8, adv_interval=100, adv_lr=0.05, adv_fraction=0.5, steps=1, **SMALL)
@@ -196,16 +211,7 @@ def test_adversarial_prefix_lowers_the_attack_loss_and_enters_forget_batches(unt
     assert len(u.adv_prefixes) == len(u.emb_forget_adv) == 1 and u.adv_refreshes == 4
     assert u.emb_forget_adv[0].shape == u.emb_forget.shape
     assert attack_loss(u.adv_prefixes[0]) < attack_loss(first)
-    # half of a forget batch is conditioned on the prefixed prompts, the other half on the plain ones
-    b = u._forget_batch(8)
-    adv_rows = [any(torch.equal(c, e) for e in u.emb_forget_adv[0]) for c in b.cond]
-    assert adv_rows == [False] * 4 + [True] * 4
-    # the adversary's state survives a checkpoint
-    u.step()
-    save_checkpoint(u, str(tmp_path))
-    v = TrustUnlearner(fresh(untrained_world), "red", cfg)
-    load_checkpoint(v, str(tmp_path))
-    assert torch.equal(v.adv_prefixes[0], u.adv_prefixes[0]) and torch.equal(v.emb_forget_adv[0], u.emb_forget_adv[0])
+    v = _adversarial_rows_then_resume(u, untrained_world, cfg, tmp_path)
     assert (v.adv_optimizers[0].state_dict()["state"][0]["step"]
             == u.adv_optimizers[0].state_dict()["state"][0]["step"])
 
@@ -216,7 +222,7 @@ def test_token_offset_adversary_lowers_the_attack_loss_per_prompt(untrained_worl
     refreshes lower the model's diffusion loss on the concept's images, the forget prompts are
     re-encoded with their own offsets, and the state survives a checkpoint (shape-checked)."""
     from trust_fast import objectives
-    from trust_fast.checkpoint import load_checkpoint, save_checkpoint
+    from trust_fast.checkpoint import load_checkpoint
     from trust_fast.softprompt import encode_with_offsets, widths
 
     cfg = TrustConfig(adv_prefix=1, adv_mode="tokens", adv_steps=8, adv_interval=100, adv_lr=0.05,
@@ -248,14 +254,7 @@ def test_token_offset_adversary_lowers_the_attack_loss_per_prompt(untrained_worl
     with torch.no_grad():
         torch.testing.assert_close(u.emb_forget_adv[0][:2], encode_with_offsets(u.family, [x[:2] for x in ids],
                                                                                 offsets[:2]))
-    b = u._forget_batch(8)
-    adv_rows = [any(torch.equal(c, e) for e in u.emb_forget_adv[0]) for c in b.cond]
-    assert adv_rows == [False] * 4 + [True] * 4
-    u.step()
-    save_checkpoint(u, str(tmp_path))
-    v = TrustUnlearner(fresh(untrained_world), "red", cfg)
-    load_checkpoint(v, str(tmp_path))
-    assert torch.equal(v.adv_prefixes[0], offsets) and torch.equal(v.emb_forget_adv[0], u.emb_forget_adv[0])
+    _adversarial_rows_then_resume(u, untrained_world, cfg, tmp_path)
     # a prefix checkpoint is another config; token offsets of the wrong shape are refused in one line
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     state["adversary"]["prefixes"] = [offsets[:-1].clone()]
