@@ -241,6 +241,5 @@ def gather_digests(tensors: Sequence[Tensor]) -> list[str]:
 
 
 __all__ = ["active", "rank", "world_size", "average_", "broadcast_", "broadcast_object", "lead_then_follow",
-           "rows_checksum",
-           "check_same_rows", "any_rank", "RankMismatchError", "launched_world_size", "init_from_env", "shutdown",
-           "barrier", "weights_digest", "gather_digests"]
+           "rows_checksum", "check_same_rows", "any_rank", "RankMismatchError", "launched_world_size",
+           "init_from_env", "shutdown", "barrier", "weights_digest", "gather_digests"]

@@ -669,8 +669,7 @@ class TrustUnlearner:
         from .softprompt import offsets_shape, widths
 
         if self.config.adv_mode == "tokens":
-            _, positions, width = offsets_shape(self.family, self.family.tokenize(self.prompts.forget[:1]))
-            return (len(self.prompts.forget), positions, width)
+            return offsets_shape(self.family, len(self.prompts.forget))
         return (self.config.adv_prefix, sum(widths(self.family)))
 
     def refresh_adversary(self) -> None:

@@ -112,11 +112,11 @@ def encode_with_prefix(family, ids: list[Tensor], prefix: Tensor) -> Tensor:
                                        zip(split(family, prefix), family.prompt_encoders())])
 
 
-def offsets_shape(family, ids: list[Tensor]) -> tuple[int, int, int]:
-    """(N, T, sum of widths): per-token offsets of N prompts' ids (:meth:`Family.tokenize`) for
-    :func:`encode_with_offsets`, T covering every encoder's positions after its start token."""
-    firsts = [first_word(tok) for tok, _, _ in family.prompt_encoders()]
-    return ids[0].shape[0], max(x.shape[1] - f for x, f in zip(ids, firsts)), sum(widths(family))
+def offsets_shape(family, n_prompts: int) -> tuple[int, int, int]:
+    """(N, T, sum of widths): per-token offsets of N prompts for :func:`encode_with_offsets`, T
+    covering every encoder's positions after its start token (:meth:`Family.tokenize` pads to each
+    encoder's token count)."""
+    return n_prompts, max(n - first_word(tok) for tok, _, n in family.prompt_encoders()), sum(widths(family))
 
 
 def encode_with_offsets(family, ids: list[Tensor], offsets: Tensor) -> Tensor:
