@@ -11,8 +11,10 @@ images per run and attack. Methods: trust (TrustConfig defaults), trust-lite (TR
 before issue #16: no adversary, 2 cached images per prompt at 10 DDIM steps), salun, esd.
 
 Every finished run is appended to benchmarks/results/compare_runs.jsonl; a run already there
-(same concept, method, seed and settings) is not repeated, so a long comparison can be stopped
-and continued. The table pools each (concept, method) over its seeds: rates are pooled counts
+(same concept, seed, settings and TrustConfig) is not repeated, so a long comparison can be
+stopped and continued. Runs are recognised by the TrustConfig they trained with, not by the name
+they were saved under: when a default changes, the method's older runs stop counting (stderr says
+how many) and a variant's runs that match the new default count for it. The table pools each (concept, method) over its seeds: rates are pooled counts
 with their Wilson 95% interval, "worst" is the worst seed, retain is the lowest seed's ratio to
 the original.
 
@@ -290,6 +292,41 @@ def read_runs(path: str, **wanted) -> list[dict]:
     with open(path) as f:
         runs = [json.loads(line) for line in f if line.strip()]
     return [r for r in runs if all(r.get(k) == v for k, v in wanted.items())]
+
+
+def config_drift(row: dict, method: str) -> dict:
+    """{field: (saved, now)} where the TrustConfig a saved run trained with differs from what
+    `method` runs with today (same seed and step override). A field the run predates, or one the
+    engine resolves at run time (None today), is not drift."""
+    import dataclasses
+
+    saved = row.get("config")
+    if saved is None:  # runs from before configs were saved: only the label says what they ran
+        return {} if row["method"] == method else {"method": (row["method"], method)}
+    steps = row.get("steps_override")
+    now = json.loads(json.dumps(dataclasses.asdict(method_config(method, seed=row["seed"],
+                                                                 **({"steps": steps} if steps else {})))))
+    return {k: (saved[k], v) for k, v in now.items() if k in saved and v is not None and saved[k] != v}
+
+
+def runs_of(runs: list[dict], methods: list[str]) -> list[dict]:
+    """The saved runs of each method in `methods`, recognised by the configuration they trained with
+    rather than by the label they were saved under: a run saved as a variant counts for the method
+    whose configuration it is today (a variant that became the default), and a method's own runs
+    from before its configuration changed are left out (and counted on stderr)."""
+    out, stale = [], {}
+    for m in methods:
+        for r in runs:
+            drift = config_drift(r, m)
+            if not drift:
+                out.append({**r, "method": m})
+            elif r["method"] == m:
+                stale.setdefault(m, []).append(drift)
+    for m, drifts in stale.items():
+        fields = sorted({k for d in drifts for k in d})
+        print(f"compare_methods.py: {len(drifts)} saved run(s) of {m} trained with another configuration "
+              f"({', '.join(fields)}) are not counted", file=sys.stderr)
+    return out
 
 
 def write_outputs(rows: list[dict], command: str, results: str = RESULTS) -> None:
@@ -584,13 +621,14 @@ def main() -> int:
         print(write_front(rows, command, args.results))
         return 0
     if args.table:
-        rows = aggregate([r for r in read_runs(runs_path, **wanted) if r["seed"] in args.seeds], concepts, methods)
+        rows = aggregate(runs_of([r for r in read_runs(runs_path, **wanted) if r["seed"] in args.seeds], methods),
+                         concepts, methods)
         if not rows:
             refuse(f"no saved runs of {', '.join(methods)} on {', '.join(concepts)} with these settings in {runs_path}")
         write_outputs(rows, command, args.results)
         print(markdown(rows))
         return 0
-    have = {run_key(r) for r in read_runs(runs_path)}
+    have = {run_key(r) for r in runs_of(read_runs(runs_path), methods)}
     todo = [(g, m, s) for s in args.seeds for g in training_groups(concepts) for m in methods
             if any(run_key({"concept": c, "method": m, "seed": s, **wanted}) not in have for c in g)]
     os.makedirs(args.results, exist_ok=True)
@@ -636,7 +674,8 @@ def main() -> int:
                 bar.write(f"{r['concept']:12s} {method:9s} seed {seed} ua {r['ua']:.3f} retain {r['retain_acc']:.3f} "
                           f"{asr} train {r['seconds']:.1f} s (run {time.perf_counter() - t0:.0f} s)")
     bar.close()
-    rows = aggregate([r for r in read_runs(runs_path, **wanted) if r["seed"] in args.seeds], concepts, methods)
+    rows = aggregate(runs_of([r for r in read_runs(runs_path, **wanted) if r["seed"] in args.seeds], methods),
+                     concepts, methods)
     write_outputs(rows, command, args.results)
     print(markdown(rows))
     return 0

@@ -129,6 +129,36 @@ def test_variants_are_trust_with_named_fields(compare, monkeypatch):
         compare.add_variant("bad:x0_per_promt=8")
 
 
+def test_saved_runs_count_for_the_method_whose_configuration_they_ran(compare, monkeypatch, capsys):
+    """A run is recognised by its saved TrustConfig: a variant's run counts for the default once
+    the default has its configuration, and a method's runs from before its configuration changed
+    no longer count (stderr says so); a field the run predates is not drift."""
+    import dataclasses
+    import json
+
+    monkeypatch.setattr(compare, "VARIANTS", dict(compare.VARIANTS))
+    compare.add_variant("trust-x0:x0_per_prompt=3")
+
+    def saved(method, seed, **fields):
+        cfg = json.loads(json.dumps(dataclasses.asdict(compare.method_config(method, seed=seed))))
+        return {"concept": "red", "method": method, "seed": seed, "steps_override": None, "config": {**cfg, **fields}}
+
+    old_default = saved("trust", 0, x0_per_prompt=7)         # trust before its default moved
+    variant = saved("trust-x0", 1)                           # the variant as it ran
+    predates = saved("salun", 0)
+    del predates["config"]["adv_mode"]                       # a run from before that field existed
+    runs = [old_default, variant, predates]
+    assert [(r["method"], r["seed"]) for r in compare.runs_of(runs, ["trust", "salun"])] == [("salun", 0)]
+    err = capsys.readouterr().err
+    assert "1 saved run(s) of trust trained with another configuration (x0_per_prompt)" in err
+    # the default takes the variant's configuration: the variant's run now counts for trust too
+    monkeypatch.setitem(compare.VARIANTS, "trust", ("trust", {"x0_per_prompt": 3}))
+    got = compare.runs_of(runs, ["trust", "trust-x0"])
+    assert [(r["method"], r["seed"]) for r in got] == [("trust", 1), ("trust-x0", 1)]
+    assert got[0]["config"] == variant["config"] and variant["method"] == "trust-x0"  # the saved run is not changed
+    assert compare.config_drift({"concept": "red", "method": "esd", "seed": 0}, "salun") == {"method": ("esd", "salun")}
+
+
 def test_the_front_keeps_undominated_settings_and_names_the_bars_missed(compare, tmp_path, monkeypatch, capsys):
     """--front: every (concept, setting) pooled over seeds, from several runs files kept apart; a
     setting worse on every axis than another is off the front; each row lists the #16 bars it misses."""
