@@ -568,7 +568,7 @@ class TrustUnlearner:
             opt = self.masked_optimizer
         except TypeError:
             return [None] * len(self.params)
-        return [opt.row_updates(q)[0] for q in self.opt_params]
+        return [opt.edited_rows(q) for q in self.opt_params]
 
     def pred(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """The edited model's prediction, with grad to the target parameters."""

@@ -317,6 +317,14 @@ class MaskedAdamW(torch.optim.Optimizer):
         n = st["num_slots"]
         return st["row_of_slot"][:n].clone(), st["step"][:n].to(torch.int64)
 
+    def edited_rows(self, p: Tensor) -> Tensor:
+        """The rows of `p` that were ever selected, as a read-only view of the slot table (no copy:
+        for callers on the hot path that index with it and do not keep it past the next step)."""
+        st = self.state.get(p)
+        if not st or "num_slots" not in st:
+            return torch.zeros(0, dtype=torch.int64, device=p.device)
+        return st["row_of_slot"][: st["num_slots"]]
+
     def state_bytes(self) -> int:
         """Bytes held by optimizer state tensors (moments, step counts, slot tables)."""
         return sum(
