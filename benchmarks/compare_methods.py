@@ -570,6 +570,9 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...",
                     help="a TRUST variant to compare (TrustConfig fields over the defaults); name it in --methods")
     ap.add_argument("--table", action="store_true", help="only write the table from the saved runs")
+    ap.add_argument("--print", action="store_true", dest="print_only",
+                    help="with --table: print the table and write nothing (a side table of variants "
+                         "that should not replace the comparison's outputs)")
     ap.add_argument("--front", nargs="*", metavar="RUNS.jsonl", default=None,
                     help="only write the front over every setting in these runs files (default: the results "
                          "directory's and its robust/ subdirectory's): pooled UA, soft-prompt ASR, worst retain, "
@@ -609,6 +612,8 @@ def main() -> int:
                                                                  if a != "--table" or args.front is not None)
     wanted = {"steps_override": args.steps, "sample_steps": args.sample_steps, "images": args.images, "attack_images": args.attack_images,
               "attacks": attacks, "attack_settings": settings}
+    if args.print_only and not args.table:
+        refuse("--print goes with --table")
     if args.front is not None:
         missing = [p for p in args.front if not os.path.isfile(p)]
         if missing:
@@ -625,7 +630,8 @@ def main() -> int:
                          concepts, methods)
         if not rows:
             refuse(f"no saved runs of {', '.join(methods)} on {', '.join(concepts)} with these settings in {runs_path}")
-        write_outputs(rows, command, args.results)
+        if not args.print_only:
+            write_outputs(rows, command, args.results)
         print(markdown(rows))
         return 0
     have = {run_key(r) for r in runs_of(read_runs(runs_path), methods)}

@@ -42,6 +42,15 @@ def test_unknown_method_is_refused_before_any_run(compare, monkeypatch, capsys):
     assert e.value.code == 2 and "unknown method(s) fmn" in err and len(err.strip().splitlines()) == 1
 
 
+def test_print_without_table_is_refused(compare, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["compare_methods.py", "--print", "--results", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        compare.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--print goes with --table" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
 def test_results_block_replaces_only_the_marked_part(compare, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- COMPARE:BEGIN -->\nold table\n<!-- COMPARE:END -->\noutro\n")
@@ -115,6 +124,11 @@ def test_a_tiny_comparison_runs_once_and_resumes(compare, tmp_path, monkeypatch)
 
     monkeypatch.setattr(compare.subprocess, "Popen", no_training)
     assert compare.main() == 0
+    # --table --print: the table from the saved runs, and nothing written
+    (tmp_path / "compare.json").unlink()
+    monkeypatch.setattr(sys, "argv", [*argv, "--table", "--print"])
+    assert compare.main() == 0
+    assert not (tmp_path / "compare.json").exists()
 
 
 def test_variants_are_trust_with_named_fields(compare, monkeypatch):
