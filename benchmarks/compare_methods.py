@@ -80,8 +80,8 @@ def method_config(name: str, **overrides):
 
 
 COLUMNS = ["concept", "method", "seeds", "ua", "ua_k", "ua_n", "ua_lo", "ua_hi", "ua_worst", "retain_ratio_min",
-           "fd_ratio", *[f"asr_{a}{x}" for a in ATTACKS for x in ("", "_k", "_n", "_lo", "_hi")],
-           "secs_to_ua05", "seconds", "peak_rss_mb", "train_mem_mb", "optimizer_state_bytes"]
+           "fd_ratio", "fd_ratio_worst", *[f"asr_{a}{x}" for a in ATTACKS for x in ("", "_k", "_n", "_lo", "_hi")],
+           "selected_fraction_max", "patch_fraction_max", "secs_to_ua05", "seconds", "peak_rss_mb", "train_mem_mb", "optimizer_state_bytes"]
 
 
 def _rss_mb() -> float:
@@ -138,6 +138,7 @@ def run_group(concepts: list[str], method: str, seed: int, steps: int | None, ev
     from trust_fast import TrustUnlearner
     from trust_fast.concepts import parse_concept
     from trust_fast.evaluation import evaluate, full_report
+    from trust_fast.patch import patch_fraction
     from trust_fast.world import load_classifier, load_pipeline
 
     torch.manual_seed(seed)
@@ -159,6 +160,7 @@ def run_group(concepts: list[str], method: str, seed: int, steps: int | None, ev
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     hits = [e for e in u.history.evals if e["ua"] <= 0.05 and e["step"] > 0]
     rep = u.report()
+    patch = patch_fraction(reference, u.pipe)  # the sparse patch this run would export, of the UNet
     rows = []
     for concept, spec in zip(concepts, specs):
         n, n_attack = per_prompt(concept, images), per_prompt(concept, attack_images)
@@ -179,6 +181,8 @@ def run_group(concepts: list[str], method: str, seed: int, steps: int | None, ev
                "steps": u.step_count, "peak_rss_mb": peak, "train_mem_mb": max(0.0, peak - rss0),
                "trainable_params": rep.get("trainable_params"), "mean_selected_rows": rep.get("mean_selected_rows"),
                "optimizer_state_bytes": u.state_bytes()["optimizer_state_bytes"], "evals": u.history.evals,
+               "target_rows": rep["target_rows"], "selected_fraction": rep["mean_selected_fraction"],
+               "patch_fraction": patch,
                "phases": {k: sum(s.get(k, 0.0) for s in rep["history"]) for k in rep["history"][0]
                           if k.startswith("time_")},
                "pool_seconds": u.pool_seconds, "config": rep.get("config"), "threads": torch.get_num_threads(),
@@ -239,6 +243,7 @@ def aggregate(runs: list[dict], concepts: list[str], methods: list[str]) -> list
                    "ua_k": k, "ua_n": n, "ua_worst": max(r["ua"] for r in rs),
                    "retain_ratio_min": min(r["retain_acc"] / r["retain_before"] for r in rs),
                    "fd_ratio": statistics.mean(r["fd"] / r["fd_self"] for r in rs),
+                   "fd_ratio_worst": max(r["fd"] / r["fd_self"] for r in rs),
                    "seconds": statistics.median(r["seconds"] for r in rs),
                    "secs_to_ua05": ("-" if any(r["secs_to_ua05"] == "-" for r in rs)  # not measured
                                     else statistics.median(r["secs_to_ua05"] for r in rs)
@@ -247,6 +252,12 @@ def aggregate(runs: list[dict], concepts: list[str], methods: list[str]) -> list
                    "train_mem_mb": statistics.median(r["train_mem_mb"] for r in rs),
                    "optimizer_state_bytes": statistics.median(r["optimizer_state_bytes"] for r in rs)}
             row["ua_lo"], row["ua_hi"] = wilson(k, n)
+            # selectivity, worst seed: target rows selected per step (mean over a run's steps) and the
+            # sparse patch as a fraction of the UNet, from the runs that measured them
+            for key, name in (("selected_fraction", "selected_fraction_max"), ("patch_fraction", "patch_fraction_max")):
+                have = [r[key] for r in rs if r.get(key) is not None]
+                if have:
+                    row[name] = max(have)
             for a in ATTACKS:
                 have = [r for r in rs if f"asr_{a}_n" in r]
                 if not have:
@@ -275,11 +286,14 @@ def rate(row: dict, name: str) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = ["concept", "method", "seeds", "UA (pooled; 95% CI)", "UA worst seed", "retain ratio (worst seed)",
-            "fd / fd_self", *[f"asr_{a}" for a in ATTACKS], "s to UA<=0.05", "s (median)"]
+            "fd / fd_self (worst)", *[f"asr_{a}" for a in ATTACKS], "rows per step / patch (worst)",
+            "s to UA<=0.05", "s (median)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pct = lambda r, k: f"{100 * r[k]:.1f}%" if k in r else "-"  # noqa: E731
     for r in rows:
         cells = [r["concept"], r["method"], r["seeds"], rate(r, "ua"), fmt(r["ua_worst"]), fmt(r["retain_ratio_min"]),
-                 f"{r['fd_ratio']:.2f}", *[rate(r, f"asr_{a}") for a in ATTACKS], fmt(r["secs_to_ua05"]),
+                 f"{r['fd_ratio']:.2f} ({r['fd_ratio_worst']:.2f})", *[rate(r, f"asr_{a}") for a in ATTACKS],
+                 f"{pct(r, 'selected_fraction_max')} / {pct(r, 'patch_fraction_max')}", fmt(r["secs_to_ua05"]),
                  f"{r['seconds']:.1f}"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -415,7 +429,8 @@ def plot(rows: list[dict], path: str) -> None:
 # the bar, "min" when at or over it)
 TARGETS = [("ua", 0.02, "max"), ("ua_worst", 0.05, "max"), ("asr_softprompt", 0.10, "max"),
            ("asr_paraphrase", 0.05, "max"), ("asr_embedding", 0.20, "max"), ("asr_inversion", 0.20, "max"),
-           ("retain_ratio_min", 0.95, "min")]
+           ("retain_ratio_min", 0.95, "min"), ("fd_ratio_worst", 1.10, "max"), ("selected_fraction_max", 0.10, "max"),
+           ("patch_fraction_max", 0.08, "max")]
 # what the front trades: lower UA, lower soft-prompt ASR, higher worst-seed retain, less time
 FRONT_AXES = [("ua", -1), ("asr_softprompt", -1), ("retain_ratio_min", 1), ("seconds", -1)]
 

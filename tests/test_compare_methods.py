@@ -111,6 +111,8 @@ def test_a_tiny_comparison_runs_once_and_resumes(compare, tmp_path, monkeypatch)
     assert {r["trained_on"] for r in runs} == {"red+circle"} and runs[0]["seconds"] == runs[1]["seconds"]
     for r in runs:
         assert r["n_forget"] >= 4 and all(r[f"asr_{a}_n"] >= 2 for a in compare.ATTACKS)
+        # ESD trains every cross-attention key/value row: all target rows, a small part of the UNet
+        assert r["selected_fraction"] == 1.0 and 0 < r["patch_fraction"] < 0.5
     rows = json.loads((tmp_path / "compare.json").read_text())
     assert [(r["concept"], r["ua_n"]) for r in rows] == [(r["concept"], r["n_forget"]) for r in runs]
     assert (tmp_path / "compare.png").stat().st_size > 0
@@ -179,8 +181,10 @@ def test_the_front_keeps_undominated_settings_and_names_the_bars_missed(compare,
     import json
 
     def run(method, seed, ua_k, asr_k, retain, seconds, concept="red"):
+        dense = method == "salun"  # half of every weight: not selective
         return {"concept": concept, "method": method, "seed": seed, "ua": ua_k / 96, "n_forget": 96,
                 "retain_acc": retain, "retain_before": 1.0, "fd": 1.0, "fd_self": 1.0, "seconds": seconds,
+                "selected_fraction": 1.0 if dense else 0.05, "patch_fraction": 0.5 if dense else 0.06,
                 "secs_to_ua05": None, "peak_rss_mb": 1.0, "train_mem_mb": 1.0, "optimizer_state_bytes": 8,
                 "asr_softprompt": asr_k / 32, "asr_softprompt_hits": asr_k, "asr_softprompt_n": 32}
 
@@ -209,7 +213,8 @@ def test_the_front_keeps_undominated_settings_and_names_the_bars_missed(compare,
     unmeasured = "not measured: asr_paraphrase, asr_embedding, asr_inversion"
     assert rows["trust [results]"]["missed"] == [unmeasured]
     assert (rows["trust [results]"]["ua_k"], rows["trust [results]"]["ua_n"]) == (1, 192)
-    assert rows["salun [results]"]["missed"] == ["retain_ratio_min 0.450 < 0.95", unmeasured]
+    assert rows["salun [results]"]["missed"] == ["retain_ratio_min 0.450 < 0.95", "selected_fraction_max 1.000 > 0.10",
+                                                 "patch_fraction_max 0.500 > 0.08", unmeasured]
     assert any(m.startswith("asr_softprompt 0.625 > 0.10") for m in rows["trust [results/robust]"]["missed"])
     assert (main_dir / "front.png").stat().st_size > 0
     assert "| red | trust [results] | 0 1 |" in capsys.readouterr().out

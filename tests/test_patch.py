@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from trust_fast.patch import apply_patch, diff_rows, export_patch, fingerprint, read_patch
+from trust_fast.patch import apply_patch, diff_rows, export_patch, fingerprint, patch_fraction, read_patch
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,9 @@ def test_patch_round_trip_is_bit_exact_and_small(base, tmp_path):
     stats = export_patch(base, unlearned, path)
     assert stats["changed_rows"] == 5 and stats["changed_tensors"] == 3
     assert stats["fraction_of_unet"] < 0.01
+    # the same figure without a file: the patch's tensors, without the file's header
+    header = (stats["patch_bytes"] - patch_fraction(base, unlearned) * stats["unet_bytes"])
+    assert 0 < header < 4096
     rebuilt = apply_patch(copy.deepcopy(base), path)
     assert fingerprint(rebuilt) == fingerprint(unlearned)
     for (n, a), (_, b) in zip(rebuilt.unet.state_dict().items(), unlearned.unet.state_dict().items()):

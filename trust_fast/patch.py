@@ -86,12 +86,24 @@ def export_patch(base_pipe, unlearned_pipe, path: str) -> dict:
 
     tensors, meta = make_patch(base_pipe, unlearned_pipe)
     save_file_atomic(tensors, path, metadata=meta)
-    denoiser = next(getattr(unlearned_pipe, d) for d in DENOISERS if getattr(unlearned_pipe, d, None) is not None)
-    unet_bytes = sum(t.numel() * t.element_size() for t in denoiser.state_dict().values())
+    unet_bytes = denoiser_bytes(unlearned_pipe)
     size = os.path.getsize(path)
     return {"patch_bytes": size, "unet_bytes": unet_bytes, "fraction_of_unet": size / unet_bytes,
             "changed_rows": int(meta["changed_rows"]), "total_rows": int(meta["total_rows"]),
             "changed_tensors": len(json.loads(meta["tensors"]))}
+
+
+def denoiser_bytes(pipe) -> int:
+    """Bytes of the pipeline's denoiser (the UNet, or an MMDiT's transformer) state."""
+    denoiser = next(getattr(pipe, d) for d in DENOISERS if getattr(pipe, d, None) is not None)
+    return sum(t.numel() * t.element_size() for t in denoiser.state_dict().values())
+
+
+def patch_fraction(base_pipe, unlearned_pipe) -> float:
+    """What a patch of `unlearned_pipe` against `base_pipe` would hold (changed rows and their
+    indices), as a fraction of the denoiser's bytes, without writing it (the file adds a header)."""
+    tensors, _ = make_patch(base_pipe, unlearned_pipe)
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / denoiser_bytes(unlearned_pipe)
 
 
 def is_patch_file(path: str) -> bool:
