@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from .defaults import AMP_MODES
+from .defaults import ADV_MODES, AMP_MODES
 
 
 class UserError(ValueError):
@@ -212,7 +212,7 @@ def _unlearning_config(args):
 
     overrides = {"seed": args.seed}
     for name in ("steps", "hessian", "lr", "xi", "max_fraction", "alpha", "lam", "loc_interval", "batch_size",
-                 "x0_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix", "min_row_updates", "amp",
+                 "x0_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix", "adv_mode", "min_row_updates", "amp",
                  "compile_unet", "channels_last", "grad_checkpointing", "hessian_micro_batch"):
         value = getattr(args, name, None)
         if value is not None:
@@ -673,6 +673,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adv-prefix", type=int, default=None, metavar="K",
                    help="train against an adversarial soft prefix of K tokens, in every text encoder "
                         "(default 5; 0: off)")
+    p.add_argument("--adv-mode", choices=ADV_MODES, default=None,
+                   help="the adversary's search space: prefix (a soft prefix shared by the forget prompts, the "
+                        "default) or tokens (an offset on every token embedding of each forget prompt, what the "
+                        "embedding attack moves)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--x0-per-prompt", type=int, default=None, help="data-free images cached per prompt (default 8)")
     p.add_argument("--x0-steps", type=int, default=None, help="DDIM steps that sample them (default 5)")

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from . import distributed, objectives
-from .defaults import AMP_MODES
+from .defaults import ADV_MODES, AMP_MODES
 from .concepts import ConceptSpec, PromptSet, parse_concept
 from .families import family_for
 from .hessian import HESSIAN_MODES, HutchinsonDiagonal, double_backward_attention, grad_and_hvps, scaled
@@ -40,7 +40,6 @@ from .localize import DynamicLocalizer, Target, find_targets, freeze_all_but, st
 
 LOCALIZATIONS = ("dynamic", "static", "dense")
 ADV_PREFIX_AUTO = 5  # TrustConfig(adv_prefix=None): the adversary's prefix length
-ADV_MODES = ("prefix", "tokens")
 X0_SOURCES = ("forget", "anchor", "forget+anchor")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
