@@ -14,9 +14,9 @@ Every finished run is appended to benchmarks/results/compare_runs.jsonl; a run a
 (same concept, seed, settings and TrustConfig) is not repeated, so a long comparison can be
 stopped and continued. Runs are recognised by the TrustConfig they trained with, not by the name
 they were saved under: when a default changes, the method's older runs stop counting (stderr says
-how many) and a variant's runs that match the new default count for it. The table pools each (concept, method) over its seeds: rates are pooled counts
-with their Wilson 95% interval, "worst" is the worst seed, retain is the lowest seed's ratio to
-the original.
+how many) and a variant's runs that match the new default count for it. The table pools each
+(concept, method) over its seeds: rates are pooled counts with their Wilson 95% interval, "worst"
+is the worst seed, retain is the lowest seed's ratio to the original.
 
     python benchmarks/compare_methods.py --seeds 0 1 2 --jobs 2          # 5 concepts x 4 methods x 3 seeds
     python benchmarks/compare_methods.py --concepts red --methods trust,esd --seeds 0
@@ -81,7 +81,8 @@ def method_config(name: str, **overrides):
 
 COLUMNS = ["concept", "method", "seeds", "ua", "ua_k", "ua_n", "ua_lo", "ua_hi", "ua_worst", "retain_ratio_min",
            "fd_ratio", "fd_ratio_worst", *[f"asr_{a}{x}" for a in ATTACKS for x in ("", "_k", "_n", "_lo", "_hi")],
-           "selected_fraction_max", "patch_fraction_max", "secs_to_ua05", "seconds", "peak_rss_mb", "train_mem_mb", "optimizer_state_bytes"]
+           "selected_fraction_max", "patch_fraction_max", "secs_to_ua05", "seconds", "peak_rss_mb", "train_mem_mb",
+           "optimizer_state_bytes"]
 
 
 def _rss_mb() -> float:
