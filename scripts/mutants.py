@@ -205,6 +205,10 @@ MUTANTS = [
            ("tests/test_fsdp.py::test_finite_difference_hessian_products_match_double_backward",),
            "a frozen pass inside a finite-difference probe restores only the edited rows (the target moves "
            "with the probe, H z ~ 0)"),
+    Mutant("fsdp_frozen_pass_swaps_no_rows", "trust_fast/optim.py",
+           'return st["row_of_slot"][: st["num_slots"]]', 'return st["row_of_slot"][:0]',
+           ("tests/test_fsdp.py::test_sharded_run_selects_and_trains_like_data_parallel",),
+           "MaskedAdamW.edited_rows reports no rows: FSDP2's frozen passes keep the edited weights"),
 
 ]
 
