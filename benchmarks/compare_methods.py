@@ -71,6 +71,15 @@ def add_variant(text: str) -> str:
     return name
 
 
+def check_methods(methods: list[str]) -> None:
+    """Refuse (one line, exit 2) a method name that is neither registered nor a variant."""
+    from trust_fast.methods import METHODS as REGISTERED
+
+    unknown = sorted(set(methods) - set(REGISTERED) - set(VARIANTS))
+    if unknown:
+        refuse(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(list(REGISTERED) + list(VARIANTS))}")
+
+
 def method_config(name: str, **overrides):
     """The TrustConfig a compared method runs with: a registered method or a named variant."""
     from trust_fast.methods import config
@@ -619,11 +628,7 @@ def main() -> int:
             json.dump(rows, f)
         return 0
     concepts, methods = args.concepts.split(","), args.methods.split(",")
-    from trust_fast.methods import METHODS as REGISTERED
-
-    unknown = sorted(set(methods) - set(REGISTERED) - set(VARIANTS))
-    if unknown:
-        refuse(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(list(REGISTERED) + list(VARIANTS))}")
+    check_methods(methods)
     command = "python benchmarks/compare_methods.py " + " ".join(a for a in sys.argv[1:]
                                                                  if a != "--table" or args.front is not None)
     wanted = {"steps_override": args.steps, "sample_steps": args.sample_steps, "images": args.images, "attack_images": args.attack_images,

@@ -74,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in args.variant:
         compare_methods.add_variant(v)
     methods = args.methods.split(",")
-    from trust_fast.methods import METHODS as REGISTERED
-
-    unknown = sorted(set(methods) - set(REGISTERED) - set(compare_methods.VARIANTS))
-    if unknown:
-        compare_methods.refuse(f"unknown method(s) {', '.join(unknown)}")
+    compare_methods.check_methods(methods)
     if len(methods) < 2 or len(set(methods)) != len(methods):
         compare_methods.refuse(f"--methods needs two or more different configurations, got {args.methods!r}")
     if args.rounds < 1:

@@ -310,12 +310,10 @@ class MaskedAdamW(torch.optim.Optimizer):
     def row_updates(self, p: Tensor) -> tuple[Tensor, Tensor]:
         """(rows, counts): every row of `p` that was ever selected and how many steps updated it
         (its slot's step count). Empty tensors for a parameter never selected."""
+        rows = self.edited_rows(p)
         st = self.state.get(p)
-        if not st or "num_slots" not in st:
-            empty = torch.zeros(0, dtype=torch.int64, device=p.device)
-            return empty, empty
-        n = st["num_slots"]
-        return st["row_of_slot"][:n].clone(), st["step"][:n].to(torch.int64)
+        counts = st["step"][: rows.numel()].to(torch.int64) if rows.numel() else rows.clone()
+        return rows.clone(), counts
 
     def edited_rows(self, p: Tensor) -> Tensor:
         """The rows of `p` that were ever selected, as a read-only view of the slot table (no copy:
