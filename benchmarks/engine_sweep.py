@@ -34,7 +34,7 @@ def main() -> int:
     from trust_fast.concepts import parse_concept
     from trust_fast.engine import TrustUnlearner
     from trust_fast.methods import config
-    from trust_fast.patch import make_patch
+    from trust_fast.patch import patch_summary
     from trust_fast.world import load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -66,11 +66,9 @@ def main() -> int:
 
     def measure() -> dict:
         after, _ = _evaluate_world(pipe, spec, a.n, 0)
-        tensors, meta = make_patch(base, pipe)
-        patch = sum(t.numel() * t.element_size() for t in tensors.values())
-        unet = sum(t.numel() * t.element_size() for t in pipe.unet.state_dict().values())
+        patch = patch_summary(base, pipe)
         return {"after": {k: round(v, 4) for k, v in after.items() if isinstance(v, float) and k != "seconds"},
-                "changed_rows": int(meta["changed_rows"]), "patch_fraction": patch / unet}
+                "changed_rows": patch["changed_rows"], "patch_fraction": patch["fraction_of_unet"]}
 
     if thresholds:
         trained = [p.detach().clone() for p in u.params]

@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-from trust_fast.patch import apply_patch, diff_rows, export_patch, fingerprint, patch_fraction, read_patch
+from trust_fast.patch import (apply_patch, diff_rows, export_patch, fingerprint, patch_fraction, patch_summary,
+                              read_patch)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,19 @@ def test_patch_round_trip_is_bit_exact_and_small(base, tmp_path):
     assert fingerprint(rebuilt) == fingerprint(unlearned)
     for (n, a), (_, b) in zip(rebuilt.unet.state_dict().items(), unlearned.unet.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_patch_summary_matches_the_file_without_fingerprinting(base, tmp_path, monkeypatch):
+    unlearned = _edit(base)
+    stats = export_patch(base, unlearned, str(tmp_path / "p.safetensors"))
+
+    def no_hash(pipe):
+        raise AssertionError("patch_summary hashed the base model's weights")
+
+    monkeypatch.setattr("trust_fast.patch.fingerprint", no_hash)  # a full hash of the weights at SD scale
+    summary = patch_summary(base, unlearned)
+    assert (summary["changed_rows"], summary["total_rows"]) == (stats["changed_rows"], stats["total_rows"])
+    assert summary["fraction_of_unet"] == patch_fraction(base, unlearned) < stats["fraction_of_unet"]
 
 
 def test_patch_refuses_another_base_and_changes_nothing(base, tmp_path):

@@ -53,8 +53,9 @@ def diff_rows(base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return (a != b).any(1).nonzero().flatten()
 
 
-def make_patch(base_pipe, unlearned_pipe) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of the patch turning `base_pipe`'s weights into `unlearned_pipe`'s."""
+def _changed(base_pipe, unlearned_pipe) -> tuple[dict[str, torch.Tensor], int, int]:
+    """(tensors, changed rows, total rows) of the patch turning `base_pipe`'s weights into
+    `unlearned_pipe`'s: for every tensor with changed rows, their indices and their new values."""
     base, new = named_tensors(base_pipe), named_tensors(unlearned_pipe)
     if set(base) != set(new):
         extra = sorted(set(base) ^ set(new))[:3]
@@ -72,6 +73,12 @@ def make_patch(base_pipe, unlearned_pipe) -> tuple[dict[str, torch.Tensor], dict
             tensors[f"{name}::rows"] = rows
             src = new[name].detach().cpu()
             tensors[f"{name}::values"] = (src.reshape(src.shape[0], -1)[rows] if src.dim() else src.reshape(1)).contiguous()
+    return tensors, changed_rows, total_rows
+
+
+def make_patch(base_pipe, unlearned_pipe) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the patch turning `base_pipe`'s weights into `unlearned_pipe`'s."""
+    tensors, changed_rows, total_rows = _changed(base_pipe, unlearned_pipe)
     meta = {"format": FORMAT, "base_fingerprint": fingerprint(base_pipe), "changed_rows": str(changed_rows),
             "total_rows": str(total_rows), "tensors": json.dumps(sorted({k.rsplit('::', 1)[0] for k in tensors}))}
     return tensors, meta
@@ -99,11 +106,19 @@ def denoiser_bytes(pipe) -> int:
     return sum(t.numel() * t.element_size() for t in denoiser.state_dict().values())
 
 
+def patch_summary(base_pipe, unlearned_pipe) -> dict:
+    """What a patch of `unlearned_pipe` against `base_pipe` would hold, without writing it or
+    fingerprinting the base: ``changed_rows``, ``total_rows`` and ``fraction_of_unet`` (its changed
+    rows and their indices as a fraction of the denoiser's bytes; the file adds a header)."""
+    tensors, changed_rows, total_rows = _changed(base_pipe, unlearned_pipe)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    return {"changed_rows": changed_rows, "total_rows": total_rows,
+            "fraction_of_unet": size / denoiser_bytes(unlearned_pipe)}
+
+
 def patch_fraction(base_pipe, unlearned_pipe) -> float:
-    """What a patch of `unlearned_pipe` against `base_pipe` would hold (changed rows and their
-    indices), as a fraction of the denoiser's bytes, without writing it (the file adds a header)."""
-    tensors, _ = make_patch(base_pipe, unlearned_pipe)
-    return sum(t.numel() * t.element_size() for t in tensors.values()) / denoiser_bytes(unlearned_pipe)
+    """``patch_summary(...)["fraction_of_unet"]``: the patch's share of the denoiser's bytes."""
+    return patch_summary(base_pipe, unlearned_pipe)["fraction_of_unet"]
 
 
 def is_patch_file(path: str) -> bool:
