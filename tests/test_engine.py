@@ -121,10 +121,27 @@ def test_config_validation_names_the_problem(untrained_world):
         TrustConfig(retain_objective="none").validate()
     with pytest.raises(ValueError, match="retain_neighbors"):
         TrustConfig(retain_neighbors=1.5).validate()
+    with pytest.raises(ValueError, match="x0_retain_per_prompt"):
+        TrustConfig(x0_retain_per_prompt=0).validate()
     with pytest.raises(ValueError, match="unknown method"):
         methods.config("fmn")
     with pytest.raises(ValueError, match="prompts"):
         TrustUnlearner(tiny_sd_pipeline(), "nudity")
+
+
+def test_the_retain_cache_can_hold_fewer_images_per_prompt(untrained_world):
+    cfg = TrustConfig(**{**SMALL, "x0_per_prompt": 3, "x0_retain_per_prompt": 1})
+    u = TrustUnlearner(fresh(untrained_world), "red", cfg)
+    u.prepare()
+    assert {k: tuple(v.shape[:2]) for k, v in u.pools.items()} == {
+        "forget": (len(u.prompts.forget), 3), "anchor": (len(u.prompts.anchors), 3),
+        "retain": (len(u.prompts.retain), 1)}
+    b = u._retain_batch(64)  # retain batches draw from the one image of each prompt
+    assert all(any(torch.equal(x, y) for y in u.pools["retain"][:, 0]) for x in b.x0)
+    u.step()
+    u2 = TrustUnlearner(fresh(untrained_world), "red", cfg.replace(x0_retain_per_prompt=None))
+    u2.prepare()  # None: as many as the forget prompts get
+    assert u2.pools["retain"].shape[1] == 3
 
 
 def test_retain_batches_oversample_the_neighbors_of_a_pair(untrained_world):

@@ -91,7 +91,8 @@ class TrustConfig:
     adv_mode: str = "prefix"           # prefix: a soft prefix of adv_prefix tokens shared by the forget prompts |
                                        # tokens: an offset on every input token embedding of each forget prompt
                                        # (the embedding attack's search space; on when adv_prefix > 0)
-    x0_per_prompt: int = 8             # cached data-free images per prompt
+    x0_per_prompt: int = 8             # cached data-free images per forget and anchor prompt
+    x0_retain_per_prompt: int | None = None  # cached images per retain prompt (None: x0_per_prompt)
     x0_steps: int = 5                  # DDIM steps used to sample them
     x0_guidance: float | None = None   # CFG scale for them (None: the pipeline's default)
     x0_from: str = "forget+anchor"     # which cached images a forget batch is noised from
@@ -124,6 +125,9 @@ class TrustConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not math.isfinite(self.xi):
             raise ValueError(f"xi must be a finite number, got {self.xi}")
+        if self.x0_retain_per_prompt is not None and (not isinstance(self.x0_retain_per_prompt, int)
+                                                      or self.x0_retain_per_prompt < 1):
+            raise ValueError(f"x0_retain_per_prompt must be None or an int >= 1, got {self.x0_retain_per_prompt!r}")
         if self.max_fraction is not None and not 0.0 < self.max_fraction <= 1.0:
             raise ValueError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
         if not isinstance(self.hessian_micro_batch, int) or self.hessian_micro_batch < 0:
@@ -621,9 +625,11 @@ class TrustUnlearner:
             wanted["anchor"] = self.emb_anchor
         if cfg.retain_objective != "none" and cfg.alpha > 0:
             wanted["retain"] = self.emb_retain
-        total = sum(e.shape[0] for e in wanted.values()) * cfg.x0_per_prompt
+        retain_per = cfg.x0_per_prompt if cfg.x0_retain_per_prompt is None else cfg.x0_retain_per_prompt
+        per = {name: retain_per if name == "retain" else cfg.x0_per_prompt for name in wanted}
+        total = sum(e.shape[0] * per[name] for name, e in wanted.items())
         with tqdm(total=total, desc="data-free images", unit="img", disable=not progress, leave=False) as bar:
-            pools = {name: self.sample_x0(emb, cfg.x0_per_prompt, bar=bar) for name, emb in wanted.items()}
+            pools = {name: self.sample_x0(emb, per[name], bar=bar) for name, emb in wanted.items()}
         self.pools = pools
         if cfg.localization == "static":
             self.mask = self._salun_mask()
