@@ -371,6 +371,7 @@ def test_a_model_missing_half_its_unet_weights(capsys, tmp_path):
     (["unlearn", "--concept", "red", "--seed", str(2**64)], "--seed must be in [0, 2**63)"),
     (["unlearn", "--concept", "red", "--seed=-1"], "--seed must be in [0, 2**63)"),
     (["unlearn", "--concept", "red", "--batch-size", "0"], "--batch-size must be positive"),
+    (["unlearn", "--concept", "red", "--x0-retain-per-prompt", "0"], "--x0-retain-per-prompt must be positive"),
     (["unlearn", "--concept", "red", "--alpha", "nan"], "--alpha must be a finite number"),
     (["generate", "--prompt", "a red circle", "--guidance", "nan"], "--guidance must be a finite number"),
     (["generate", "--prompt", "a red circle", "--guidance=-2"], "--guidance must be >= 0"),

@@ -87,8 +87,10 @@ def test_unlearning_flags_reach_the_config():
     from trust_fast.methods import config
 
     args = build_parser().parse_args(["unlearn", "--concept", "red", "--out", "o", "--adv-mode", "tokens",
-                                      "--adv-prefix", "3", "--x0-per-prompt", "4", "--seed", "7"])
+                                      "--adv-prefix", "3", "--x0-per-prompt", "4", "--x0-retain-per-prompt", "1",
+                                      "--seed", "7"])
     cfg = _unlearning_config(args)
-    assert (cfg.adv_mode, cfg.adv_prefix, cfg.x0_per_prompt, cfg.seed) == ("tokens", 3, 4, 7)
+    assert (cfg.adv_mode, cfg.adv_prefix, cfg.x0_per_prompt, cfg.x0_retain_per_prompt, cfg.seed) == (
+        "tokens", 3, 4, 1, 7)
     plain = _unlearning_config(build_parser().parse_args(["unlearn", "--concept", "red", "--out", "o"]))
     assert plain == config("trust", seed=0)

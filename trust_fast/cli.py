@@ -29,7 +29,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 # (argument, rule) for every number a command takes: one checker runs them all before any work
 _AT_LEAST_ONE = ("n", "n_per_prompt", "steps", "softprompt_steps", "embedding_steps", "inversion_steps", "diffusion_steps", "classifier_steps",
-                 "batch_size", "x0_per_prompt", "x0_steps", "loc_interval", "min_row_updates")
+                 "batch_size", "x0_per_prompt", "x0_retain_per_prompt", "x0_steps", "loc_interval", "min_row_updates")
 _AT_LEAST_ZERO = ("eval_every", "checkpoint_every", "adv_prefix")
 _POSITIVE = ("lr", "max_minutes", "attack_lr")
 _FINITE = ("guidance", "alpha", "lam")
@@ -212,7 +212,7 @@ def _unlearning_config(args):
 
     overrides = {"seed": args.seed}
     for name in ("steps", "hessian", "lr", "xi", "max_fraction", "alpha", "lam", "loc_interval", "batch_size",
-                 "x0_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix", "adv_mode", "min_row_updates", "amp",
+                 "x0_per_prompt", "x0_retain_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix", "adv_mode", "min_row_updates", "amp",
                  "compile_unet", "channels_last", "grad_checkpointing", "hessian_micro_batch"):
         value = getattr(args, name, None)
         if value is not None:
@@ -678,7 +678,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default) or tokens (an offset on every token embedding of each forget prompt, what the "
                         "embedding attack moves)")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--x0-per-prompt", type=int, default=None, help="data-free images cached per prompt (default 8)")
+    p.add_argument("--x0-per-prompt", type=int, default=None,
+                   help="data-free images cached per forget and anchor prompt (default 8)")
+    p.add_argument("--x0-retain-per-prompt", type=int, default=None, metavar="N",
+                   help="data-free images cached per retain prompt (default: as --x0-per-prompt)")
     p.add_argument("--x0-steps", type=int, default=None, help="DDIM steps that sample them (default 5)")
     p.add_argument("--compile-unet", nargs="?", const="aot_eager", default=None, metavar="BACKEND",
                    help="torch.compile the denoiser (aot_eager, the default, or eager; inductor is refused: its "
