@@ -96,3 +96,18 @@ def test_checkpoint_refuses_another_config_concept_or_base(untrained_world, tmp_
         load_checkpoint(u, str(tmp_path / "bad"))
     assert all(torch.equal(p, w) for p, w in zip(u.params, weights))  # refusals change nothing
     assert load_checkpoint(u, str(tmp_path / "good")) == 1
+
+
+def test_a_checkpoint_from_before_a_field_reads_as_what_the_code_did_then(untrained_world, tmp_path):
+    """x0_retain_per_prompt came later: a checkpoint without it cached retain images like the
+    forget ones (None), whatever today's default, so only a run configured that way resumes it."""
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red", TrustConfig(**SMALL))
+    u.step()
+    state = torch.load(save_checkpoint(u, str(tmp_path / "now")), weights_only=True)
+    old = {k: v for k, v in state["config"].items() if k != "x0_retain_per_prompt"}
+    (tmp_path / "old").mkdir()
+    torch.save({**state, "config": old}, tmp_path / "old" / "checkpoint.pt")
+    other = TrustUnlearner(copy.deepcopy(untrained_world), "red", TrustConfig(**SMALL, x0_retain_per_prompt=2))
+    with pytest.raises(ValueError, match=r"another config.*x0_retain_per_prompt"):
+        load_checkpoint(other, str(tmp_path / "old"))
+    assert load_checkpoint(u, str(tmp_path / "old")) == 1

@@ -175,6 +175,23 @@ def test_saved_runs_count_for_the_method_whose_configuration_they_ran(compare, m
     assert compare.config_drift({"concept": "red", "method": "esd", "seed": 0}, "salun") == {"method": ("esd", "salun")}
 
 
+def test_a_run_from_before_a_predated_field_ran_what_the_code_did_then(compare, monkeypatch):
+    """x0_retain_per_prompt (engine.PREDATED_FIELDS) came after runs were saved, and a run without
+    it cached as many retain images as forget images: it counts for trust, not for a variant (or a
+    future default) that caches fewer."""
+    import dataclasses
+    import json
+
+    monkeypatch.setattr(compare, "VARIANTS", dict(compare.VARIANTS))
+    compare.add_variant("trust-r2:x0_retain_per_prompt=2")
+    cfg = json.loads(json.dumps(dataclasses.asdict(compare.method_config("trust", seed=2))))
+    del cfg["x0_retain_per_prompt"]
+    before = {"concept": "red", "method": "trust", "seed": 2, "steps_override": None, "config": cfg}
+    assert compare.config_drift(before, "trust-r2") == {"x0_retain_per_prompt": (None, 2)}
+    assert compare.config_drift(before, "trust") == {}
+    assert [r["method"] for r in compare.runs_of([before], ["trust", "trust-r2"])] == ["trust"]
+
+
 def test_the_front_keeps_undominated_settings_and_names_the_bars_missed(compare, tmp_path, monkeypatch, capsys):
     """--front: every (concept, setting) pooled over seeds, from several runs files kept apart; a
     setting worse on every axis than another is off the front; each row lists the #16 bars it misses."""

@@ -125,8 +125,10 @@ def load_checkpoint(unlearner, directory: str) -> int:
     concept = str(u.concept) if u.concept is not None else None
     if state["concept"] != concept:
         raise ValueError(f"checkpoint {path!r} unlearns {state['concept']!r}, not {concept!r}")
-    # a field added after the checkpoint was written reads as its default there
-    ours, defaults = _config(u), _config_dict(type(u.config)())
+    # a field added after the checkpoint was written reads as what the code did before it
+    from .engine import PREDATED_FIELDS
+
+    ours, defaults = _config(u), {**_config_dict(type(u.config)()), **PREDATED_FIELDS}
     diff = sorted(k for k in set(state["config"]) | set(ours) if state["config"].get(k, defaults.get(k)) != ours.get(k))
     if diff:
         raise ValueError(f"checkpoint {path!r} was made with another config (differs in {diff}); "

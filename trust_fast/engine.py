@@ -44,6 +44,12 @@ X0_SOURCES = ("forget", "anchor", "forget+anchor")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# TrustConfig fields added after configs were first saved (checkpoints, benchmark records) whose
+# default is not what the code did before them: a saved config without one ran with this value
+# (a saved config without any other field ran with that field's default)
+PREDATED_FIELDS = {"x0_retain_per_prompt": None}  # retain prompts cached as many images as forget prompts
+
+
 @dataclass
 class TrustConfig:
     """Every knob of the engine. Defaults are TRUST's, tuned on the built-in shapes model.
