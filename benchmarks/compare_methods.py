@@ -320,20 +320,21 @@ def read_runs(path: str, **wanted) -> list[dict]:
 
 def config_drift(row: dict, method: str) -> dict:
     """{field: (saved, now)} where the TrustConfig a saved run trained with differs from what
-    `method` runs with today (same seed and step override). A field the run predates is compared
-    with what the code did before it (engine.PREDATED_FIELDS) or else not at all; one the engine
-    resolves at run time (None today) is not drift."""
+    `method` runs with today (same seed and step override), both with their automatic values
+    resolved (engine.effective_fields). A field the run predates is compared with what the code did
+    before it (engine.PREDATED_FIELDS) or else not at all; one the engine resolves from the model
+    (None today: the targets) is not drift."""
     import dataclasses
 
-    from trust_fast.engine import PREDATED_FIELDS
+    from trust_fast.engine import PREDATED_FIELDS, effective_fields
 
     saved = row.get("config")
     if saved is None:  # runs from before configs were saved: only the label says what they ran
         return {} if row["method"] == method else {"method": (row["method"], method)}
-    saved = {**PREDATED_FIELDS, **saved}
+    saved = effective_fields({**PREDATED_FIELDS, **saved})
     steps = row.get("steps_override")
-    now = json.loads(json.dumps(dataclasses.asdict(method_config(method, seed=row["seed"],
-                                                                 **({"steps": steps} if steps else {})))))
+    now = effective_fields(json.loads(json.dumps(dataclasses.asdict(
+        method_config(method, seed=row["seed"], **({"steps": steps} if steps else {}))))))
     return {k: (saved[k], v) for k, v in now.items() if k in saved and v is not None and saved[k] != v}
 
 

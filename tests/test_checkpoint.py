@@ -111,3 +111,6 @@ def test_a_checkpoint_from_before_a_field_reads_as_what_the_code_did_then(untrai
     with pytest.raises(ValueError, match=r"another config.*x0_retain_per_prompt"):
         load_checkpoint(other, str(tmp_path / "old"))
     assert load_checkpoint(u, str(tmp_path / "old")) == 1
+    # None is "as x0_per_prompt": a run that spells that number out resumes it too
+    same = TrustUnlearner(copy.deepcopy(untrained_world), "red", TrustConfig(**SMALL, x0_retain_per_prompt=1))
+    assert load_checkpoint(same, str(tmp_path / "old")) == 1

@@ -166,7 +166,8 @@ def test_saved_runs_count_for_the_method_whose_configuration_they_ran(compare, m
     runs = [old_default, variant, predates]
     assert [(r["method"], r["seed"]) for r in compare.runs_of(runs, ["trust", "salun"])] == [("salun", 0)]
     err = capsys.readouterr().err
-    assert "1 saved run(s) of trust trained with another configuration (x0_per_prompt)" in err
+    # (x0_retain_per_prompt follows x0_per_prompt when unset, so it moved too)
+    assert "1 saved run(s) of trust trained with another configuration (x0_per_prompt, x0_retain_per_prompt)" in err
     # the default takes the variant's configuration: the variant's run now counts for trust too
     monkeypatch.setitem(compare.VARIANTS, "trust", ("trust", {"x0_per_prompt": 3}))
     got = compare.runs_of(runs, ["trust", "trust-x0"])
@@ -187,9 +188,13 @@ def test_a_run_from_before_a_predated_field_ran_what_the_code_did_then(compare, 
     cfg = json.loads(json.dumps(dataclasses.asdict(compare.method_config("trust", seed=2))))
     del cfg["x0_retain_per_prompt"]
     before = {"concept": "red", "method": "trust", "seed": 2, "steps_override": None, "config": cfg}
-    assert compare.config_drift(before, "trust-r2") == {"x0_retain_per_prompt": (None, 2)}
+    assert compare.config_drift(before, "trust-r2") == {"x0_retain_per_prompt": (8, 2)}
     assert compare.config_drift(before, "trust") == {}
     assert [r["method"] for r in compare.runs_of([before], ["trust", "trust-r2"])] == ["trust"]
+    # and a run of the variant is not one of trust's (None there means "as x0_per_prompt": 8)
+    after = {**before, "method": "trust-r2", "config": {**cfg, "x0_retain_per_prompt": 2}}
+    assert compare.config_drift(after, "trust") == {"x0_retain_per_prompt": (2, 8)}
+    assert [r["method"] for r in compare.runs_of([before, after], ["trust", "trust-r2"])] == ["trust", "trust-r2"]
 
 
 def test_the_front_keeps_undominated_settings_and_names_the_bars_missed(compare, tmp_path, monkeypatch, capsys):

@@ -126,10 +126,11 @@ def load_checkpoint(unlearner, directory: str) -> int:
     if state["concept"] != concept:
         raise ValueError(f"checkpoint {path!r} unlearns {state['concept']!r}, not {concept!r}")
     # a field added after the checkpoint was written reads as what the code did before it
-    from .engine import PREDATED_FIELDS
+    from .engine import PREDATED_FIELDS, effective_fields
 
-    ours, defaults = _config(u), {**_config_dict(type(u.config)()), **PREDATED_FIELDS}
-    diff = sorted(k for k in set(state["config"]) | set(ours) if state["config"].get(k, defaults.get(k)) != ours.get(k))
+    ours = effective_fields(_config(u))
+    theirs = effective_fields({**_config_dict(type(u.config)()), **PREDATED_FIELDS, **state["config"]})
+    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diff:
         raise ValueError(f"checkpoint {path!r} was made with another config (differs in {diff}); "
                          "resume with the same options")

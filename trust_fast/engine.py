@@ -50,6 +50,18 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PREDATED_FIELDS = {"x0_retain_per_prompt": None}  # retain prompts cached as many images as forget prompts
 
 
+def effective_fields(fields: dict) -> dict:
+    """A TrustConfig as a dict (saved or live) with the automatic values that do not depend on the
+    model resolved as the engine resolves them: adv_prefix None -> ADV_PREFIX_AUTO and
+    x0_retain_per_prompt None -> x0_per_prompt. Two configs train alike when these agree."""
+    out = dict(fields)
+    if "adv_prefix" in out and out["adv_prefix"] is None:
+        out["adv_prefix"] = ADV_PREFIX_AUTO
+    if "x0_retain_per_prompt" in out and out["x0_retain_per_prompt"] is None:
+        out["x0_retain_per_prompt"] = out.get("x0_per_prompt")
+    return out
+
+
 @dataclass
 class TrustConfig:
     """Every knob of the engine. Defaults are TRUST's, tuned on the built-in shapes model.
