@@ -209,6 +209,15 @@ MUTANTS = [
            'return st["row_of_slot"][: st["num_slots"]]', 'return st["row_of_slot"][:0]',
            ("tests/test_fsdp.py::test_sharded_run_selects_and_trains_like_data_parallel",),
            "MaskedAdamW.edited_rows reports no rows: FSDP2's frozen passes keep the edited weights"),
+    Mutant("retain_cache_ignores_its_count", "trust_fast/engine.py",
+           "retain_per = cfg.x0_per_prompt if cfg.x0_retain_per_prompt is None else cfg.x0_retain_per_prompt",
+           "retain_per = cfg.x0_per_prompt",
+           ("tests/test_engine.py::test_the_retain_cache_can_hold_fewer_images_per_prompt",),
+           "the retain prompts' cache ignores x0_retain_per_prompt (as many images as the forget prompts)"),
+    Mutant("checkpoint_reads_a_predated_field_as_today", "trust_fast/checkpoint.py",
+           "**PREDATED_FIELDS, **state[\"config\"]", "**state[\"config\"]",
+           ("tests/test_checkpoint.py::test_a_checkpoint_from_before_a_field_reads_as_what_the_code_did_then",),
+           "a checkpoint without a later field reads it as today's default, not as what the code did then"),
 
 ]
 

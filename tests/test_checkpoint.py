@@ -98,7 +98,7 @@ def test_checkpoint_refuses_another_config_concept_or_base(untrained_world, tmp_
     assert load_checkpoint(u, str(tmp_path / "good")) == 1
 
 
-def test_a_checkpoint_from_before_a_field_reads_as_what_the_code_did_then(untrained_world, tmp_path):
+def test_a_checkpoint_from_before_a_field_reads_as_what_the_code_did_then(untrained_world, tmp_path, monkeypatch):
     """x0_retain_per_prompt came later: a checkpoint without it cached retain images like the
     forget ones (None), whatever today's default, so only a run configured that way resumes it."""
     u = TrustUnlearner(copy.deepcopy(untrained_world), "red", TrustConfig(**SMALL))
@@ -114,3 +114,8 @@ def test_a_checkpoint_from_before_a_field_reads_as_what_the_code_did_then(untrai
     # None is "as x0_per_prompt": a run that spells that number out resumes it too
     same = TrustUnlearner(copy.deepcopy(untrained_world), "red", TrustConfig(**SMALL, x0_retain_per_prompt=1))
     assert load_checkpoint(same, str(tmp_path / "old")) == 1
+    # the missing field reads as what the code did before it, not as today's default
+    monkeypatch.setattr("trust_fast.engine.PREDATED_FIELDS", {"x0_retain_per_prompt": 2})
+    assert load_checkpoint(other, str(tmp_path / "old")) == 1
+    with pytest.raises(ValueError, match=r"another config.*x0_retain_per_prompt"):
+        load_checkpoint(u, str(tmp_path / "old"))
