@@ -212,8 +212,8 @@ def _unlearning_config(args):
 
     overrides = {"seed": args.seed}
     for name in ("steps", "hessian", "lr", "xi", "max_fraction", "alpha", "lam", "loc_interval", "batch_size",
-                 "x0_per_prompt", "x0_retain_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix", "adv_mode", "min_row_updates", "amp",
-                 "compile_unet", "channels_last", "grad_checkpointing", "hessian_micro_batch"):
+                 "x0_per_prompt", "x0_retain_per_prompt", "x0_steps", "retain_neighbors", "adv_prefix", "adv_mode",
+                 "min_row_updates", "amp", "compile_unet", "channels_last", "grad_checkpointing", "hessian_micro_batch"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value

@@ -341,8 +341,9 @@ class TrustUnlearner:
         config = config or TrustConfig()
         config.validate()
         self.family = family_for(pipe)  # UnsupportedPipeline (one line) before any work
-        if config.adv_prefix is None:  # the default: the adversary on
-            config = config.replace(adv_prefix=ADV_PREFIX_AUTO)
+        # the automatic values (the adversary on, the retain cache as large as the forget one)
+        resolved = effective_fields(asdict(config))
+        config = config.replace(**{k: v for k, v in resolved.items() if v != getattr(config, k)})
         self.config = cfg = config
         self.pipe, self.unet = pipe, self.family.denoiser
         self.device, self.dtype = self.unet.device, self.unet.dtype
@@ -643,8 +644,7 @@ class TrustUnlearner:
             wanted["anchor"] = self.emb_anchor
         if cfg.retain_objective != "none" and cfg.alpha > 0:
             wanted["retain"] = self.emb_retain
-        retain_per = cfg.x0_per_prompt if cfg.x0_retain_per_prompt is None else cfg.x0_retain_per_prompt
-        per = {name: retain_per if name == "retain" else cfg.x0_per_prompt for name in wanted}
+        per = {name: cfg.x0_retain_per_prompt if name == "retain" else cfg.x0_per_prompt for name in wanted}
         total = sum(e.shape[0] * per[name] for name, e in wanted.items())
         with tqdm(total=total, desc="data-free images", unit="img", disable=not progress, leave=False) as bar:
             pools = {name: self.sample_x0(emb, per[name], bar=bar) for name, emb in wanted.items()}
