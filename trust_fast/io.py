@@ -81,19 +81,64 @@ def read_marker(directory: str) -> dict | None:
 
 
 def _files(directory: str) -> list[str]:
+    """Every entry under `directory` a user could lose, by relative path: files, symlinks (to files
+    or directories, never followed) and empty directories (``"name/"``). The marker lists these, so
+    an overwrite can tell what trust_fast wrote from what a user put in later."""
     out = []
-    for root, _, files in os.walk(directory):
-        out += [os.path.relpath(os.path.join(root, f), directory) for f in files]
+    for root, dirs, files in os.walk(directory):
+        rel = lambda name: os.path.relpath(os.path.join(root, name), directory)  # noqa: E731
+        out += [rel(f) for f in files]
+        out += [rel(d) for d in dirs if os.path.islink(os.path.join(root, d))]
+        if not dirs and not files and root != directory:
+            out.append(os.path.relpath(root, directory) + "/")
     return sorted(f for f in out if f != MARKER)
 
 
+def _stats(directory: str) -> dict[str, tuple[int, int]]:
+    """(inode, mtime) of each entry of `directory`: an atomic write changes the entry's inode."""
+    out = {}
+    for entry in os.scandir(directory):
+        st = entry.stat(follow_symlinks=False)
+        out[entry.name] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
 def _write_marker(directory: str, what: str, in_place: bool) -> None:
+    """The marker, written last (staged outputs) or first (in-place ones, whose files are added to
+    it by :func:`in_place_file` before each is written)."""
     from . import __version__
 
     marker = {"written_by": "trust_fast", "version": __version__, "what": what,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": None if in_place else _files(directory)}
-    with open(os.path.join(directory, MARKER), "w") as f:
-        json.dump(marker, f, indent=1)
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "in_place": in_place,
+              "files": [] if in_place else _files(directory)}
+    _dump_marker(directory, marker)
+
+
+def _dump_marker(directory: str, marker: dict) -> None:
+    path = os.path.join(directory, MARKER)
+    tmp = f"{path}{TMP_TAG}{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(marker, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _foreign(final: str, marker: dict | None, recognize) -> list[str]:
+    """Entries of the earlier output `final` that trust_fast did not write. A marker without a file
+    list (in-place directories of versions before 0.1.1) vouches for nothing: its directory counts
+    as ours only if `recognize` knows all of it."""
+    listed = (marker or {}).get("files")
+    if marker is not None and listed is None:
+        return [] if recognize is not None and recognize(final) else _files(final)
+    if listed is None:  # no marker: recognize() vouched for the whole directory
+        return []
+    if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
+        return _files(final)
+    return sorted(set(_files(final)) - set(listed))
 
 
 def _check_rules(final: str, what: str, kind: str, overwrite: bool, recognize) -> None:
@@ -117,12 +162,10 @@ def _check_rules(final: str, what: str, kind: str, overwrite: bool, recognize) -
                           "choose a new or empty directory")
     if not overwrite:
         raise OutputError(f"{what} {final!r} holds an earlier trust_fast output; pass --overwrite to replace it")
-    listed = (marker or {}).get("files")
-    if listed is not None:
-        foreign = sorted(set(_files(final)) - set(listed))
-        if foreign:
-            raise OutputError(f"{what} {final!r} holds files trust_fast did not write ({', '.join(foreign[:3])}"
-                              f"{', ...' if len(foreign) > 3 else ''}); move them away first")
+    foreign = _foreign(final, marker, recognize)
+    if foreign:
+        raise OutputError(f"{what} {final!r} holds files trust_fast did not write ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); move them away first")
 
 
 def _check_inputs(final: str, what: str, inputs: Iterable[tuple[str, str | None]]) -> None:
@@ -286,7 +329,9 @@ def claim_output(path: str, what: str = "output directory", *, kind: str = "dir"
             elif not staged:
                 created = not os.path.isdir(final)
                 os.makedirs(final, exist_ok=True)
-                if not trusted and read_marker(final) is None:
+                marked = not trusted and read_marker(final) is None
+                found = _stats(final)
+                if marked:
                     try:
                         _write_marker(final, what, in_place=True)
                     except OSError as e:
@@ -296,7 +341,12 @@ def claim_output(path: str, what: str = "output directory", *, kind: str = "dir"
                 try:
                     yield Output(final, final)
                 except BaseException:
-                    if created and set(os.listdir(final)) <= {MARKER}:  # nothing was written: leave no trace
+                    # a run that failed before writing a file leaves no trace: not the directory it
+                    # made, nor the marker it put into a directory it found
+                    if marked and {k: v for k, v in _stats(final).items() if k != MARKER} == found:
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join(final, MARKER))
+                    if created and not os.listdir(final):
                         _remove(final)
                     raise
             else:
@@ -337,6 +387,28 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def register_files(directory: str, names: list[str]) -> None:
+    """Add `names` to the file list of the in-place output `directory` (claimed, so no other run
+    writes its marker now); a name listed already costs no write."""
+    marker = read_marker(directory)
+    if marker is None:
+        raise OutputError(f"{directory!r} is not a claimed trust_fast output; claim it first")
+    listed = marker.get("files")
+    if isinstance(listed, list) and not set(names) <= set(listed):
+        _dump_marker(directory, {**marker, "files": sorted({*listed, *names})})
+
+
+@contextlib.contextmanager
+def in_place_file(directory: str, name: str) -> Iterator[str]:
+    """A file `name` written atomically (:func:`atomic_path`) into `directory`, an in-place output
+    claimed with ``claim_output(..., staged=False)`` (checkpoint directories). The name is added to
+    the directory's marker before the file appears, so a later overwrite knows the file is
+    trust_fast's and everything else in the directory is the user's."""
+    register_files(directory, [name])
+    with atomic_path(os.path.join(directory, name), os.path.splitext(name)[1]) as tmp:
+        yield tmp
 
 
 def write_csv_atomic(rows: list[dict], path: str, append: bool = False) -> None:

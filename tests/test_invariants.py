@@ -1,0 +1,334 @@
+"""Reliability invariants (issue #32): nothing a user owns is removed, nothing non-finite is ever
+saved, no run that changed nothing ends without saying so, and every damaged field of a
+checkpoint is one line naming the file and the field.
+
+Each case was a failure of an outside probe of main 91fe256; the tests reproduce it first.
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+from test_output_safety import refused, snapshot
+from trust_fast import TrustConfig, TrustUnlearner
+from trust_fast.cli import main
+
+GEN = ["generate", "--prompt", "a red circle", "--n", "1", "--steps", "2"]
+FAST = ["--steps", "1", "--x0-per-prompt", "1", "--x0-steps", "2", "--no-eval"]
+
+
+# ------------------------------------------------------------------------------- data loss
+
+
+def test_overwriting_a_checkpoint_directory_keeps_the_users_files(capsys, tmp_path):
+    """Checkpoint directories had a marker without a file list, and an overwrite skipped the
+    'files trust_fast did not write' check: generate --overwrite deleted a user's NOTES.txt."""
+    ckpt = tmp_path / "ckpt"
+    assert main(["unlearn", "--concept", "red", *FAST, "--checkpoint-every", "1", "--checkpoint-dir", str(ckpt),
+                 "--out", str(tmp_path / "out")]) == 0
+    assert (ckpt / "checkpoint.pt").is_file()
+    (ckpt / "NOTES.txt").write_text("mine\n")
+    refused(capsys, tmp_path, [*GEN, "--out", str(ckpt), "--overwrite"], "holds files trust_fast did not write (NOTES.txt)")
+    # and a run that reuses the directory for its checkpoints keeps the note too
+    assert main(["unlearn", "--concept", "red", *FAST, "--checkpoint-every", "1", "--checkpoint-dir", str(ckpt),
+                 "--out", str(tmp_path / "out2"), "--overwrite"]) == 2
+    assert (ckpt / "NOTES.txt").read_text() == "mine\n"
+    os.unlink(ckpt / "NOTES.txt")
+    assert main([*GEN, "--out", str(ckpt), "--overwrite"]) == 0  # all of it trust_fast's: replaced
+    assert not (ckpt / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("what", ["symlink to a directory", "empty directory", "symlink to a file"])
+def test_overwrite_never_removes_a_link_or_an_empty_directory_the_user_added(capsys, tmp_path, what):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    assert main([*GEN, "--out", str(out)]) == 0
+    elsewhere.mkdir()
+    (elsewhere / "data.txt").write_text("precious\n")
+    entry = out / "added"
+    if what == "symlink to a directory":
+        entry.symlink_to(elsewhere, target_is_directory=True)
+    elif what == "empty directory":
+        entry.mkdir()
+    else:
+        entry.symlink_to(elsewhere / "data.txt")
+    refused(capsys, tmp_path, [*GEN, "--out", str(out), "--overwrite"], "holds files trust_fast did not write (added")
+    assert os.path.lexists(entry) and (elsewhere / "data.txt").read_text() == "precious\n"
+
+
+def test_an_old_checkpoint_marker_without_a_file_list_vouches_only_for_checkpoints(capsys, tmp_path):
+    """Markers written before file lists (``"files": null``): the directory is trust_fast's only
+    as far as its checkpoint files go."""
+    import json
+
+    from trust_fast.io import MARKER
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / MARKER).write_text(json.dumps({"written_by": "trust_fast", "what": "checkpoint directory",
+                                           "files": None}))
+    (ckpt / "checkpoint.pt").write_bytes(b"x")
+    (ckpt / "NOTES.txt").write_text("mine\n")
+    refused(capsys, tmp_path, [*GEN, "--out", str(ckpt), "--overwrite"], "did not write (NOTES.txt, checkpoint.pt)")
+
+
+# ------------------------------------------------------------------------ damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    """A checkpoint of two CLI steps (adversary and Hessian diagonal on), and the arguments that
+    resume it."""
+    root = tmp_path_factory.mktemp("good")
+    args = ["unlearn", "--concept", "red", "--x0-per-prompt", "1", "--x0-steps", "2", "--batch-size", "4",
+            "--no-eval", "--checkpoint-every", "1", "--checkpoint-dir", str(root / "ckpt")]
+    assert main([*args, "--steps", "2", "--out", str(root / "out")]) == 0
+    return torch.load(root / "ckpt" / "checkpoint.pt", weights_only=True), args
+
+
+def _resume_refused(capsys, tmp_path, state: dict, args: list[str], message: str) -> str:
+    """Resuming from `state`: exit 2, one line naming the problem, nothing written or changed."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    torch.save(state, ckpt / "checkpoint.pt")
+    return refused(capsys, tmp_path, [*args[:-2], "--resume", str(ckpt), "--steps", "4",
+                                      "--out", str(tmp_path / "out")], message)
+
+
+def _edit(state: dict, path: str, value) -> dict:
+    """A deep copy of `state` with the entry at dotted `path` set to `value` (absent: deleted)."""
+    out = copy.deepcopy(state)
+    *parents, last = path.split(".")
+    node = out
+    for key in parents:
+        node = node[int(key) if isinstance(node, list) else (int(key) if key.isdigit() and int(key) in node else key)]
+    key = int(last) if isinstance(node, list) or (last.isdigit() and int(last) in node) else last
+    if value is _DELETE:
+        del node[key]
+    else:
+        node[key] = value(node[key]) if callable(value) else value
+    return out
+
+
+_DELETE = object()
+
+
+def _poison(t: torch.Tensor, value: float) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[0] = value
+    return t
+
+
+@pytest.mark.parametrize("path,value,message", [
+    # what the probe found accepted (saved non-finite weights, wrong step counts, skipped every step)
+    ("optimizer.state.0.exp_avg_sq", lambda t: -t - 1, "'exp_avg_sq' holds a negative second moment"),
+    ("optimizer.state.0.exp_avg", lambda t: _poison(t, float("nan")), "'exp_avg' is not finite"),
+    ("pools.forget", lambda t: _poison(t, float("nan")), "data-free images 'forget' is not finite"),
+    ("step_count", 10**9, "'step_count' is 1000000000, but the history's last step is 1"),
+    ("step_count", -5, "'step_count' is -5, expected 0 <= step_count"),
+    # and what it crashed on with a traceback
+    ("history", {}, "'history.steps' is missing, expected list"),
+    ("concept", _DELETE, "'concept' is missing"),
+    ("generator", lambda t: t[:-8], "generator: shape"),
+    ("torch_rng", lambda t: torch.cat([t, t]), "torch_rng: shape"),
+    ("history.steps", "12", "'history.steps' is str, expected list"),
+    ("pools", {"forget": torch.zeros(1), "mine": torch.zeros(1)}, "pools ['forget', 'mine'], expected ['anchor', 'forget', 'retain']"),
+    # their neighbours
+    ("skipped_steps", 3, "'skipped_steps' is 3, expected 0 <= skipped_steps <= 2"),
+    ("optimizer.state.0.step", lambda t: t + 5, "optimizer.state[0].step holds counts outside [0, 2]"),
+    ("hutchinson.diags.0", lambda t: _poison(t, float("inf")), "Hessian diagonal 0 is not finite"),
+    ("adversary.optimizers.0.state.0.exp_avg_sq", lambda t: -t - 1, "holds -"),
+    ("adversary.emb_forget.0", lambda t: _poison(t, float("nan")), "adversary.emb_forget 0 is not finite"),
+    ("params.0", lambda t: t.to(torch.float8_e4m3fn), "which trust_fast never stores"),
+    ("seconds", float("nan"), "'seconds' is nan, expected a finite number >= 0"),
+    ("history.steps.0.step", "0", "'history.steps[0].step' is str, expected int"),
+    ("localizer_rows.0", lambda t: torch.cat([t, t[:1]]) if t.numel() else torch.tensor([0, 0]), "hold a row more than once"),
+])
+def test_a_damaged_checkpoint_field_is_one_line_and_resumes_nothing(capsys, tmp_path, good_checkpoint, path, value,
+                                                                    message):
+    state, args = good_checkpoint
+    err = _resume_refused(capsys, tmp_path, _edit(state, path, value), args, message)
+    assert "checkpoint.pt" in err
+
+
+# ------------------------------------------------------------- non-finite weights, silent runs
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    from trust_fast.world.train import build_untrained_pipeline
+
+    return build_untrained_pipeline(0)
+
+
+SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4)
+
+
+def _nan_model(tmp_path, module: str = "attn2.to_k"):
+    """A copy of the built-in model whose first `module` weight holds one NaN."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from trust_fast.world import model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(model_path("shapes"), model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in sorted(tensors) if k.endswith(f"{module}.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, weights)
+    return model, name
+
+
+def test_a_model_with_nan_weights_is_not_unlearned(capsys, tmp_path):
+    model, name = _nan_model(tmp_path)
+    refused(capsys, tmp_path, ["unlearn", "--model", str(model), "--concept", "red", *FAST, "--out",
+                               str(tmp_path / "out")],
+            f"cannot unlearn from a model with non-finite weights (NaN or Inf in unet.{name})")
+
+
+def test_a_huge_lr_diverges_and_nothing_is_saved(capsys, tmp_path):
+    """--lr 1e30: the first update is finite (1e30), every later loss is NaN. The run used to save
+    weights of 1e30 with exit 0 and no word; now it is refused and nothing is written."""
+    before = snapshot(tmp_path)
+    assert main(["unlearn", "--concept", "red", "--lr", "1e30", "--steps", "4", "--x0-per-prompt", "1", "--x0-steps",
+                 "2", "--no-eval", "--out", str(tmp_path / "out")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert last.startswith("trust-fast: error: refusing to save: the run diverged: 3 of its 4 steps were skipped "
+                           "for non-finite values") and "lower lr (now 1e+30)" in last, last
+    assert snapshot(tmp_path) == before
+
+
+def test_a_run_that_selects_no_row_says_the_model_is_unchanged(capsys, tmp_path):
+    """--xi 1e30 selects no row at any step: the model is saved as it was, and the run says so."""
+    import json
+
+    assert main(["unlearn", "--concept", "red", "--xi", "1e30", "--steps", "2", "--x0-per-prompt", "1", "--x0-steps",
+                 "2", "--no-eval", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the saved model is unchanged: no row was selected at any of its 2 steps (xi=1e+30" in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["changed_rows"] == 0 and report["applied_steps"] == 2 and report["unchanged"].startswith("no row")
+
+
+def test_the_report_counts_applied_skipped_and_changed(untrained):
+    from trust_fast.engine import SKIP_NON_FINITE
+
+    u = TrustUnlearner(copy.deepcopy(untrained), "red", TrustConfig(**SMALL, steps=3, min_row_updates=1))
+    u.step()
+    handle = u.targets[0].module.register_forward_hook(lambda m, a, out: out * float("nan"))
+    try:
+        assert u.step()["skip_reason"] == SKIP_NON_FINITE
+    finally:
+        handle.remove()
+    u.step()
+    u.finalize()
+    report = u.report()
+    assert (report["steps"], report["applied_steps"], report["skipped_steps"]) == (3, 2, 1)
+    assert report["skipped_by_reason"] == {SKIP_NON_FINITE: 1}
+    # changed rows, counted independently: rows of the target weights (or bias entries) unlike the original's
+    base = dict(untrained.unet.named_parameters())
+    now = dict(u.unet.named_parameters())
+    expected = 0
+    for t in u.targets:
+        w = f"{t.name}.weight"
+        rows = (now[w] != base[w]).reshape(now[w].shape[0], -1).any(1)
+        if f"{t.name}.bias" in now:
+            rows |= now[f"{t.name}.bias"] != base[f"{t.name}.bias"]
+        expected += int(rows.sum())
+    assert report["changed_rows"] == expected > 0 and report["unchanged"] is None
+
+
+def _opt_state(u) -> dict:
+    return {k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in st.items()}
+            for k, st in u.optimizer.state_dict()["state"].items()}
+
+
+def test_an_update_that_makes_weights_non_finite_is_rolled_back(untrained):
+    """The fused Hessian penalty lam * h * (w - w0) overflows with a poisoned diagonal estimate
+    once w moved: the update is NaN after finite losses and gradients. The step is rolled back
+    (weights and optimizer state as before), skipped with its reason, and the run goes on."""
+    from trust_fast.engine import SKIP_WEIGHTS
+
+    u = TrustUnlearner(copy.deepcopy(untrained), "red",
+                       TrustConfig(**SMALL, steps=4, diag_interval=100, loc_interval=100, min_row_updates=1))
+    u.step()
+    u.step()  # the rows of step 0 again (loc_interval): they have moved from w0 now
+    weights, state = [p.detach().clone() for p in u.params], _opt_state(u)
+    for d in u.hutchinson.diags:
+        d.fill_(3e38)
+    u._set_diag_penalty()
+    stats = u.step()
+    assert stats["skipped"] and stats["skip_reason"] == SKIP_WEIGHTS
+    assert all(torch.equal(p, w) for p, w in zip(u.params, weights))
+    now = _opt_state(u)
+    assert now.keys() == state.keys()
+    for k, st in state.items():
+        for n, v in st.items():
+            assert torch.equal(now[k][n], v) if isinstance(v, torch.Tensor) else now[k][n] == v, (k, n)
+    for d in u.hutchinson.diags:
+        d.zero_()
+    u._set_diag_penalty()
+    assert not u.step()["skipped"]
+    assert all(torch.isfinite(p).all() for p in u.params)
+    assert u.report()["skipped_by_reason"] == {SKIP_WEIGHTS: 1}
+
+
+def test_a_dense_update_to_non_finite_weights_stops_the_run(untrained, monkeypatch):
+    """A dense optimizer's state is the size of the model, so it is not copied every step: the run
+    stops with one line instead of saving the NaN weights."""
+    from trust_fast.engine import NonFiniteUpdate
+    from trust_fast.methods import config
+
+    u = TrustUnlearner(copy.deepcopy(untrained), "red", config("esd", **SMALL, steps=2))
+    step = u.optimizer.step
+
+    def poisoned(*a, **kw):
+        out = step(*a, **kw)
+        with torch.no_grad():
+            u.opt_params[0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(u.optimizer, "step", poisoned)
+    with pytest.raises(NonFiniteUpdate, match="step 0 made target weights non-finite"):
+        u.step()
+
+
+def test_save_refuses_non_finite_weights_and_warns_about_an_unchanged_model(untrained, tmp_path):
+    from trust_fast.guard import NonFiniteWeights
+
+    u = TrustUnlearner(copy.deepcopy(untrained), "red", TrustConfig(**SMALL, steps=1))
+    with pytest.warns(UserWarning, match="saved an unchanged model .*no step was run"):
+        u.save(str(tmp_path / "same"))
+    with torch.no_grad():
+        u.pipe.text_encoder.get_input_embeddings().weight[0, 0] = float("inf")
+    before = snapshot(tmp_path)
+    with pytest.raises(NonFiniteWeights, match=r"refusing to save a model with non-finite weights \(NaN or Inf in "
+                                               r"text_encoder\.\S+\)"):
+        u.save(str(tmp_path / "out"))
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("make,error,message", [
+    (lambda: TrustConfig(batch_size="8"), TypeError, "TrustConfig.batch_size must be int, got '8' (str)"),
+    (lambda: TrustConfig(steps=2.5), TypeError, "TrustConfig.steps must be int, got 2.5 (float)"),
+    (lambda: TrustConfig(betas=(0.9,)), TypeError, "TrustConfig.betas must be tuple[float, float]"),
+])
+def test_api_configs_of_the_wrong_type_are_refused(make, error, message):
+    with pytest.raises(error) as e:
+        make().validate()
+    assert message in str(e.value)
+
+
+def test_api_concept_of_the_wrong_type_and_optimizer_numbers(untrained):
+    from trust_fast.optim import MaskedAdamW
+
+    with pytest.raises(TypeError, match=r"concept must be a str \('A', 'A\+B' or 'A\|B'\) or a ConceptSpec, got 123"):
+        TrustUnlearner(untrained, concept=123)
+    for kw, message in ((dict(lr=float("nan")), "lr must be finite"), (dict(eps=float("nan")), "eps must be finite"),
+                        (dict(weight_decay=float("inf")), "weight_decay must be finite"),
+                        (dict(lr="1e-3"), "must be numbers")):
+        with pytest.raises(ValueError, match=message):
+            MaskedAdamW([torch.zeros(2, 2)], **kw)
