@@ -11,6 +11,7 @@ same base model, which a fingerprint of the frozen target weights checks.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -35,8 +36,11 @@ def _config(unlearner) -> dict:
 
 
 def is_checkpoint_dir(directory: str) -> bool:
-    """True for a directory holding only checkpoint files (made before directories had markers)."""
-    entries = os.listdir(directory)
+    """True for a directory holding only checkpoint files (made before directories had markers, or
+    before markers listed their files)."""
+    from .io import MARKER
+
+    entries = [e for e in os.listdir(directory) if e != MARKER]
     return bool(entries) and all(re.fullmatch(r"checkpoint(-rank\d+)?\.pt", e) for e in entries)
 
 
@@ -46,11 +50,15 @@ def claim_checkpoint_dir(directory: str, overwrite: bool = False, inputs=()):
     (distributed.lead_then_follow): rank 0 claims it, and the other ranks follow (each rank writes
     its own file) only once rank 0 holds the claim, or raise rank 0's error when it refuses, so no
     rank writes into a directory the rules refuse."""
-    from .io import claim_output
+    from .io import claim_output, register_files
 
+    @contextlib.contextmanager
     def claim(lead: bool):
-        return claim_output(directory, "checkpoint directory", staged=False, overwrite=overwrite, inputs=inputs,
-                            recognize=is_checkpoint_dir, lock=lead)
+        with claim_output(directory, "checkpoint directory", staged=False, overwrite=overwrite, inputs=inputs,
+                          recognize=is_checkpoint_dir, lock=lead) as out:
+            if lead:  # every rank's file, listed before any rank writes one (ranks may not race on the marker)
+                register_files(directory, [_file_name(k) for k in range(distributed.world_size())])
+            yield out
 
     return distributed.lead_then_follow(lambda: claim(True), lambda: claim(False))
 
@@ -60,7 +68,7 @@ def save_checkpoint(unlearner, directory: str) -> str:
     The directory is claimed like every output (it must be new, empty or trust_fast's); inside
     :meth:`TrustUnlearner.run` the run's own claim covers it. Under torch.distributed it is
     collective: every rank calls it (each writes ``checkpoint-rank{k}.pt``)."""
-    from .io import atomic_path
+    from .io import in_place_file
 
     u = unlearner
     base = u.theta0 if u.theta0 is not None else None
@@ -96,7 +104,7 @@ def save_checkpoint(unlearner, directory: str) -> str:
     }
     with claim_checkpoint_dir(directory, overwrite=True):
         path = checkpoint_file(directory)
-        with atomic_path(path, ".pt") as tmp:
+        with in_place_file(directory, os.path.basename(path)) as tmp:
             torch.save(state, tmp)
     return path
 
@@ -104,8 +112,11 @@ def save_checkpoint(unlearner, directory: str) -> str:
 def checkpoint_file(directory: str) -> str:
     """This process's checkpoint file: one per rank under torch.distributed (ranks draw different
     batches, so their generators and data-free caches differ)."""
-    name = FILE if distributed.world_size() == 1 else f"checkpoint-rank{distributed.rank()}.pt"
-    return os.path.join(directory, name)
+    return os.path.join(directory, _file_name(distributed.rank()))
+
+
+def _file_name(rank: int) -> str:
+    return FILE if distributed.world_size() == 1 else f"checkpoint-rank{rank}.pt"
 
 
 def has_checkpoint(directory: str) -> bool:
@@ -138,7 +149,7 @@ def load_checkpoint(unlearner, directory: str) -> int:
         raise ValueError(f"checkpoint {path!r} has other target parameters than this model")
     if u.theta0 is not None and state["base_digest"] != distributed.weights_digest(u.theta0):
         raise ValueError(f"checkpoint {path!r} was made from another base model (target weights differ)")
-    _check_tensors(path, state, u)
+    _check_fit(path, state, u)
 
     # the optimizer validates its state before it changes anything; everything else was checked above,
     # so a refused checkpoint leaves the unlearner as it was
@@ -164,9 +175,6 @@ def load_checkpoint(unlearner, directory: str) -> int:
         u.mask = [m.to(u.device) for m in state["mask"]]
     adv = state.get("adversary")
     if adv is not None:
-        if "prefix" in adv:  # written before adversary populations: one prefix
-            adv = {"prefixes": [adv["prefix"]], "optimizers": [adv["optimizer"]], "emb_forget": [adv["emb_forget"]],
-                   "refreshes": None, "seconds": adv["seconds"]}
         u.adv_prefixes = [q.to(u.device) for q in adv["prefixes"]]
         u.adv_optimizers = []
         for q, o in zip(u.adv_prefixes, adv["optimizers"]):
@@ -186,13 +194,106 @@ def load_checkpoint(unlearner, directory: str) -> int:
     return u.step_count
 
 
-_KEYS = {"format": str, "config": dict, "names": list, "params": list, "optimizer": dict, "step_count": int,
-         "skipped_steps": int, "seconds": float, "pool_seconds": float, "history": dict,
-         "generator": torch.Tensor, "torch_rng": torch.Tensor}
+class _Fields:
+    """The checks of one checkpoint file. Every failure is one ValueError naming the file and the
+    field: ``is damaged`` for a field that no run could have written (a wrong type, a non-finite
+    value, a negative count), ``does not fit this run`` for one of another model or config."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def damaged(self, field: str, problem: str):
+        raise ValueError(f"checkpoint {self.path!r} is damaged ({field} {problem})")
+
+    def misfit(self, field: str, problem: str):
+        raise ValueError(f"checkpoint {self.path!r} does not fit this run ({field}{problem})")
+
+    def of_type(self, value, field: str, kind, none: bool = False):
+        if value is None and none:
+            return value
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            self.damaged(repr(field), f"is {'missing' if value is None else type(value).__name__}, expected "
+                         f"{names}{' or None' if none else ''}")
+        return value
+
+    def count(self, value, field: str, low: int = 0, high: int | None = None) -> int:
+        self.of_type(value, field, int)
+        if value < low or (high is not None and value > high):
+            self.damaged(repr(field), f"is {value}, expected {low} <= {field} <= {high if high is not None else 'any'}")
+        return value
+
+    def seconds(self, value, field: str) -> float:
+        self.of_type(value, field, (int, float))
+        if not (math.isfinite(value) and value >= 0):
+            self.damaged(repr(field), f"is {value}, expected a finite number >= 0")
+        return value
+
+    def tensor(self, value, field: str, like=None, shape=None, floating: bool | None = None, dtype=None,
+               low: float | None = None) -> torch.Tensor:
+        """A tensor (shape of `like` or `shape`; floating or integer; dtype), finite, >= `low`."""
+        self.of_type(value, field, torch.Tensor)
+        want = tuple(like.shape) if like is not None else shape
+        if want is not None and tuple(value.shape) != tuple(want):
+            self.misfit(field, f": shape {tuple(value.shape)}, expected {tuple(want)}")
+        if dtype is not None and value.dtype != dtype:
+            self.damaged(field, f"is {value.dtype}, expected {dtype}")
+        if floating is not None and value.is_floating_point() != floating:
+            self.damaged(field, f"is {value.dtype}, expected {'a floating' if floating else 'an integer'} dtype")
+        if value.is_complex() or value.dtype not in _READABLE:
+            self.damaged(field, f"is {value.dtype}, which trust_fast never stores")
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value.float()).all()):
+            self.damaged(field, "is not finite")
+        if low is not None and value.numel() and float(value.min()) < low:
+            self.damaged(field, f"holds {float(value.min())}, below {low}")
+        return value
+
+    def tensors(self, values, field: str, like: list, **kw) -> list[torch.Tensor]:
+        self.of_type(values, field, list)
+        if len(values) != len(like):
+            self.misfit(field, f": {len(values)} tensors, expected {len(like)}")
+        return [self.tensor(v, f"{field} {k}", like=w, **kw) for k, (v, w) in enumerate(zip(values, like))]
+
+    def rows(self, value, field: str, n: int) -> torch.Tensor:
+        self.tensor(value, field, floating=False)
+        if value.dim() != 1 or (value.numel() and not 0 <= int(value.min()) <= int(value.max()) < n):
+            self.misfit(field, f" are not indices below {n}")
+        if torch.unique(value).numel() != value.numel():
+            self.damaged(field, "hold a row more than once")
+        return value
+
+    def adam(self, sd, field: str, params: list[torch.Tensor]) -> None:
+        """A torch.optim.Adam/AdamW state dict for `params`: moments of their shapes, finite, the
+        second moment >= 0, a step count >= 0 (torch's own load_state_dict checks none of these)."""
+        self.of_type(sd, field, dict)
+        groups, state = sd.get("param_groups"), sd.get("state")
+        self.of_type(groups, f"{field}.param_groups", list)
+        self.of_type(state, f"{field}.state", dict)
+        listed = [i for g in groups if isinstance(g, dict) for i in (g.get("params") or [])]
+        if len(listed) != len(params) or sorted(set(listed)) != sorted(listed):
+            self.misfit(f"{field} param groups", f": {len(listed)} params, expected {len(params)}")
+        where = dict(zip(listed, params))
+        for key, st in state.items():
+            if key not in where or not isinstance(st, dict):
+                self.damaged(f"{field}.state", f"has an entry {key!r} for no parameter")
+            for name in ("exp_avg", "exp_avg_sq"):
+                self.tensor(st.get(name), f"{field}.state[{key}].{name}", like=where[key], floating=True,
+                            low=0.0 if name == "exp_avg_sq" else None)
+            step = st.get("step")
+            value = float(step) if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value >= 0):
+                self.damaged(f"{field}.state[{key}].step", f"is {value!r}, expected a count >= 0")
+
+
+# dtypes a checkpoint may hold (never float8, complex or unsigned wider than a byte)
+_READABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
+             torch.bool)
+_HISTORY_STEP = {"step": int, "selected_rows": (int, float), "skipped": bool}
 
 
 def _read(path: str) -> dict:
-    """torch.load with weights_only, every failure as one line naming the file and what is wrong."""
+    """torch.load with weights_only, then every field that does not depend on the run checked for
+    type and range; every failure one line naming the file and the field."""
     import pickle
 
     try:
@@ -205,63 +306,144 @@ def _read(path: str) -> dict:
         raise ValueError(f"checkpoint {path!r} is damaged ({first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a trust_fast checkpoint")
-    for key, kind in _KEYS.items():
-        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
-            raise ValueError(f"checkpoint {path!r} is damaged ({key!r} is missing or not a {kind.__name__})")
+    f = _Fields(path)
+    adv = state.get("adversary")
+    if isinstance(adv, dict) and "prefix" in adv:  # written before adversary populations: one prefix
+        state["adversary"] = {"prefixes": [adv.get("prefix")], "optimizers": [adv.get("optimizer")],
+                              "emb_forget": [adv.get("emb_forget")], "refreshes": None, "seconds": adv.get("seconds")}
+    for key, kind in (("config", dict), ("names", list), ("params", list), ("optimizer", dict),
+                      ("history", dict), ("generator", torch.Tensor), ("torch_rng", torch.Tensor)):
+        f.of_type(state.get(key), key, kind)
+    if "concept" not in state:
+        f.damaged("'concept'", "is missing")
+    f.of_type(state["concept"], "concept", str, none=True)
+    f.of_type(state.get("base_digest"), "base_digest", str, none=True)
+    if not all(isinstance(n, str) for n in state["names"]):
+        f.damaged("'names'", "holds a name that is not a string")
+    steps = f.count(state.get("step_count"), "step_count")
+    f.count(state.get("skipped_steps"), "skipped_steps", 0, steps)
+    f.seconds(state.get("seconds"), "seconds")
+    f.seconds(state.get("pool_seconds"), "pool_seconds")
+    history = state["history"]
+    f.of_type(history.get("steps"), "history.steps", list)
+    f.of_type(history.get("evals"), "history.evals", list)
+    last = -1
+    for k, entry in enumerate(history["steps"]):
+        f.of_type(entry, f"history.steps[{k}]", dict)
+        for key, kind in _HISTORY_STEP.items():
+            f.of_type(entry.get(key), f"history.steps[{k}].{key}", kind)
+        if not last < entry["step"] < steps:
+            f.damaged(f"'history.steps[{k}].step'", f"is {entry['step']}, expected a step after {last} and "
+                      f"before step_count {steps}")
+        last = entry["step"]
+    # run() records every step it takes: the count must be where its history ends
+    if history["steps"] and last != steps - 1:
+        f.damaged("'step_count'", f"is {steps}, but the history's last step is {last}")
+    for k, entry in enumerate(history["evals"]):
+        f.of_type(entry, f"history.evals[{k}]", dict)
+        f.count(entry.get("step"), f"history.evals[{k}].step", 0, steps)
     return state
 
 
-def _check_tensors(path: str, state: dict, u) -> None:
-    """Every tensor the checkpoint restores has the count and shapes of this unlearner's."""
-    def expect(ok: bool, what: str) -> None:
-        if not ok:
-            raise ValueError(f"checkpoint {path!r} does not fit this run ({what})")
-
-    def same_shapes(saved, live, what: str) -> None:
-        expect(isinstance(saved, list) and len(saved) == len(live), f"{what}: {len(saved) if isinstance(saved, list) else '?'} "
-               f"tensors, expected {len(live)}")
-        for k, (a, b) in enumerate(zip(saved, live)):
-            expect(isinstance(a, torch.Tensor) and a.shape == b.shape,
-                   f"{what} {k}: shape {tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}, "
-                   f"expected {tuple(b.shape)}")
-            expect(not a.is_floating_point() or bool(torch.isfinite(a).all()), f"{what} {k} is not finite")
-
-    same_shapes(state["params"], u.params, "target parameter")
+def _check_fit(path: str, state: dict, u) -> None:
+    """Every tensor the checkpoint restores, checked against this unlearner: count, shape, dtype
+    kind, range, finiteness, before anything is restored."""
+    f = _Fields(path)
+    f.tensors(state["params"], "target parameter", u.params, floating=True)
     if u.master is not None:
-        same_shapes(state.get("master"), u.master, "float32 master weight")
+        f.tensors(state.get("master"), "float32 master weight", u.master, floating=True)
     if u.loss_scale is not None:
-        ls = state.get("loss_scale")
-        expect(isinstance(ls, dict) and isinstance(ls.get("scale"), float) and math.isfinite(ls["scale"])
-               and ls["scale"] >= 1 and isinstance(ls.get("good_steps"), int), "float16 loss scale")
-    if u.localizer is not None and state.get("localizer_rows") is not None:
-        rows = state["localizer_rows"]
-        expect(isinstance(rows, list) and len(rows) == len(u.targets), "localizer rows per target")
-        for k, (r, t) in enumerate(zip(rows, u.targets)):
-            n = t.weight.shape[0]
-            expect(isinstance(r, torch.Tensor) and r.dim() == 1 and not r.is_floating_point()
-                   and (r.numel() == 0 or (int(r.min()) >= 0 and int(r.max()) < n)),
-                   f"localizer rows of target {k} are not indices below {n}")
+        ls = f.of_type(state.get("loss_scale"), "loss_scale", dict)
+        if not (isinstance(ls.get("scale"), float) and math.isfinite(ls["scale"]) and ls["scale"] >= 1):
+            f.damaged("'loss_scale.scale'", f"is {ls.get('scale')!r}, expected a float >= 1")
+        f.count(ls.get("good_steps"), "loss_scale.good_steps")
+    steps, applied = state["step_count"], state["step_count"] - state["skipped_steps"]
+    if u.localizer is not None:
+        rows = f.of_type(state.get("localizer_rows"), "localizer_rows", list, none=True)
+        if rows is not None:
+            if len(rows) != len(u.targets):
+                f.misfit("localizer rows per target", f": {len(rows)}, expected {len(u.targets)}")
+            for k, (r, t) in enumerate(zip(rows, u.targets)):
+                f.rows(r, f"localizer rows of target {k}", t.weight.shape[0])
+        try:  # MaskedAdamW's own checks, with the file named
+            u.masked_optimizer.check_state_dict(state["optimizer"])
+        except ValueError as e:
+            f.damaged("'optimizer':", str(e))
+        _check_slot_steps(f, state["optimizer"], applied)
+    else:
+        f.adam(state["optimizer"], "optimizer", u.opt_params)
+        _check_dense_steps(f, state["optimizer"], applied)
     hutch = state.get("hutchinson")
-    if u.hutchinson is not None and hutch is not None:
-        expect(isinstance(hutch, dict) and isinstance(hutch.get("count"), int) and hutch["count"] >= 0,
-               "Hutchinson count")
-        same_shapes(hutch.get("diags"), u.hutchinson.diags, "Hessian diagonal")
-    if state.get("mask") is not None:
-        same_shapes(state["mask"], u.params, "SalUn mask")
-    stored_prefixes = state.get("adversary")
-    if isinstance(stored_prefixes, dict) and isinstance(stored_prefixes.get("prefixes"), list) and u.config.adv_prefix:
-        # one soft token spans every text encoder of the family: a prefix (or token offsets) of another
-        # model's encoders would be split wrongly at the first refresh
-        want = u.adversary_shape()
-        what = (f"{want[0]} tokens over this model's text encoders" if u.config.adv_mode == "prefix"
-                else f"offsets of {want[0]} forget prompts over this model's text encoders")
-        for k, q in enumerate(stored_prefixes["prefixes"]):
-            expect(isinstance(q, torch.Tensor) and tuple(q.shape) == want,
-                   f"adversarial prefix {k}: shape {tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}"
-                   f", expected {want} ({what})")
-    pools = state.get("pools")
-    expect(pools is None or (isinstance(pools, dict) and all(isinstance(v, torch.Tensor) for v in pools.values())),
-           "data-free image cache")
+    if u.hutchinson is not None:
+        hutch = f.of_type(hutch, "hutchinson", dict, none=True)
+        if hutch is not None:
+            f.count(hutch.get("count"), "hutchinson.count", 0, steps * u.config.diag_samples)
+            f.tensors(hutch.get("diags"), "Hessian diagonal", u.hutchinson.diags, floating=True)
+    pools = f.of_type(state.get("pools"), "pools", dict, none=True)
+    if pools is not None:
+        want = u.pool_shapes()
+        if set(pools) != set(want):
+            f.misfit("data-free image cache", f": pools {sorted(map(str, pools))}, expected {sorted(want)}")
+        for name, shape in want.items():
+            f.tensor(pools[name], f"data-free images {name!r}", shape=shape, floating=True)
+    mask = f.of_type(state.get("mask"), "mask", list, none=True)
+    if mask is not None:
+        f.tensors(mask, "SalUn mask", u.params)
+    if steps > 0 and u.config.localization == "static" and mask is None:
+        f.damaged("'mask'", "is missing, and a SalUn run has one from its first step")
+    adv = f.of_type(state.get("adversary"), "adversary", dict, none=True)
+    if adv is not None:
+        _check_adversary(f, adv, u)
+    f.tensor(state["generator"], "generator", like=u.generator.get_state(), dtype=torch.uint8)
+    f.tensor(state["torch_rng"], "torch_rng", like=torch.get_rng_state(), dtype=torch.uint8)
+
+
+def _check_slot_steps(f: _Fields, sd: dict, applied: int) -> None:
+    """MaskedAdamW counts the steps of each row: none can exceed the steps the run applied."""
+    for key, st in (sd.get("state") or {}).items():
+        step = st.get("step") if isinstance(st, dict) else None
+        if isinstance(step, torch.Tensor) and step.is_floating_point() and step.numel():
+            if not bool(torch.isfinite(step).all()) or float(step.max()) > applied or float(step.min()) < 0:
+                f.damaged(f"optimizer.state[{key}].step", f"holds counts outside [0, {applied}], the steps the run "
+                          "applied")
+
+
+def _check_dense_steps(f: _Fields, sd: dict, applied: int) -> None:
+    """A dense AdamW steps every param once per applied step."""
+    for key, st in sd["state"].items():
+        step = float(st["step"])
+        if step != applied:
+            f.damaged(f"optimizer.state[{key}].step", f"is {step:g}, but the run applied {applied} steps")
+
+
+def _check_adversary(f: _Fields, adv: dict, u) -> None:
+    if not u.config.adv_prefix:
+        f.misfit("adversary", ": the checkpoint has an adversary, this run none")
+    prefixes = f.of_type(adv.get("prefixes"), "adversary.prefixes", list)
+    optimizers = f.of_type(adv.get("optimizers"), "adversary.optimizers", list)
+    if not 1 <= len(prefixes) <= u.config.adv_population or len(optimizers) != len(prefixes):
+        f.misfit("adversary", f": {len(prefixes)} prefixes and {len(optimizers)} optimizers, expected as many, "
+                 f"1 to {u.config.adv_population}")
+    # one soft token spans every text encoder of the family: a prefix (or token offsets) of another
+    # model's encoders would be split wrongly at the first refresh
+    want = u.adversary_shape()
+    what = (f"{want[0]} tokens over this model's text encoders" if u.config.adv_mode == "prefix"
+            else f"offsets of {want[0]} forget prompts over this model's text encoders")
+    for k, (q, o) in enumerate(zip(prefixes, optimizers)):
+        f.of_type(q, f"adversarial prefix {k}", torch.Tensor)
+        if tuple(q.shape) != want:
+            f.misfit(f"adversarial prefix {k}", f": shape {tuple(q.shape)}, expected {want} ({what})")
+        f.tensor(q, f"adversarial prefix {k}", floating=True)
+        f.adam(o, f"adversary.optimizers[{k}]", [q])
+    emb_forget = f.of_type(adv.get("emb_forget"), "adversary.emb_forget", list)
+    f.tensors(emb_forget, "adversary.emb_forget", [u.emb_forget] * len(prefixes), floating=True)
+    emb_retain = f.of_type(adv.get("emb_retain", []), "adversary.emb_retain", list)
+    if emb_retain:
+        f.tensors(emb_retain, "adversary.emb_retain", [u.emb_retain] * len(prefixes), floating=True)
+    refreshes = adv.get("refreshes")
+    if refreshes is not None:
+        f.count(refreshes, "adversary.refreshes", len(prefixes))
+    f.seconds(adv.get("seconds"), "adversary.seconds")
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "has_checkpoint", "checkpoint_file", "claim_checkpoint_dir",

@@ -47,8 +47,8 @@ def _check_rows_of(name: str, p: Tensor, r) -> None:
 def _hyperparameter_problem(group: Mapping) -> str | None:
     """What is wrong with a param group's lr, betas, eps and weight_decay (None: nothing)."""
     try:
-        values = {k: float(group[k]) for k in ("lr", "eps", "weight_decay")}
-        beta1, beta2 = (float(b) for b in group["betas"])
+        values = {k: _number(group[k]) for k in ("lr", "eps", "weight_decay")}
+        beta1, beta2 = (_number(b) for b in group["betas"])
     except (KeyError, TypeError, ValueError) as e:
         return f"lr, betas (a pair), eps and weight_decay must be numbers ({type(e).__name__}: {e})"
     for k, v in values.items():
@@ -57,6 +57,13 @@ def _hyperparameter_problem(group: Mapping) -> str | None:
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         return f"betas must be in [0, 1), got {(beta1, beta2)}"
     return None
+
+
+def _number(value) -> float:
+    """A real number as float: bools, strings and tensors of several values are not numbers here."""
+    if isinstance(value, (bool, str, bytes)) or (isinstance(value, Tensor) and value.numel() != 1):
+        raise TypeError(f"{value!r} is not a number")
+    return float(value)
 
 
 # the per-param state (see _init_state)
@@ -86,6 +93,13 @@ def _slot_state_problem(p: Tensor, st: Mapping) -> str | None:
         if not (isinstance(v, Tensor) and v.dtype == dtype and tuple(v.shape) == want):
             got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
             return f"{key!r} is {got}, expected {dtype} {want}"
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        if not bool(torch.isfinite(st[key]).all()):
+            return f"{key!r} is not finite"
+    if st["exp_avg_sq"].numel() and float(st["exp_avg_sq"].min()) < 0:
+        return "'exp_avg_sq' holds a negative second moment"
+    if step.numel() and (float(step.min()) < 0 or not torch.equal(step, step.round())):
+        return "'step' holds a count that is negative or not a whole number"
     n = st["num_slots"]
     if not isinstance(n, int) or isinstance(n, bool):
         return f"'num_slots' must be an int, got {type(n).__name__}"
@@ -133,14 +147,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         compile: bool = False,
     ) -> None:
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        problem = _hyperparameter_problem(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        if problem:
+            raise ValueError(problem)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         # None until set_rows: a step then would silently update nothing, so it refuses to run
         self._rows: dict[Tensor, Tensor] | None = None
@@ -307,6 +316,33 @@ class MaskedAdamW(torch.optim.Optimizer):
         st["row_of_slot"][used:need] = fresh
         st["num_slots"] = need
 
+    @torch.no_grad()
+    def snapshot_rows(self) -> list[tuple]:
+        """What the next :meth:`step` will change, for :meth:`undo_step`: the rows set now (with
+        :meth:`set_rows`) of every param and their state slots. A copy the size of the selection."""
+        snap = []
+        for p, rows in (self._rows or {}).items():
+            if rows.numel() == 0:
+                continue
+            st, slots = self.state[p], self._slots[p].long()
+            snap.append((p, rows, p.index_select(0, rows), slots,
+                         *(st[k].index_select(0, slots) for k in ("exp_avg", "exp_avg_sq", "step"))))
+        return snap
+
+    @torch.no_grad()
+    def undo_step(self, snap: list[tuple]) -> None:
+        """Put back the rows and state slots saved by :meth:`snapshot_rows` before the last step
+        (a row selected for the first time keeps its slot, with zero state and zero steps)."""
+        for p, rows, values, slots, *state in snap:
+            p.index_copy_(0, rows, values)
+            for key, saved in zip(("exp_avg", "exp_avg_sq", "step"), state):
+                self.state[p][key].index_copy_(0, slots, saved)
+
+    def set_rows_finite(self) -> Tensor:
+        """A 0-d bool tensor (no host sync): whether every row set now holds finite values."""
+        flags = [torch.isfinite(p.index_select(0, r)).all() for p, r in (self._rows or {}).items() if r.numel()]
+        return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+
     def row_updates(self, p: Tensor) -> tuple[Tensor, Tensor]:
         """(rows, counts): every row of `p` that was ever selected and how many steps updated it
         (its slot's step count). Empty tensors for a parameter never selected."""
@@ -348,7 +384,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         set now (slots looked up in the loaded tables), so that a save/load round
         trip followed by :meth:`step` updates the rows it would have updated.
         """
-        id_map = self._check_state_dict(state_dict)
+        id_map = self.check_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         state: defaultdict = defaultdict(dict)
         for key, st in state_dict["state"].items():
@@ -369,7 +405,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         if rows is not None:
             self.set_rows(rows)
 
-    def _check_state_dict(self, sd) -> dict:
+    def check_state_dict(self, sd) -> dict:
         """{saved param index: param} for a state dict that fits this optimizer; else a one-line ValueError.
 
         Checks everything :meth:`load_state_dict` restores before it changes
