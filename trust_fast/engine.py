@@ -36,6 +36,7 @@ from .concepts import ConceptSpec, PromptSet, parse_concept
 from .families import family_for
 from .hessian import HESSIAN_MODES, HutchinsonDiagonal, double_backward_attention, grad_and_hvps, scaled
 from .fsdp import Sharding
+from .guard import check_finite
 from .localize import DynamicLocalizer, Target, find_targets, freeze_all_but, static_mask
 
 LOCALIZATIONS = ("dynamic", "static", "dense")
@@ -60,6 +61,27 @@ def effective_fields(fields: dict) -> dict:
     if "x0_retain_per_prompt" in out and out["x0_retain_per_prompt"] is None:
         out["x0_retain_per_prompt"] = out.get("x0_per_prompt")
     return out
+
+
+def _of_annotated_type(value, annotation: str) -> bool:
+    """Whether `value` fits a TrustConfig field's annotation (``int``, ``float | None``,
+    ``tuple[str, ...] | None``...): an int is a float, a bool is neither an int nor a float."""
+    for option in (a.strip() for a in annotation.split("|")):
+        if option == "None" and value is None:
+            return True
+        if option == "bool" and isinstance(value, bool):
+            return True
+        if isinstance(value, bool):
+            continue
+        if (option == "int" and isinstance(value, int)) or (option == "float" and isinstance(value, (int, float))) \
+                or (option == "str" and isinstance(value, str)):
+            return True
+        if option.startswith("tuple[") and isinstance(value, (tuple, list)):
+            inner = [a.strip() for a in option[6:-1].split(",")]
+            kinds = [inner[0]] * len(value) if inner[-1] == "..." else inner
+            if len(kinds) == len(value) and all(_of_annotated_type(v, k) for v, k in zip(value, kinds)):
+                return True
+    return False
 
 
 @dataclass
@@ -128,6 +150,10 @@ class TrustConfig:
                                        # auto: bf16 on a CUDA device that supports it, off elsewhere
 
     def validate(self) -> None:
+        for f in fields(self):
+            if not _of_annotated_type(getattr(self, f.name), f.type):
+                raise TypeError(f"TrustConfig.{f.name} must be {f.type}, got {getattr(self, f.name)!r} "
+                                f"({type(getattr(self, f.name)).__name__})")
         objectives.check(self.forget_objective, self.retain_objective)
         for name, value, allowed in (("localization", self.localization, LOCALIZATIONS),
                                      ("hessian", self.hessian, HESSIAN_MODES), ("x0_from", self.x0_from, X0_SOURCES),
@@ -231,6 +257,23 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     """True when no tensor holds a NaN or an Inf (one host sync for the whole list)."""
     flags = [torch.isfinite(t).all() for t in tensors if t.numel()]
     return bool(torch.stack(flags).all()) if flags else True
+
+
+# why a step was skipped (report()["skipped_by_reason"]); a skipped step changes no weight and no state
+SKIP_NO_FORGET = "no forget examples in the batch"
+SKIP_NON_FINITE = "non-finite loss or gradient"
+SKIP_OVERFLOW = "float16 overflow (loss scale lowered)"
+SKIP_WEIGHTS = "non-finite weights after the update (rolled back)"
+# skips that mean the run is diverging, not that a loss scale is settling
+DIVERGING = (SKIP_NON_FINITE, SKIP_WEIGHTS)
+
+
+class NonFiniteUpdate(ValueError):
+    """A dense optimizer step made weights non-finite (a sparse one is rolled back instead)."""
+
+
+class RunDiverged(ValueError):
+    """Most steps of the run were skipped for non-finite values: its weights are not saved."""
 
 
 LOSS_SCALE_INIT = 2.0 ** 16   # float16 models: the first loss scale
@@ -341,6 +384,7 @@ class TrustUnlearner:
         config = config or TrustConfig()
         config.validate()
         self.family = family_for(pipe)  # UnsupportedPipeline (one line) before any work
+        check_finite(pipe, "cannot unlearn from")
         # the automatic values (the adversary on, the retain cache as large as the forget one)
         resolved = effective_fields(asdict(config))
         config = config.replace(**{k: v for k, v in resolved.items() if v != getattr(config, k)})
@@ -350,6 +394,9 @@ class TrustUnlearner:
         self.amp_dtype = amp_dtype(cfg.amp, self.device, self.dtype)
         # a pipeline that knows its own concepts (the built-in world's ShapesPipeline) checks the
         # concept's words and builds the prompt sets; for any other, the user gives the prompts
+        if concept is not None and not isinstance(concept, (str, ConceptSpec)):
+            raise TypeError(f"concept must be a str ('A', 'A+B' or 'A|B') or a ConceptSpec, got {concept!r} "
+                            f"({type(concept).__name__})")
         own_parse, own_prompts = getattr(pipe, "parse_concept", None), getattr(pipe, "concept_prompts", None)
         if isinstance(concept, str):
             concept = own_parse(concept) if callable(own_parse) else parse_concept(concept, world=False)
@@ -477,6 +524,7 @@ class TrustUnlearner:
         self.history = _History()
         self.selected_rows: list[Tensor] = []
         self.skipped_steps = 0
+        self.skipped_by_reason: dict[str, int] = {}
         self.finalized: dict | None = None
         self.resumed_from: str | None = None     # real path of the checkpoint directory it resumed from
         self.failed_checkpoints: list[int] = []  # steps whose checkpoint could not be written
@@ -637,13 +685,7 @@ class TrustUnlearner:
 
         t0 = time.perf_counter()
         cfg = self.config
-        wanted = {}
-        if cfg.x0_from in ("forget", "forget+anchor") or cfg.localization == "static" or cfg.adv_prefix:
-            wanted["forget"] = self.emb_forget
-        if cfg.x0_from in ("anchor", "forget+anchor"):
-            wanted["anchor"] = self.emb_anchor
-        if cfg.retain_objective != "none" and cfg.alpha > 0:
-            wanted["retain"] = self.emb_retain
+        wanted = self._pool_prompts()
         per = {name: cfg.x0_retain_per_prompt if name == "retain" else cfg.x0_per_prompt for name in wanted}
         total = sum(e.shape[0] * per[name] for name, e in wanted.items())
         with tqdm(total=total, desc="data-free images", unit="img", disable=not progress, leave=False) as bar:
@@ -653,6 +695,25 @@ class TrustUnlearner:
             self.mask = self._salun_mask()
         self.pool_seconds = time.perf_counter() - t0
         self.seconds += self.pool_seconds
+
+    def _pool_prompts(self) -> dict[str, Tensor]:
+        """The prompts whose data-free images the run caches, by pool name: their embeddings."""
+        cfg = self.config
+        wanted = {}
+        if cfg.x0_from in ("forget", "forget+anchor") or cfg.localization == "static" or cfg.adv_prefix:
+            wanted["forget"] = self.emb_forget
+        if cfg.x0_from in ("anchor", "forget+anchor"):
+            wanted["anchor"] = self.emb_anchor
+        if cfg.retain_objective != "none" and cfg.alpha > 0:
+            wanted["retain"] = self.emb_retain
+        return wanted
+
+    def pool_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of each cached pool of data-free images: (prompts, images per prompt, *latent shape)."""
+        cfg = self.config
+        return {name: (emb.shape[0], cfg.x0_retain_per_prompt if name == "retain" else cfg.x0_per_prompt,
+                       *self.family.sample_shape())
+                for name, emb in self._pool_prompts().items()}
 
     def _noisy(self, x0: Tensor, t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         n = x0.shape[0]
@@ -997,6 +1058,7 @@ class TrustUnlearner:
         # a non-finite loss or gradient on any rank skips the step on all ranks: weights, optimizer,
         # localization and Hessian state stay as they were
         skip = distributed.any_rank(no_forget or not _all_finite([forget_loss.detach(), *g_f]))
+        reason = SKIP_NO_FORGET if no_forget else self._skip_reason(forget_loss) if skip else None
         t1 = time.perf_counter()
         rows = None
         prev_rows = self.localizer.rows if self.localizer is not None else None
@@ -1051,6 +1113,7 @@ class TrustUnlearner:
                      *(h for _, hz in pending or [] for h in hz)]
             skip = distributed.any_rank(not _all_finite([retain_loss.detach(), *fresh]))
             if skip:
+                reason = self._skip_reason(retain_loss)
                 if self.localizer is not None:
                     self.localizer.rows = prev_rows
                 rows = None
@@ -1071,20 +1134,18 @@ class TrustUnlearner:
             for d, old in zip(self.hutchinson.diags, diag_before[0]):
                 d.copy_(old)
             self.hutchinson.count = diag_before[1]
-        if self.loss_scale is not None:
-            self._update_loss_scale(skip)
-        if skip:
-            self.skipped_steps += 1
-        else:
+        if not skip:
             if keep is not None:  # the selected rows' gradients into otherwise zero gradients
                 for p, g, r in zip(self.opt_params, grads, self._param_rows(rows)):
                     p.grad = torch.zeros_like(p).index_copy_(0, r, g.to(p.dtype))
             else:
                 for p, g in zip(self.opt_params, grads):
                     p.grad = g.to(p.dtype)
+            snapshot = None
             if rows is not None:
                 opt = self._opt
                 self.masked_optimizer.set_rows({opt[id(p)]: r for t, r in zip(self.targets, rows) for p in t.params})
+                snapshot = self.masked_optimizer.snapshot_rows()
             else:
                 if self.hutchinson is not None and self.hutchinson.count > 0:
                     self._diag_penalty_dense()
@@ -1096,6 +1157,16 @@ class TrustUnlearner:
                 p.grad = None
             if self.master is not None:
                 self._refresh_from_master(rows)
+            if not self._updated_rows_finite(rows):
+                self._undo_update(rows, snapshot)
+                if self.localizer is not None:
+                    self.localizer.rows = prev_rows
+                skip, reason, rows = True, SKIP_WEIGHTS, None
+        if self.loss_scale is not None:
+            self._update_loss_scale(skip and reason != SKIP_WEIGHTS)
+        if skip:
+            self.skipped_steps += 1
+            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
         t4 = time.perf_counter()
         n_sel = (0 if skip else self.total_rows if rows is None
                  else self.sharding.selected if self.sharding is not None else sum(r.numel() for r in rows))
@@ -1103,12 +1174,48 @@ class TrustUnlearner:
         stats = {"step": self.step_count, "loss_forget": None if no_forget else float(forget_loss.detach()),
                  "loss_retain": float(retain_loss.detach()) if retain_loss is not None else None,
                  "selected_rows": n_sel, "selected_fraction": n_sel / max(1, self.total_rows), "skipped": skip,
+                 **({"skip_reason": reason} if skip else {}),
                  **({"loss_scale": self.loss_scale} if self.loss_scale is not None else {}),
                  "time_forget_backward": t1 - t0, "time_localize": t2 - t1,
                  "time_retain_backward": t3 - t2 - t_retain_forward, "time_retain_forward": t_retain_forward,
                  "time_optimizer": t4 - t3}
         self.step_count += 1
         return stats
+
+    def _skip_reason(self, loss: Tensor) -> str:
+        """Why a step with a non-finite loss or gradient is skipped: under a float16 loss scale a
+        finite loss with non-finite gradients is an overflow the lowered scale fixes."""
+        if self.loss_scale is not None and bool(torch.isfinite(loss.detach()).all()):
+            return SKIP_OVERFLOW
+        return SKIP_NON_FINITE
+
+    @torch.no_grad()
+    def _updated_rows_finite(self, rows: list[Tensor] | None) -> bool:
+        """Whether the weights this step updated are finite: the selected rows (of the float32
+        masters and the model's half-precision copies), every target weight after a dense step.
+        One host sync; all ranks agree."""
+        if rows is not None:
+            flags = [self.masked_optimizer.set_rows_finite()]
+            if self.master is not None:
+                flags += [torch.isfinite(p.index_select(0, r)).all()
+                          for t, r in zip(self.targets, rows) if r.numel() for p in t.params]
+            ok = bool(torch.stack(flags).all())
+        else:
+            ok = _all_finite([*self.opt_params, *(self.params if self.master is not None else [])])
+        return not distributed.any_rank(not ok)
+
+    @torch.no_grad()
+    def _undo_update(self, rows: list[Tensor] | None, snapshot: list | None) -> None:
+        """Roll back a step whose update made weights non-finite: the selected rows and their
+        optimizer state as they were (a copy the size of the selection, taken before the step). A
+        dense optimizer's state is the size of the model and is not copied every step: its run stops."""
+        if snapshot is None:
+            raise NonFiniteUpdate(f"step {self.step_count} made target weights non-finite (NaN or Inf) with a dense "
+                                  f"optimizer, which cannot be rolled back; the run stops (lower lr, now "
+                                  f"{self.config.lr:g})")
+        self.masked_optimizer.undo_step(snapshot)
+        if self.master is not None:
+            self._refresh_from_master(rows)
 
     @torch.no_grad()
     def _refresh_from_master(self, rows: list[Tensor] | None) -> None:
@@ -1296,7 +1403,10 @@ class TrustUnlearner:
         mean_rows = sum(s["selected_rows"] for s in h) / len(h) if h else 0.0
         return {"concept": str(self.concept) if self.concept is not None else None,
                 "kind": self.concept.kind if self.concept is not None else None,
-                "method": self.config.method, "steps": self.step_count, "skipped_steps": self.skipped_steps,
+                "method": self.config.method, "steps": self.step_count,
+                "applied_steps": self.step_count - self.skipped_steps, "skipped_steps": self.skipped_steps,
+                "skipped_by_reason": dict(self.skipped_by_reason), "changed_rows": self.changed_rows(),
+                "unchanged": self.unchanged(),
                 "failed_checkpoints": self.failed_checkpoints,
                 "seconds": self.seconds,
                 "x0_sampling_seconds": self.pool_seconds, "adversary_seconds": self.adv_seconds,
@@ -1313,6 +1423,46 @@ class TrustUnlearner:
                 "fsdp_shards": self.sharding.world if self.sharding is not None else None,
                 "config": asdict(self.config),
                 "history": h, "evals": self.history.evals}
+
+    @torch.no_grad()
+    def changed_rows(self) -> int | None:
+        """Rows of the target modules (a weight row with its bias entry) that differ from the
+        original model now; None without a frozen copy to compare with (SalUn) or when sharded."""
+        if self.theta0 is None or self.sharding is not None:
+            return None
+        flags = []
+        for t in self.targets:
+            changed = [(p != p0).reshape(p.shape[0], -1).any(dim=1) for p, p0 in zip(self.params, self.theta0)
+                       if any(p is q for q in t.params)]
+            flags.append(torch.stack(changed).any(dim=0).sum())
+        return int(torch.stack(flags).sum()) if flags else 0
+
+    def diverged(self) -> str | None:
+        """Why the run's weights must not be saved, or None: more than half of its steps were skipped
+        for non-finite losses, gradients or weights (an lr too large, a poisoned batch source)."""
+        bad = sum(self.skipped_by_reason.get(r, 0) for r in DIVERGING)
+        if self.step_count and 2 * bad > self.step_count:
+            return (f"the run diverged: {bad} of its {self.step_count} steps were skipped for non-finite values "
+                    f"({', '.join(f'{r}: {n}' for r, n in self.skipped_by_reason.items())}); lower lr "
+                    f"(now {self.config.lr:g})")
+        return None
+
+    def unchanged(self) -> str | None:
+        """Why the model would be saved as it was loaded, or None when the run changed a weight."""
+        if self.step_count == 0:
+            return "no step was run"
+        if self.changed_rows() != 0:
+            return None
+        fin = self.finalized or {}
+        if self.skipped_steps == self.step_count:
+            return f"every one of its {self.step_count} steps was skipped ({', '.join(self.skipped_by_reason)})"
+        if not any(s.get("selected_rows") for s in self.history.steps) and self.history.steps:
+            return (f"no row was selected at any of its {len(self.history.steps)} steps (xi={self.config.xi:g} is above "
+                    "every saliency z-score: lower xi)")
+        if fin.get("rows_ever_updated") and not fin.get("rows_kept"):
+            return (f"no row was updated {fin['min_row_updates']} times, so finalize returned every row to its "
+                    "original weights: run more steps or lower min_row_updates")
+        return "no weight differs from the original model"
 
     def source_path(self) -> str | None:
         """The directory the pipeline was loaded from, if any (an input no output may touch)."""
@@ -1349,9 +1499,13 @@ class TrustUnlearner:
         must call it (:meth:`unshard`); rank 0 writes, the others pass None."""
         from .io import write_pretrained
 
+        problem = self.diverged()
+        if problem:
+            raise RunDiverged(f"refusing to save: {problem}")
         self.finalize()
         self.unshard()
         if directory is not None:
+            check_finite(self.pipe, "refusing to save", collective=False)
             write_pretrained(self.pipe, directory)
 
     def save(self, out_dir: str, overwrite: bool = False) -> None:
@@ -1363,6 +1517,9 @@ class TrustUnlearner:
         with claim_output(out_dir, "output directory", overwrite=overwrite,
                           inputs=[("source model", self.source_path())]) as out:
             self.write_pipeline(out.path)
+        why = self.unchanged()
+        if why:
+            warnings.warn(f"saved an unchanged model to {out_dir!r}: {why}", stacklevel=2)
 
 
 __all__ = ["TrustConfig", "TrustUnlearner", "encode_prompts", "encode_images", "LOCALIZATIONS", "X0_SOURCES"]
