@@ -59,7 +59,7 @@ def test_unlearn_a_stable_diffusion_directory_from_prompt_files(tmp_path, capsys
     assert report["steps"] == 2 and report["config"]["hessian"] == "hvp" and "ua_before" not in report
     # 2 steps cannot update a row 3 times: finalize restores every row, and the CLI says so
     assert report["finalized"]["rows_kept"] == 0 and report["finalized"]["rows_ever_updated"] > 0
-    assert "warning: no row was updated 3 times" in capsys.readouterr().err
+    assert "warning: the saved model is unchanged: no row was updated 3 times" in capsys.readouterr().err
     assert json.loads((tmp_path / "o" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     # evaluated against the original (reloaded from --model) without a classifier, with its grids
     free = report["eval_vs_original"]

@@ -59,7 +59,7 @@ def test_the_cli_refuses_an_unsupported_pipeline_before_writing(tmp_path, capsys
     rc = main(["unlearn", "--model", str(model), "--concept", "red", "--forget-prompts", str(tmp_path / "f.txt"),
                "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "DDPMPipeline is not supported" in err[0], err
+    assert rc == 2 and len(err) == 1 and "is a DDPMPipeline, which trust_fast does not support" in err[0], err
     assert not (tmp_path / "out").exists()
 
 

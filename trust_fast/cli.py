@@ -18,6 +18,21 @@ class UserError(ValueError):
     """A problem with the user's input; the CLI prints it as one line."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line like every other error (the usage block is what
+    --help is for); subparsers inherit the class (add_subparsers' default parser_class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"trust-fast: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        # a command refuses its own unknown arguments, so that the line points at its --help
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
@@ -62,6 +77,38 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UserError(f"--guidance must be >= 0, got {args.guidance}")
 
 
+def check_device(text: str | None) -> None:
+    """Refuse, in one line, a --device torch cannot parse or this machine does not have (torch says
+    so only mid-load, in a traceback). Backends torch has a module for (cuda, mps, xpu, ...) are
+    asked for their device count; any other device type must take a tensor."""
+    if text is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cpu":
+        return
+    if device.type == "meta":
+        raise UserError(f"--device {text!r} holds shapes without data; sampling and unlearning need cpu or an "
+                        "accelerator")
+    backend = getattr(torch, device.type, None)
+    if not hasattr(backend, "device_count"):
+        try:
+            torch.empty(0, device=device)
+        except Exception as e:  # each backend fails its own way
+            raise UserError(f"--device {text!r} is not usable here: {_one_line(e)}") from None
+        return
+    count, kind = backend.device_count(), device.type.upper()
+    if count == 0:
+        raise UserError(f"--device {text!r}: no {kind} device is available (torch {torch.__version__} sees none)")
+    if device.index is not None and device.index >= count:
+        raise UserError(f"--device {text!r}: this machine has {count} {kind} device(s), "
+                        f"{device.type}:0 to {device.type}:{count - 1}")
+
+
 def _claim(path: str, what: str, args, **kw):
     """The command's claim of an output (trust_fast.io.claim_output, honouring --overwrite)."""
     from .io import claim_output
@@ -101,7 +148,7 @@ def cmd_generate(args) -> int:
 def cmd_evaluate(args) -> int:
     from .concepts import parse_concept, read_prompt_file
     from .evaluation import format_table
-    from .io import is_json_report
+    from .io import is_json_report, write_json_atomic
     from .world import is_world_model, model_path
 
     if args.grids and args.reference == "none":
@@ -134,11 +181,12 @@ def cmd_evaluate(args) -> int:
                       if args.out else None)
         report, keys = _evaluate(args, spec, world, generic, reference_name, prompts if generic else None, grids)
         if report_out is not None:
-            with open(report_out.path, "w") as f:
-                json.dump(report, f, indent=2)
+            write_json_atomic(report, report_out.path)
     print(format_table([(args.model, report)], keys))
     for item in report.get("skipped", []):
         print(f"skipped: {item}")
+    for item in report.get("notes", []):
+        print(f"note: {item}")
     if report.get("grids"):
         print(f"wrote {', '.join(report['grids'])} to {args.grids}")
     if args.out:
@@ -221,9 +269,21 @@ def _unlearning_config(args):
         overrides["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
         if not overrides["targets"]:
             raise UserError(f"--targets {args.targets!r} names no module pattern")
+    if getattr(args, "compile_unet", None) is not None:
+        _check_compile_backend(args.compile_unet)
     cfg = config(args.method, **overrides)
     cfg.validate()
     return cfg
+
+
+def _check_compile_backend(name: str) -> None:
+    """--compile-unet takes a backend the engine checked against eager; inductor is left to the
+    config's own refusal, which says why."""
+    from .engine import COMPILE_BACKENDS
+
+    if name not in COMPILE_BACKENDS and name != "inductor":
+        raise UserError(f"--compile-unet {name!r} is not a backend trust_fast compiles with; choose "
+                        f"{', '.join(COMPILE_BACKENDS)}")
 
 
 def _neighbor_accuracy(spec, retain_images, n_per_prompt: int) -> dict:
@@ -472,14 +532,20 @@ def cmd_unlearn(args) -> int:
     keys = ["steps", "seconds", "mean_selected_rows", "mean_selected_fraction", "trainable_params",
             "optimizer_state_bytes"]
     print(format_table([(f"{report['method']} {report['concept']}", report)], keys))
-    fin = report.get("finalized") or {}
-    if fin.get("rows_ever_updated") and not fin.get("rows_kept"):
-        print(f"warning: no row was updated {fin['min_row_updates']} times, so finalize returned every row to its "
-              "original weights and the model is unchanged; run more --steps or lower --min-row-updates",
-              file=sys.stderr)
+    _warn_about_the_run(report)
     pictures = "".join(f", {name}" for name in report.get("pictures", []))
     print(f"wrote the unlearned pipeline, report.json{pictures} to {args.out}")
     return 0
+
+
+def _warn_about_the_run(report: dict) -> None:
+    """One warning line each when steps were skipped or the saved model is unchanged (the report
+    says it too: skipped_by_reason, unchanged)."""
+    if report.get("skipped_steps"):
+        why = ", ".join(f"{n} for {r}" for r, n in report["skipped_by_reason"].items())
+        print(f"warning: {report['skipped_steps']} of {report['steps']} steps were skipped ({why})", file=sys.stderr)
+    if report.get("unchanged"):
+        print(f"warning: the saved model is unchanged: {report['unchanged']}", file=sys.stderr)
 
 
 def cmd_demo(args) -> int:
@@ -509,6 +575,7 @@ def cmd_demo(args) -> int:
         unlearner.write_pipeline(os.path.join(out.path, "model"))
         report["written_by"] = "trust_fast"
         write_json_atomic(report, os.path.join(out.path, "report.json"))
+    _warn_about_the_run(report)
     print(f"wrote {', '.join(report['pictures'])}, model/ and report.json to {args.out}")
     return 0
 
@@ -590,7 +657,7 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .defaults import EMBEDDING_STEPS, INVERSION_STEPS
 
-    ap = argparse.ArgumentParser(prog="trust-fast", description="TRUST concept unlearning for diffusion models")
+    ap = OneLineParser(prog="trust-fast", description="TRUST concept unlearning for diffusion models")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -792,6 +859,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         check_numbers(args)
+        check_device(getattr(args, "device", None))
         return args.fn(args)
     except (ValueError, OSError, RankMismatchError) as e:
         if args.debug:

@@ -48,6 +48,7 @@ Anything else is refused up front with one line naming the class and the support
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -57,6 +58,11 @@ from torch import Tensor
 from .localize import DEFAULT_TARGETS as UNET_TARGETS  # cross-attention q/k/v and the feed-forward layers
 
 SUPPORTED = "StableDiffusionPipeline (1.x, 2.x), StableDiffusionXLPipeline, StableDiffusion3Pipeline, ShapesPipeline"
+# the pipeline classes a model directory may name (model_index.json's _class_name): others with the same
+# parts (img2img, inpainting) sample differently, so a directory of one is refused before diffusers loads it
+SUPPORTED_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
+                     "ShapesPipeline")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights torch.load would unpickle
 
 
 class UnsupportedPipeline(ValueError):
@@ -332,27 +338,44 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def stored_dtype(path: str, variant: str | None = None) -> torch.dtype | None:
     """The floating dtype of the denoiser's weights as saved in pipeline directory `path` (read from
-    the safetensors header, nothing loaded), or None when it cannot be told."""
-    import json
-
+    the safetensors header, nothing loaded), or None when there is no such file or it holds no
+    floating tensor. ValueError, naming the file, when its header is not a safetensors header."""
     for sub in ("unet", "transformer"):
         name = "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
         f = os.path.join(path, sub, name)
         if not os.path.isfile(f):
             continue
-        try:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                if not 0 < n < 100_000_000:
-                    return None
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError):
-            return None
         names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-        for k, v in header.items():
+        for k, v in _safetensors_header(f).items():
             if k != "__metadata__" and v.get("dtype") in names:
                 return names[v["dtype"]]
     return None
+
+
+def _safetensors_header(f: str) -> dict:
+    """The header of safetensors file `f`: a JSON object of one object per tensor (and
+    ``__metadata__``). ValueError naming the file when it is anything else, so that a broken file
+    is one line, not a crash on the first entry."""
+    import json
+
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n < 100_000_000:
+                raise ValueError(f"the safetensors header of {f!r} claims {n} bytes")
+            header = json.loads(fh.read(n))
+    except OSError as e:
+        raise ValueError(f"cannot read the safetensors header of {f!r}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"the safetensors header of {f!r} is not JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"the safetensors header of {f!r} is a JSON {type(header).__name__}, not an object "
+                         "of tensor entries")
+    bad = next((k for k, v in header.items() if not isinstance(v, dict)), None)
+    if bad is not None:
+        raise ValueError(f"the safetensors header of {f!r} has entry {bad!r} that is a JSON "
+                         f"{type(header[bad]).__name__}, not an object")
+    return header
 
 
 def load_pipeline(model: str = "shapes", device: str | None = None, dtype: str = "auto",
@@ -362,29 +385,29 @@ def load_pipeline(model: str = "shapes", device: str | None = None, dtype: str =
     "float16" or "bfloat16"; `variant`: the weights variant to load ("fp16" for
     ``diffusion_pytorch_model.fp16.safetensors``). The pipeline remembers its variant
     (``pipe.trust_fast_variant``) so that saving it writes the same files. ValueError, one line,
-    on a broken or unsupported model."""
-    import diffusers
-    import transformers
-    from diffusers import DiffusionPipeline
-
+    on a broken or unsupported model; pickled weights (.bin) are refused, never unpickled."""
     from .world import model_path
-    from .world.pipeline import ShapesPipeline  # noqa: F401  (registers the class with diffusers)
 
     path = model_path(model)
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
-    torch_dtype = DTYPES[dtype] if dtype != "auto" else (stored_dtype(path, variant) or torch.float32)
-    # loading bars on stderr would bury the CLI's one-line errors
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    verbosity = diffusers.utils.logging.get_verbosity()
-    # its warnings list every missing tensor (we say it in one line) and repeat, in three lines per
-    # call, that a float16 pipeline moved to the CPU is slow
-    diffusers.utils.logging.set_verbosity_error()
+    index = _model_index(path)
+    _check_pipeline_class(model, index)
+    _refuse_pickles(model, path, index)
     try:
+        saved = stored_dtype(path, variant)
+    except ValueError as e:
+        raise ValueError(f"cannot load model {model!r}: {e}") from None
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else (saved or torch.float32)
+    with _quiet_loading():
+        from diffusers import DiffusionPipeline
+
+        from .world.pipeline import ShapesPipeline  # noqa: F401  (registers the class with diffusers)
+
         try:
             pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, variant=variant,
-                                                     **{_dtype_keyword(): torch_dtype}, **_absent_components(path))
+                                                     use_safetensors=True, **{_dtype_keyword(): torch_dtype},
+                                                     **{k: None for k in _absent_components(index)})
         except Exception as e:  # diffusers raises many types for a broken directory
             first = (str(e).strip().splitlines() or [""])[0]
             hint = "" if variant else _variant_hint(path)
@@ -400,8 +423,66 @@ def load_pipeline(model: str = "shapes", device: str | None = None, dtype: str =
         pipe.set_progress_bar_config(disable=True)
         pipe.trust_fast_variant = variant
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    finally:
-        diffusers.utils.logging.set_verbosity(verbosity)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """diffusers' and transformers' log lines (missing files, every missing tensor, a float16 pipeline
+    on the CPU), python warnings and loading bars, all off while a pipeline loads: they would bury
+    the CLI's one-line error, and whatever goes wrong is raised as that line. The libraries'
+    verbosity is restored afterwards."""
+    import logging
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import diffusers
+        import transformers
+
+        libs = [diffusers.utils.logging, transformers.utils.logging]
+        before = [lib.get_verbosity() for lib in libs]
+        for lib in libs:
+            lib.disable_progress_bar()
+            lib.set_verbosity(logging.CRITICAL + 1)  # diffusers logs a missing weights file as an error
+        try:
+            yield
+        finally:
+            for lib, level in zip(libs, before):
+                lib.set_verbosity(level)
+
+
+def _model_index(path: str) -> dict:
+    """model_index.json of pipeline directory `path`, or {} when it cannot be read (diffusers then
+    says why, in the loader's one line)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "model_index.json")) as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _check_pipeline_class(model: str, index: dict) -> None:
+    """UnsupportedPipeline, one line, for a directory of a pipeline class trust_fast does not take."""
+    name = index.get("_class_name")
+    if isinstance(name, str) and name not in SUPPORTED_CLASSES:
+        raise UnsupportedPipeline(f"model {model!r} is a {name}, which trust_fast does not support; "
+                                  f"supported: {SUPPORTED}")
+
+
+def _refuse_pickles(model: str, path: str, index: dict) -> None:
+    """A component saved only as a pickle (``pytorch_model.bin`` and the like) is refused by name:
+    unpickling a file can run any code in it."""
+    for name in (k for k in index if not k.startswith("_")):
+        folder = os.path.join(path, name)
+        files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+        if pickles and not any(f.endswith(".safetensors") for f in files):
+            raise ValueError(f"cannot load model {model!r}: its {name} weights are a pickle file "
+                             f"({os.path.join(folder, pickles[0])!r}), which trust_fast never loads (unpickling can "
+                             "run code); save them as safetensors")
 
 
 def _dtype_keyword() -> str:
@@ -412,17 +493,10 @@ def _dtype_keyword() -> str:
     return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
-def _absent_components(path: str) -> dict:
+def _absent_components(index: dict) -> list[str]:
     """Components a pipeline was saved without ([null, null] in model_index.json, e.g. SD3 without
-    its T5 encoder), passed as None: diffusers refuses to load such a pipeline otherwise."""
-    import json
-
-    try:
-        with open(os.path.join(path, "model_index.json")) as f:
-            index = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
+    its T5 encoder), to be passed as None: diffusers refuses to load such a pipeline otherwise."""
+    return [k for k, v in index.items() if not k.startswith("_") and v == [None, None]]
 
 
 def _variant_hint(path: str) -> str:
@@ -433,4 +507,4 @@ def _variant_hint(path: str) -> str:
 
 
 __all__ = ["Family", "StableDiffusion", "StableDiffusionXL", "FAMILIES", "family_for", "UnsupportedPipeline",
-           "UNET_TARGETS", "SUPPORTED", "load_pipeline", "stored_dtype", "DTYPES"]
+           "UNET_TARGETS", "SUPPORTED", "SUPPORTED_CLASSES", "load_pipeline", "stored_dtype", "DTYPES"]

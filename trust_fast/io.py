@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -227,7 +229,7 @@ def _lock(final: str, what: str) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise OutputError(f"{what} {final!r} is not writable ({parent!r}: {e.strerror})") from None
+            raise _not_writable(what, final, parent, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -255,6 +257,13 @@ def _lock(final: str, what: str) -> Iterator[None]:
         os.close(fd)
 
 
+def _not_writable(what: str, final: str, directory: str, e: OSError) -> OutputError:
+    """The refusal of an output whose `directory` takes no new entry. ENOENT from an existing
+    directory (a pseudo-filesystem such as /proc) would read as if that directory were missing."""
+    why = "it takes no new files" if e.errno == errno.ENOENT and os.path.isdir(directory) else e.strerror
+    return OutputError(f"{what} {final!r} is not writable (cannot create entries in {directory!r}: {why})")
+
+
 def _make_parents(parent: str, what: str, final: str) -> list[str]:
     """Create the missing directories above the output; return them, deepest first."""
     made = []
@@ -271,7 +280,7 @@ def _make_parents(parent: str, what: str, final: str) -> list[str]:
             for done in made[made.index(d) + 1:]:
                 with contextlib.suppress(OSError):
                     os.rmdir(done)
-            raise OutputError(f"{what} {final!r} is not writable ({os.path.dirname(d)!r}: {e.strerror})") from None
+            raise _not_writable(what, final, os.path.dirname(d), e) from None
     return made
 
 
@@ -353,7 +362,7 @@ def claim_output(path: str, what: str = "output directory", *, kind: str = "dir"
                 try:
                     stage = tempfile.mkdtemp(dir=parent, prefix=f".{name}{TMP_TAG}")
                 except OSError as e:
-                    raise OutputError(f"{what} {final!r} is not writable ({parent!r}: {e.strerror})") from None
+                    raise _not_writable(what, final, parent, e) from None
                 try:
                     yield Output(stage, final)
                     _write_marker(stage, what, in_place=False)
@@ -434,8 +443,21 @@ def write_csv_atomic(rows: list[dict], path: str, append: bool = False) -> None:
 
 
 def write_json_atomic(obj, path: str) -> None:
+    """`obj` as strict JSON: every non-finite float (an undefined metric) is written as null, since
+    JSON has no NaN or Infinity and strict parsers refuse the bare words Python writes for them."""
     with atomic_path(path, ".json") as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(_finite_or_none(obj), f, indent=2, allow_nan=False)
+
+
+def _finite_or_none(obj):
+    """`obj` with non-finite floats replaced by None, through dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 def save_file_atomic(tensors: dict, path: str, metadata: dict | None = None) -> None:

@@ -21,7 +21,8 @@ model's generations moved away from the original model's, prompt by prompt:
   ``<name>_change_original`` is where a fully restored concept would land. An attack that
   restores the concept pulls ``<name>_change`` down from ``forget_change`` toward it;
   ``<name>_recovery`` = (forget_change - <name>_change) / (forget_change - <name>_change_original)
-  is that pull as a fraction (0: the attack restores nothing, 1: all).
+  is that pull as a fraction (0: the attack restores nothing, 1: all); None (null), with a line
+  under ``notes``, when the attack alone moved the original at least as far as unlearning moved the model.
 
 Distances are measured where the pipeline samples: VAE latents for latent diffusion pipelines,
 pixels for the shapes world. Every metric that needs a classifier is listed under ``skipped``.
@@ -51,6 +52,20 @@ def check_comparable(pipe, reference) -> None:
 
 def _mean(x: torch.Tensor) -> float:
     return float(x.mean()) if x.numel() else float("nan")
+
+
+def _recovery(report: dict, name: str, notes: list[str]) -> float | None:
+    """``<name>_recovery``, or None (JSON null, printed n/a) with a line in `notes` saying why when it
+    is undefined: the attack alone moved the original's images at least as far as unlearning moved
+    the model's, so there is no span for a restored concept to cover."""
+    span = report["forget_change"] - report[f"{name}_change_original"]
+    if span > 0:
+        return (report["forget_change"] - report[f"{name}_change"]) / span
+    notes.append(f"{name}_recovery is n/a: the {name} attack moved the original model's images "
+                 f"({name}_change_original {report[f'{name}_change_original']:.3f}) at least as far as unlearning "
+                 f"moved this model's (forget_change {report['forget_change']:.3f}), so how much of the concept it "
+                 "restores is undefined")
+    return None
 
 
 def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: list[str], attack: str = "none",
@@ -102,6 +117,7 @@ def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: l
         report["selectivity"] = report["forget_change"] / max(report["retain_change"], 1e-12)
         report.update(fd_from_images(images["retain"][1], images["retain"][0], images["retain"][2]))
     skipped = [f"{m} (needs a classifier; none judges these prompts)" for m in CLASSIFIER_METRICS]
+    notes: list[str] = []
     if not retain_prompts:
         skipped.append("retain_change, selectivity and fd (no retain prompts given)")
     if "paraphrase" in attacks:
@@ -113,9 +129,7 @@ def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: l
         base = run_optimized(name, reference, reference, None, None, settings[name], **common)[f"{name}_distance"]
         report.update(found, **{f"{name}_change": found[f"{name}_distance"] / floor,
                                 f"{name}_change_original": base / floor})
-        span = report["forget_change"] - report[f"{name}_change_original"]
-        report[f"{name}_recovery"] = ((report["forget_change"] - report[f"{name}_change"]) / span
-                                      if span > 0 else float("nan"))
+        report[f"{name}_recovery"] = _recovery(report, name, notes)
         skipped.append(f"asr_{name} (no classifier: {name}_change measures the attack instead)")
     if grids:
         from .pictures import write_grids
@@ -124,5 +138,7 @@ def generic_report(pipe, reference, forget_prompts: list[str], retain_prompts: l
                   for name, (ref, ours, _) in images.items()}
         report["grids"] = write_grids(grids, pixels, labels=("original", "evaluated"))
     report["skipped"] = skipped
+    if notes:
+        report["notes"] = notes
     report["seconds"] = time.perf_counter() - t0
     return report

@@ -191,9 +191,10 @@ def fd_from_images(ours: torch.Tensor, ref_a: torch.Tensor, ref_b: torch.Tensor,
 
 
 def format_table(rows: list[tuple[str, dict]], keys: list[str]) -> str:
-    """A plain-text table: one row per (name, report), one column per key (floats with 3 decimals)."""
+    """A plain-text table: one row per (name, report), one column per key (floats with 3 decimals;
+    None, a value that is undefined for this report, as n/a)."""
     def fmt(v) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
     cells = [["", *keys]] + [[name, *(fmt(r.get(k, "")) for k in keys)] for name, r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(keys) + 1)]
