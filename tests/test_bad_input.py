@@ -253,7 +253,7 @@ def _craft(tensors: dict, meta: dict, case: str) -> tuple[dict, dict]:
     ("float rows", "not a non-empty 1-D int64 tensor"),
     ("repeated rows", "negative or repeated indices"),
     ("values shape", "have shape"),
-    ("values dtype", "are torch.float64, the model's tensor torch.float32"),
+    ("values dtype", "are torch.float64; patch values are float32, float16 or bfloat16"),
     ("count mismatch", "its metadata counts 7"),
     ("nan values", "are not all finite"),
     ("text encoder", "is outside the denoiser"),

@@ -81,8 +81,9 @@ def select(targets: list[Target], scores: Tensor, xi: float = 2.0,
            max_fraction: float | None = None) -> list[Tensor]:
     """Rows whose z-score within their layer exceeds xi: one int64 index tensor per target.
 
-    A target whose scores are all equal, or hold any NaN or +-Inf, selects no rows (its z-scores
-    are undefined); the other targets select as usual (:func:`trust_fast.ops.select_rows`)."""
+    A target whose scores are all equal selects no rows; a NaN or +-Inf score is refused
+    (ValueError naming the target's index: its z-scores are undefined; the engine skips a step
+    whose gradient is not finite before it localizes). See :func:`trust_fast.ops.select_rows`."""
     return ops.select_rows(scores, [t.rows for t in targets], xi, max_fraction)
 
 
@@ -92,8 +93,8 @@ def localize_rows(grads: list[Tensor], weights: list[Tensor] | None, rows_per_te
     what :class:`DynamicLocalizer` compiles (one graph, no break) with ``compile=True``.
 
     grads[i] (and weights[i] for mode "gw"): (rows_i, ...) float tensors on one device. Returns
-    one ascending int64 index tensor per input, empty for an input whose saliency has a non-finite
-    row (see :func:`select`)."""
+    one ascending int64 index tensor per input; ValueError when a saliency is not finite (see
+    :func:`select`)."""
     return ops.select_rows(ops.row_saliency(grads, weights, mode), rows_per_tensor, xi, max_fraction)
 
 
@@ -114,8 +115,8 @@ class DynamicLocalizer:
 
     Between re-estimations the previous selection is reused. With `compile`, saliency and
     selection run as one torch.compile graph (:func:`localize_rows`); `localize` replaces that
-    function (same signature), e.g. by one that gathers scores over ranks. A target whose saliency
-    has a NaN or Inf row selects no rows (see :func:`select`)."""
+    function (same signature), e.g. by one that gathers scores over ranks. A NaN or Inf saliency
+    is refused (see :func:`select`)."""
 
     def __init__(self, targets: list[Target], xi: float = 2.0, interval: int = 1, mode: str = "g",
                  max_fraction: float | None = None, compile: bool = False, localize=None):

@@ -12,7 +12,7 @@ Backends: reference (pure torch), cpp (CPU), cuda, triton; see :mod:`.registry`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -35,8 +35,18 @@ __all__ = [
 ]
 
 
-def _as_list(xs: Sequence[Tensor]) -> list[Tensor]:
-    return xs if isinstance(xs, list) else list(xs)
+def _as_list(xs: Iterable[Tensor] | None) -> list[Tensor] | None:
+    """An iterable of tensors (a tuple, a generator, a ParameterList) as a list; a list, None or
+    anything else (a tensor, a number) as it is, for the checks to name."""
+    if isinstance(xs, (list, Tensor)) or not isinstance(xs, Iterable):
+        return xs
+    return list(xs)
+
+
+def _checking() -> bool:
+    """Whether the Python-level argument checks run: not while torch.compile traces, when the ops'
+    schemas type the arguments and the kernels check their values at run time."""
+    return not torch.compiler.is_compiling()
 
 
 def _detached(xs: list[Tensor]) -> list[Tensor]:
@@ -61,11 +71,17 @@ def row_saliency(
         float32 vector of length sum(rows), rows of tensor 0 first, on the
         tensors' device.  Accumulation is float32 whatever the input dtype.
     """
-    tensors = [t.detach() for t in tensors]
-    weights = None if weights is None else [w.detach() for w in weights]
+    tensors, weights = _as_list(tensors), _as_list(weights)
+    if _checking():
+        with reference.arguments_of("row_saliency"):
+            reference.check_tensor_list("tensors", tensors)
+            reference.check_tensor_list("weights", weights, optional=True)
+            reference.check_saliency_mode(mode, weights)
     if not tensors:
         reference.check_row_saliency(tensors, weights, mode)
         return torch.zeros(0, dtype=torch.float32)
+    tensors = [t.detach() for t in tensors]
+    weights = None if weights is None else [w.detach() for w in weights]
     return torch.ops.trust_fast.row_saliency(tensors, weights, mode)
 
 
@@ -82,11 +98,19 @@ def select_rows(
 
     Returns:
         one int64 tensor of row indices per tensor, ascending, on the scores'
-        device.  A tensor whose scores are all equal selects nothing, and so does
-        a tensor with any non-finite score (NaN, +-Inf), whatever ``xi``: its mean
-        and std are not finite; the other tensors are unaffected.  The op has no
-        compiled kernel: every backend runs the same vectorised torch.
+        device.  A tensor whose scores are all equal selects nothing.  The op has
+        no compiled kernel: every backend runs the same vectorised torch.
+
+    Raises:
+        ValueError naming the tensor when a score is NaN or +-Inf (its z-scores
+        are undefined), TypeError/ValueError naming any other bad argument.
     """
+    if _checking():
+        with reference.arguments_of("select_rows"):
+            reference.check_tensor("scores", scores)
+            reference.check_integer_list("rows_per_tensor", rows_per_tensor)
+            reference.check_number("xi", xi)
+            reference.check_number("max_fraction", max_fraction, optional=True)
     return list(
         torch.ops.trust_fast.select_rows(
             scores.detach(), [int(n) for n in rows_per_tensor], float(xi),
@@ -132,18 +156,26 @@ def masked_adamw_(
 
     Formulas are torch.optim.AdamW's (decoupled weight decay, bias correction).
     """
-    if not params:
-        return
-    params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots = map(
-        _as_list, (params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots)
-    )
-    grads = _detached(grads)
-    hess = None if hess is None else _as_list(hess)
-    ref_params = None if ref_params is None else _detached(_as_list(ref_params))
+    params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, hess, ref_params = [
+        _as_list(xs) for xs in (params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, hess, ref_params)
+    ]
+    if _checking():
+        with reference.arguments_of("masked_adamw_"):
+            lists = (params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots)
+            for name, xs in zip(reference.AdamWArgs._fields[:7], lists):
+                reference.check_tensor_list(name, xs)
+            reference.check_tensor_list("hess", hess, optional=True)
+            reference.check_tensor_list("ref_params", ref_params, optional=True)
+            for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps),
+                                ("weight_decay", weight_decay), ("lam", lam)):
+                reference.check_number(name, value)
     args = (
-        params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, float(lr), float(beta1), float(beta2),
-        float(eps), float(weight_decay), hess, ref_params, float(lam),
+        params, _detached(grads), exp_avgs, exp_avg_sqs, steps, rows, slots, float(lr), float(beta1), float(beta2),
+        float(eps), float(weight_decay), hess, None if ref_params is None else _detached(ref_params), float(lam),
     )
+    if not params:  # nothing to update; the op needs a tensor to dispatch on
+        reference.check_masked_adamw(*args)
+        return
     with torch.no_grad():
         if _library.can_route_directly(params, grads):
             _library.route_masked_adamw(*args)
@@ -172,12 +204,19 @@ def hutchinson_diag_(
         rows: optional int32/int64 row indices per tensor; only those rows are updated.
         count: samples already averaged into ``diags``.
     """
-    if not diags:
+    diags, hz, z, rows = [_as_list(xs) for xs in (diags, hz, z, rows)]
+    if _checking():
+        with reference.arguments_of("hutchinson_diag_"):
+            for name, xs in (("diags", diags), ("hz", hz), ("z", z)):
+                reference.check_tensor_list(name, xs)
+            reference.check_tensor_list("rows", rows, optional=True)
+            reference.check_integer("count", count)
+    if not diags:  # nothing to update; the op needs a tensor to dispatch on
+        reference.check_hutchinson_diag(diags, hz, z, rows, int(count))
         return
     with torch.no_grad():
         torch.ops.trust_fast.hutchinson_diag_(
-            list(diags), [h.detach() for h in hz], [t.detach() for t in z],
-            None if rows is None else list(rows), int(count),
+            diags, [h.detach() for h in hz], [t.detach() for t in z], rows, int(count),
         )
 
 
@@ -185,6 +224,9 @@ def rademacher_like(
     tensors: Sequence[Tensor], generator: torch.Generator | None = None
 ) -> list[Tensor]:
     """Random +-1 tensors shaped like ``tensors`` (same dtype and device): Hutchinson probes."""
+    tensors = _as_list(tensors)
+    if _checking():
+        reference.check_rademacher_like(tensors, generator)
     out = []
     for t in tensors:
         bits = torch.randint(0, 2, t.shape, device=t.device, generator=generator, dtype=torch.int8)

@@ -3,16 +3,21 @@
 The reference is the test oracle: plain indexing and float32 math, written
 to be read, not to be fast.  ``check_*`` functions run before any backend's
 kernel, so every backend rejects the same bad inputs with the same message
-naming the argument.
+naming the op and the argument (:func:`arguments_of`); the Python wrappers in
+:mod:`trust_fast.ops` check argument types with the same functions first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
+import operator
 import weakref
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
 from itertools import chain
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import torch
 from torch import Tensor
@@ -40,16 +45,73 @@ def row_width(t: Tensor) -> int:
 # argument checks
 
 
-def _fail(cls: type[Exception], msg: str) -> None:
-    raise cls(msg)
+_UNNAMED = "_trust_fast_names_no_op"  # set on an argument error until the op's name is put in front
 
 
-def _check_list(name: str, xs: object) -> None:
+def _fail(cls: type[Exception], msg: str) -> NoReturn:
+    err = cls(msg)
+    setattr(err, _UNNAMED, True)
+    raise err
+
+
+@contextlib.contextmanager
+def arguments_of(op: str) -> Iterator[None]:
+    """The argument errors raised inside (by the checks here) start with the op's name:
+    "row_saliency: tensors[0] must be ...". Also a decorator, for a check function."""
+    try:
+        yield
+    except (TypeError, ValueError, IndexError, RuntimeError) as e:
+        if getattr(e, _UNNAMED, False):
+            setattr(e, _UNNAMED, False)
+            e.args = (f"{op}: {e}",)
+        raise
+
+
+def check_tensor(name: str, x: object) -> None:
+    if not isinstance(x, Tensor):
+        _fail(TypeError, f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_tensor_list(name: str, xs: object, optional: bool = False) -> None:
+    """`xs` is a list or tuple of tensors (or None, when `optional`)."""
+    if xs is None and optional:
+        return
     if not isinstance(xs, (list, tuple)):
-        _fail(TypeError, f"{name} must be a list of tensors, got {type(xs).__name__}")
+        _fail(TypeError, f"{name} must be a list of tensors{' or None' if optional else ''}, got {type(xs).__name__}")
     for i, x in enumerate(xs):
-        if not isinstance(x, Tensor):
-            _fail(TypeError, f"{name}[{i}] must be a Tensor, got {type(x).__name__}")
+        check_tensor(f"{name}[{i}]", x)
+
+
+def check_number(name: str, value: object, optional: bool = False) -> None:
+    """`value` is a real number: a Python or numpy int or float, or a 0-d real tensor (or None, when
+    `optional`); not a bool or a string. Whether it is finite or in range is the op's check."""
+    if value is None and optional:
+        return
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+            return
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return
+    _fail(TypeError, f"{name} must be a number{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def check_integer(name: str, value: object) -> None:
+    """`value` is an integer (Python, numpy or a 0-d integer tensor), not a bool or a float."""
+    if not isinstance(value, bool):
+        try:
+            operator.index(value)
+            return
+        except TypeError:
+            pass
+    _fail(TypeError, f"{name} must be an integer, got {type(value).__name__}")
+
+
+def check_integer_list(name: str, xs: object) -> None:
+    """`xs` is a list or tuple of integers."""
+    if not isinstance(xs, (list, tuple)):
+        _fail(TypeError, f"{name} must be a list of integers, got {type(xs).__name__}")
+    for i, x in enumerate(xs):
+        check_integer(f"{name}[{i}]", x)
 
 
 def _check_same_len(ref_name: str, ref: Sequence, name: str, xs: Sequence | None) -> None:
@@ -147,15 +209,22 @@ def cumsum(xs: Sequence[int]) -> list[int]:
     return out
 
 
-def check_row_saliency(tensors: Sequence[Tensor], weights: Sequence[Tensor] | None, mode: str) -> None:
-    _check_list("tensors", tensors)
-    if weights is not None:
-        _check_list("weights", weights)
-        _check_same_len("tensors", tensors, "weights", weights)
+def check_saliency_mode(mode: object, weights: Sequence[Tensor] | None) -> None:
+    if not isinstance(mode, str):
+        _fail(TypeError, f"mode must be a str, one of {SALIENCY_MODES}, got {type(mode).__name__}")
     if mode not in SALIENCY_MODES:
         _fail(ValueError, f"mode must be one of {SALIENCY_MODES}, got {mode!r}")
     if mode == "gw" and weights is None:
         _fail(ValueError, "mode='gw' needs weights (got weights=None)")
+
+
+@arguments_of("row_saliency")
+def check_row_saliency(tensors: Sequence[Tensor], weights: Sequence[Tensor] | None, mode: str) -> None:
+    check_tensor_list("tensors", tensors)
+    if weights is not None:
+        check_tensor_list("weights", weights)
+        _check_same_len("tensors", tensors, "weights", weights)
+    check_saliency_mode(mode, weights)
     if not tensors:
         return
     device = tensors[0].device
@@ -173,24 +242,32 @@ def check_row_saliency(tensors: Sequence[Tensor], weights: Sequence[Tensor] | No
                 _fail(TypeError, f"weights[{i}] has dtype {w.dtype} but tensors[{i}] has {t.dtype}")
 
 
+@arguments_of("select_rows")
 def check_select_rows(
     scores: Tensor, rows_per_tensor: Sequence[int], xi: float, max_fraction: float | None
 ) -> None:
-    if not isinstance(scores, Tensor):
-        _fail(TypeError, f"scores must be a Tensor, got {type(scores).__name__}")
+    """Also that every score is finite (one isfinite over all of them, one host sync): a NaN or Inf
+    makes its tensor's mean and std, and so every z-score of it, undefined."""
+    check_tensor("scores", scores)
     if scores.dim() != 1 or scores.dtype != torch.float32:
         _fail(ValueError, f"scores must be a 1-D float32 tensor, got {scores.dtype} shape {tuple(scores.shape)}")
-    for i, n in enumerate(rows_per_tensor):
-        if int(n) < 0:
+    counts = [int(n) for n in rows_per_tensor]
+    for i, n in enumerate(counts):
+        if n < 0:
             _fail(ValueError, f"rows_per_tensor[{i}] is negative ({n})")
-    if sum(int(n) for n in rows_per_tensor) != scores.numel():
-        _fail(
-            ValueError,
-            f"rows_per_tensor sums to {sum(int(n) for n in rows_per_tensor)} but scores has {scores.numel()} entries",
-        )
+    if sum(counts) != scores.numel():
+        _fail(ValueError, f"rows_per_tensor sums to {sum(counts)} but scores has {scores.numel()} entries")
     _check_finite("xi", xi)
     if max_fraction is not None and not (0.0 <= max_fraction <= 1.0):
         _fail(ValueError, f"max_fraction must be in [0, 1], got {max_fraction}")
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):
+        j = int((~finite).nonzero()[0, 0])
+        ends = cumsum(counts)
+        i = bisect_right(ends, j)
+        row = j - (ends[i - 1] if i else 0)
+        _fail(ValueError, f"the scores of tensor {i} are not finite ({float(scores[j])} at row {row}); "
+                          "z-scores need finite scores")
 
 
 class AdamWArgs(NamedTuple):
@@ -288,6 +365,7 @@ def check_masked_adamw_scalars(lr, beta1, beta2, eps, weight_decay, lam, hess, r
         _fail(ValueError, "hess and ref_params must be given together (the penalty is lam*hess*(param - ref_param))")
 
 
+@arguments_of("masked_adamw_")
 def check_masked_adamw(*args) -> None:
     """Check the arguments of ``masked_adamw_`` (:class:`AdamWArgs` order).
 
@@ -303,11 +381,11 @@ def check_masked_adamw(*args) -> None:
     if params and isinstance(params, (list, tuple)) and isinstance(params[0], Tensor) and _adam_checked_before(a):
         return
     for n, xs in zip(a._fields[:7], a[:7]):
-        _check_list(n, xs)
+        check_tensor_list(n, xs)
         _check_same_len("params", params, n, xs)
     if hess is not None:
-        _check_list("hess", hess)
-        _check_list("ref_params", ref_params)
+        check_tensor_list("hess", hess)
+        check_tensor_list("ref_params", ref_params)
         _check_same_len("params", params, "hess", hess)
         _check_same_len("params", params, "ref_params", ref_params)
     if not params:
@@ -387,14 +465,15 @@ def _explain_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slo
                 _fail(ValueError, f"ref_params[{i}] is {p0.dtype} {tuple(p0.shape)} but params[{i}] is {p.dtype} {tuple(p.shape)}")
 
 
+@arguments_of("hutchinson_diag_")
 def check_hutchinson_diag(
     diags: Sequence[Tensor], hz: Sequence[Tensor], z: Sequence[Tensor], rows: Sequence[Tensor] | None, count: int
 ) -> None:
     for n, xs in (("diags", diags), ("hz", hz), ("z", z)):
-        _check_list(n, xs)
+        check_tensor_list(n, xs)
         _check_same_len("diags", diags, n, xs)
     if rows is not None:
-        _check_list("rows", rows)
+        check_tensor_list("rows", rows)
         _check_same_len("diags", diags, "rows", rows)
     if count < 0:
         _fail(ValueError, f"count must be >= 0, got {count}")
@@ -420,6 +499,16 @@ def check_hutchinson_diag(
         check_indices("rows", rows, [rows_of(h) for h in hz], device)
 
 
+@arguments_of("rademacher_like")
+def check_rademacher_like(tensors: Sequence[Tensor], generator: torch.Generator | None) -> None:
+    check_tensor_list("tensors", tensors)
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point():
+            _fail(TypeError, f"tensors[{i}] has dtype {t.dtype}; +-1 probes need a floating dtype")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        _fail(TypeError, f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 # ----------------------------------------------------------------------------
 # reference kernels
 
@@ -443,8 +532,8 @@ def select_rows(
     """Rows whose per-tensor z-score exceeds ``xi``; vectorised over tensors (no per-tensor loop).
 
     z uses the population standard deviation in float64.  A tensor whose scores
-    are all equal (std 0) selects nothing, and so does a tensor with any
-    non-finite score (NaN, +-Inf), whatever ``xi``.  With ``max_fraction`` only the
+    are all equal (std 0) selects nothing.  The scores are finite
+    (:func:`check_select_rows` refuses others).  With ``max_fraction`` only the
     ``floor(max_fraction * rows)`` highest-scoring selected rows of each tensor
     are kept (ties: lower row index first).  Returns int64 row indices per
     tensor, ascending, on the scores' device.
@@ -464,8 +553,6 @@ def select_rows(
     hi = torch.full((n_t,), -math.inf, dtype=torch.float64, device=device).scatter_reduce(0, seg, s, "amax")
     lo = torch.full((n_t,), math.inf, dtype=torch.float64, device=device).scatter_reduce(0, seg, s, "amin")
     varies = (hi > lo)[seg]
-    # a non-finite score makes its tensor's std NaN (its own deviation is inf - inf or NaN), and
-    # comparisons with NaN are False: that tensor selects nothing, the documented rule
     keep = varies & (dev > xi * std[seg])
     starts = torch.tensor([0, *cumsum(counts)][:-1], dtype=torch.int64, device=device)
     if max_fraction is not None:

@@ -68,6 +68,8 @@ def register_backend(backend: Backend) -> None:
 
 
 def get_backend(name: str) -> Backend:
+    if not isinstance(name, str):
+        raise TypeError(f"a trust_fast backend name must be a str, got {type(name).__name__}")
     if name not in _BACKENDS:
         raise ValueError(f"unknown trust_fast backend {name!r}; known: {', '.join(BACKEND_NAMES)}")
     return _BACKENDS[name]
@@ -96,9 +98,19 @@ def use_backend(name: str) -> Iterator[None]:
         _FORCED.pop()
 
 
+def _device_type(fn: str, device: torch.device | str) -> str:
+    """The type of ``device`` ("cpu", "cuda", ...); TypeError/ValueError naming the argument otherwise."""
+    if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+        raise TypeError(f"{fn}: device must be a torch.device or a str such as 'cuda:0', got {type(device).__name__}")
+    try:
+        return torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"{fn}: device {device!r} is not a torch device") from None
+
+
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Names of the backends that can run on ``device`` (any device type when None)."""
-    types = [torch.device(device).type] if device is not None else ["cpu", "cuda"]
+    types = [_device_type("available_backends", device)] if device is not None else ["cpu", "cuda"]
     out = []
     for name in BACKEND_NAMES:
         b = _BACKENDS.get(name)
@@ -109,7 +121,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 def backend_for(device: torch.device | str) -> str:
     """Name of the backend that runs ops on ``device`` now."""
-    dtype_ = torch.device(device).type
+    dtype_ = _device_type("backend_for", device)
     forced = forced_backend()
     if forced is not None:
         reason = get_backend(forced).unavailable_reason(dtype_)
