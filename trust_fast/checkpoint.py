@@ -147,7 +147,7 @@ def load_checkpoint(unlearner, directory: str) -> int:
                          "resume with the same options")
     if state["names"] != u._names:
         raise ValueError(f"checkpoint {path!r} has other target parameters than this model")
-    if u.theta0 is not None and state["base_digest"] != distributed.weights_digest(u.theta0):
+    if u.theta0 is not None and state.get("base_digest") != distributed.weights_digest(u.theta0):
         raise ValueError(f"checkpoint {path!r} was made from another base model (target weights differ)")
     _check_fit(path, state, u)
 
