@@ -332,3 +332,20 @@ def test_api_concept_of_the_wrong_type_and_optimizer_numbers(untrained):
                         (dict(lr="1e-3"), "must be numbers")):
         with pytest.raises(ValueError, match=message):
             MaskedAdamW([torch.zeros(2, 2)], **kw)
+
+
+def test_no_command_writes_a_pipeline_or_patch_with_nan_weights(capsys, tmp_path):
+    """export-patch of a model with a NaN, and saving such a pipeline (apply-patch, unlearn, demo and
+    world train all write through io.write_pretrained): refused, nothing written."""
+    from trust_fast.guard import NonFiniteWeights
+    from trust_fast.io import save_pipeline
+    from trust_fast.world import load_pipeline, model_path
+
+    model, name = _nan_model(tmp_path)
+    refused(capsys, tmp_path, ["export-patch", "--base", model_path("shapes"), "--unlearned", str(model),
+                               "--out", str(tmp_path / "q.safetensors")], f"tensor 'unet.{name}::values' holds NaN or Inf")
+    nan_base = load_pipeline(str(model), "cpu")
+    before = snapshot(tmp_path)
+    with pytest.raises(NonFiniteWeights, match=f"refusing to save a model with non-finite weights .*unet.{name}"):
+        save_pipeline(nan_base, str(tmp_path / "saved"))
+    assert snapshot(tmp_path) == before

@@ -1505,7 +1505,6 @@ class TrustUnlearner:
         self.finalize()
         self.unshard()
         if directory is not None:
-            check_finite(self.pipe, "refusing to save", collective=False)
             write_pretrained(self.pipe, directory)
 
     def save(self, out_dir: str, overwrite: bool = False) -> None:

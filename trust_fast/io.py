@@ -461,8 +461,16 @@ def _finite_or_none(obj):
 
 
 def save_file_atomic(tensors: dict, path: str, metadata: dict | None = None) -> None:
-    """safetensors save_file through a temp file in the same directory."""
+    """safetensors save_file through a temp file in the same directory. Refuses (ValueError, one
+    line, nothing written) a floating tensor holding NaN or Inf: no weight file trust_fast writes
+    (patches, the world's classifier) carries one."""
     from safetensors.torch import save_file
+
+    import torch
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):
+            raise ValueError(f"refusing to write {path!r}: tensor {name!r} holds NaN or Inf")
 
     with atomic_path(path, ".safetensors") as tmp:
         save_file(tensors, tmp, metadata=metadata)
@@ -488,5 +496,10 @@ def save_pipeline(pipe, path: str, *, what: str = "output directory", overwrite:
 def write_pretrained(pipe, directory: str) -> None:
     """``pipe.save_pretrained(directory)`` in the weights variant the pipeline was loaded with
     (``pipe.trust_fast_variant``, set by trust_fast's loader), so a pipeline saved as fp16 comes
-    back as fp16 files; every component keeps its dtype."""
+    back as fp16 files; every component keeps its dtype. Every pipeline trust_fast writes passes
+    here, so none holds a NaN or Inf weight (trust_fast.guard.NonFiniteWeights, one line, before
+    anything is written)."""
+    from .guard import check_finite
+
+    check_finite(pipe, "refusing to save", collective=False)
     pipe.save_pretrained(directory, variant=getattr(pipe, "trust_fast_variant", None))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .models import AttributeClassifier, scheduler_config, text_config, unet_config
-from ..io import claim_output, save_file_atomic, write_json_atomic
+from ..io import claim_output, save_file_atomic, write_json_atomic, write_pretrained
 from .render import generate, random_captions
 
 
@@ -142,7 +142,7 @@ def _save_ema(pipe, params, ema, path: str) -> None:
     with torch.no_grad():
         for p, e in zip(snap_params, ema):
             p.copy_(e)
-    snap.save_pretrained(path)  # a snapshot inside main_train's claimed output
+    write_pretrained(snap, path)  # a snapshot inside main_train's claimed output
 
 
 def main_train(what: str = "all", out: str | None = None, diffusion_steps: int | None = None,
@@ -178,7 +178,7 @@ def main_train(what: str = "all", out: str | None = None, diffusion_steps: int |
             torch.set_num_threads(dcfg.threads)
             target = os.path.join(claimed.path, "shapes")
             pipe, log = train_diffusion(dcfg, checkpoint=target + ".ckpt")
-            pipe.save_pretrained(target)
+            write_pretrained(pipe, target)
             shutil.rmtree(target + ".ckpt", ignore_errors=True)
             log["torch"] = torch.__version__
             write_json_atomic(log, os.path.join(target, "training.json"))
