@@ -349,3 +349,27 @@ def test_no_command_writes_a_pipeline_or_patch_with_nan_weights(capsys, tmp_path
     with pytest.raises(NonFiniteWeights, match=f"refusing to save a model with non-finite weights .*unet.{name}"):
         save_pipeline(nan_base, str(tmp_path / "saved"))
     assert snapshot(tmp_path) == before
+
+
+def test_patches_that_change_nothing_say_so(capsys, tmp_path):
+    from trust_fast.world import model_path
+
+    shapes = model_path("shapes")
+    assert main(["export-patch", "--base", shapes, "--unlearned", shapes, "--out", str(tmp_path / "p.safetensors")]) == 0
+    assert "warning: the unlearned model's denoiser equals the base's: the patch changes nothing" in capsys.readouterr().err
+    assert main(["apply-patch", "--base", "shapes", "--patch", str(tmp_path / "p.safetensors"),
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "warning: the patch changes no row: the written pipeline equals the base model" in capsys.readouterr().err
+
+
+def test_a_salun_run_without_a_frozen_copy_still_knows_whether_it_changed_the_model(untrained):
+    """SalUn keeps no frozen copy to count changed rows against: a digest taken at the start tells."""
+    from trust_fast.methods import config
+
+    u = TrustUnlearner(copy.deepcopy(untrained), "red", config("salun", **SMALL, steps=1, lr=0.0))
+    u.run()
+    assert u.report()["changed_rows"] is None
+    assert u.unchanged() == "no weight differs from the original model"
+    v = TrustUnlearner(copy.deepcopy(untrained), "red", config("salun", **SMALL, steps=1))
+    v.run()
+    assert v.unchanged() is None

@@ -307,10 +307,11 @@ def _read(path: str) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a trust_fast checkpoint")
     f = _Fields(path)
-    adv = state.get("adversary")
-    if isinstance(adv, dict) and "prefix" in adv:  # written before adversary populations: one prefix
-        state["adversary"] = {"prefixes": [adv.get("prefix")], "optimizers": [adv.get("optimizer")],
-                              "emb_forget": [adv.get("emb_forget")], "refreshes": None, "seconds": adv.get("seconds")}
+    legacy = state.get("adversary")
+    if isinstance(legacy, dict) and "prefix" in legacy:  # written before adversary populations: one prefix
+        state["adversary"] = {"prefixes": [legacy.get("prefix")], "optimizers": [legacy.get("optimizer")],
+                              "emb_forget": [legacy.get("emb_forget")], "refreshes": None,
+                              "seconds": legacy.get("seconds")}
     for key, kind in (("config", dict), ("names", list), ("params", list), ("optimizer", dict),
                       ("history", dict), ("generator", torch.Tensor), ("torch_rng", torch.Tensor)):
         f.of_type(state.get(key), key, kind)

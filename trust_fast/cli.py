@@ -591,6 +591,8 @@ def cmd_export_patch(args) -> int:
                              load_pipeline(args.unlearned, "cpu", variant=args.variant), out.path)
     print(f"wrote {args.out}: {stats['changed_rows']} changed rows in {stats['changed_tensors']} tensors, "
           f"{stats['patch_bytes']} bytes = {100 * stats['fraction_of_unet']:.3f}% of the UNet ({stats['unet_bytes']} bytes)")
+    if stats["changed_rows"] == 0:
+        print("warning: the unlearned model's denoiser equals the base's: the patch changes nothing", file=sys.stderr)
     return 0
 
 
@@ -600,10 +602,12 @@ def cmd_apply_patch(args) -> int:
     from .world import load_pipeline, model_path
 
     base = model_path(args.base)
-    read_patch(args.patch)  # a bad patch is refused before the output is claimed
+    _, meta = read_patch(args.patch)  # a bad patch is refused before the output is claimed
     with _claim(args.out, "--out", args, inputs=[("base model directory", base), ("patch", args.patch)]) as out:
         write_pretrained(apply_patch(load_pipeline(args.base, "cpu", variant=args.variant), args.patch), out.path)
     print(f"wrote the patched pipeline to {args.out}")
+    if int(meta["changed_rows"]) == 0:
+        print("warning: the patch changes no row: the written pipeline equals the base model", file=sys.stderr)
     return 0
 
 

@@ -450,6 +450,9 @@ class TrustUnlearner:
                         or cfg.hessian != "none")
         self.theta0: list[Tensor] | None = [p.detach().clone() for p in self.params] if needs_frozen else None
         self._frozen = dict(zip(self._names, self.theta0)) if self.theta0 is not None else None
+        # without a frozen copy (SalUn), a digest tells whether the run changed the model at all
+        self._start_digest = (distributed.weights_digest(self.params) if self.theta0 is None and self.sharding is None
+                              else None)
         # amp: half-precision copies of the frozen matmul/conv weights, made once, stand in for them
         # on every pass. Autocast caches no cast of a weight without grad, so otherwise every pass
         # would cast them again and every graph would hold its own copies (1.2 GB per graph for
@@ -1451,7 +1454,10 @@ class TrustUnlearner:
         """Why the model would be saved as it was loaded, or None when the run changed a weight."""
         if self.step_count == 0:
             return "no step was run"
-        if self.changed_rows() != 0:
+        changed = self.changed_rows()
+        if changed is None and self._start_digest is not None:
+            changed = int(distributed.weights_digest(self.params) != self._start_digest)
+        if changed != 0:
             return None
         fin = self.finalized or {}
         if self.skipped_steps == self.step_count:
