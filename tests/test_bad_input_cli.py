@@ -115,6 +115,21 @@ def test_an_unsupported_pipeline_class_is_named_before_diffusers_loads_it(capsys
             "supported: StableDiffusionPipeline")
 
 
+@pytest.mark.parametrize("file,key,value", [
+    ("scheduler/scheduler_config.json", "num_train_timesteps", 10**12),
+    ("text_encoder/config.json", "vocab_size", 10**9),
+])
+def test_a_config_number_no_model_has_is_refused_before_diffusers_allocates(capsys, tmp_path, file, key, value):
+    """num_train_timesteps 1e12 made diffusers allocate 23 GB (and the machine swap) before failing."""
+    model = _shapes_copy(tmp_path)
+    path = tmp_path / "model" / file
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    refused(capsys, tmp_path, [*GEN, "--model", str(model), "--out", str(tmp_path / "out")],
+            f"{key} = {value} in {str(path)!r} is beyond any model trust_fast supports (at most 1,000,000)")
+
+
 def test_missing_weights_are_one_line_without_library_logs(capsys, tmp_path):
     model = _shapes_copy(tmp_path)
     (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()

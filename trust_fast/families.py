@@ -394,6 +394,7 @@ def load_pipeline(model: str = "shapes", device: str | None = None, dtype: str =
     index = _model_index(path)
     _check_pipeline_class(model, index)
     _refuse_pickles(model, path, index)
+    _check_component_configs(model, path, index)
     try:
         saved = stored_dtype(path, variant)
     except ValueError as e:
@@ -483,6 +484,38 @@ def _refuse_pickles(model: str, path: str, index: dict) -> None:
             raise ValueError(f"cannot load model {model!r}: its {name} weights are a pickle file "
                              f"({os.path.join(folder, pickles[0])!r}), which trust_fast never loads (unpickling can "
                              "run code); save them as safetensors")
+
+
+# no config of a supported family holds a count or size above this (vocabularies are ~50k, timesteps
+# 1000); a larger one would only make diffusers allocate without bound before any weight is read
+CONFIG_INT_LIMIT = 10**6
+
+
+def _check_component_configs(model: str, path: str, index: dict) -> None:
+    """Each component's config (config.json, scheduler_config.json) is a JSON object whose integers
+    are below CONFIG_INT_LIMIT: ValueError, one line naming the file and the key, otherwise. A
+    scheduler with num_train_timesteps 1e12 made diffusers allocate 23 GB before failing."""
+    import json
+
+    for name in (k for k in index if not k.startswith("_")):
+        for file in ("config.json", "scheduler_config.json"):
+            f = os.path.join(path, name, file)
+            if not os.path.isfile(f):
+                continue
+            try:
+                with open(f) as fh:
+                    config = json.load(fh)
+            except (OSError, ValueError, RecursionError) as e:
+                raise ValueError(f"cannot load model {model!r}: {f!r} is not readable JSON "
+                                 f"({type(e).__name__})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"cannot load model {model!r}: {f!r} is a JSON {type(config).__name__}, not an object")
+            for key, value in config.items():
+                values = value if isinstance(value, list) else [value]
+                big = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and abs(v) > CONFIG_INT_LIMIT]
+                if big:
+                    raise ValueError(f"cannot load model {model!r}: {key} = {big[0]} in {f!r} is beyond any model "
+                                     f"trust_fast supports (at most {CONFIG_INT_LIMIT:,})")
 
 
 def _dtype_keyword() -> str:
