@@ -260,10 +260,10 @@ def _craft(tensors: dict, meta: dict, case: str) -> tuple[dict, dict]:
     ("no format", "is not a trust_fast patch"),
 ])
 def test_crafted_patches_are_refused_in_one_line(capsys, tmp_path, patch_parts, case, message):
-    from trust_fast.io import save_file_atomic
+    from safetensors.torch import save_file  # a crafted file, not written by trust_fast's writer
 
     tensors, meta = _craft(*patch_parts, case)
-    save_file_atomic(tensors, str(tmp_path / "p.safetensors"), metadata=meta)
+    save_file(tensors, str(tmp_path / "p.safetensors"), metadata=meta)
     refused(capsys, tmp_path, ["apply-patch", "--base", "shapes", "--patch", str(tmp_path / "p.safetensors"), "--out",
                                str(tmp_path / "out")], message)
 

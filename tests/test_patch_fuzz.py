@@ -17,11 +17,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file  # crafted files, as a user could write them
 
 from test_output_safety import snapshot
 from trust_fast.cli import main
-from trust_fast.io import save_file_atomic
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -37,7 +36,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.flo
 class Good:
     tensors: dict[str, torch.Tensor]
     meta: dict[str, str]
-    raw: bytes  # the file make_patch + save_file_atomic wrote
+    raw: bytes  # the file make_patch + safetensors' save_file wrote
     unet: dict[str, torch.Tensor]  # the base model's UNet weights
 
 
@@ -53,7 +52,7 @@ def good(tmp_path_factory) -> Good:
     tensors, meta = make_patch(base, new)
     assert json.loads(meta["tensors"]) == [NAME] and tensors[ROWS].tolist() == [1, 3]
     path = tmp_path_factory.mktemp("good") / "p.safetensors"
-    save_file_atomic(tensors, str(path), metadata=meta)
+    save_file(tensors, str(path), metadata=meta)
     return Good(tensors, meta, path.read_bytes(), {k: v.clone() for k, v in base.unet.state_dict().items()})
 
 
@@ -226,7 +225,7 @@ def test_a_patch_changed_field_by_field_is_refused_in_one_line_or_applied_exactl
         valid = False
     event(f"{kind}: {'valid' if valid else 'invalid'}")
     d = _case_dir(tmp_path)
-    save_file_atomic(tensors, str(d / "p.safetensors"), metadata=meta)
+    save_file(tensors, str(d / "p.safetensors"), metadata=meta)
     _apply_patch(capsys, d, _expected(good, NAME, rows, values) if valid else None)
 
 
@@ -243,7 +242,7 @@ def test_a_patch_retargeted_to_another_tensor_is_refused_in_one_line_or_applied_
     valid = _targets_a_like_tensor(good, name)
     event(f"retarget: {'valid' if valid else 'invalid'}")
     d = _case_dir(tmp_path)
-    save_file_atomic({f"{name}::rows": good.tensors[ROWS], f"{name}::values": good.tensors[VALUES]},
+    save_file({f"{name}::rows": good.tensors[ROWS], f"{name}::values": good.tensors[VALUES]},
                      str(d / "p.safetensors"), metadata={**good.meta, "tensors": json.dumps([name])})
     _apply_patch(capsys, d, _expected(good, name, good.tensors[ROWS], good.tensors[VALUES]) if valid else None)
 
@@ -318,14 +317,14 @@ def test_a_patch_with_a_changed_data_byte_is_refused_in_one_line_or_applied_exac
 def test_the_good_patch_applies_and_the_probe_failures_are_one_line(capsys, tmp_path, good):
     """The unmutated patch applies; the two inputs a probe crashed the loader with are refused."""
     d = _case_dir(tmp_path)
-    save_file_atomic(good.tensors, str(d / "p.safetensors"), metadata=good.meta)
+    save_file(good.tensors, str(d / "p.safetensors"), metadata=good.meta)
     _apply_patch(capsys, d, _expected(good, NAME, good.tensors[ROWS], good.tensors[VALUES]))
     nested = _case_dir(tmp_path)
-    save_file_atomic(good.tensors, str(nested / "p.safetensors"),
+    save_file(good.tensors, str(nested / "p.safetensors"),
                      metadata={**good.meta, "tensors": "[" * 200_000 + "]" * 200_000})
     _apply_patch(capsys, nested, None)
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         d = _case_dir(tmp_path)
-        save_file_atomic({**good.tensors, VALUES: good.tensors[VALUES].to(dtype)}, str(d / "p.safetensors"),
+        save_file({**good.tensors, VALUES: good.tensors[VALUES].to(dtype)}, str(d / "p.safetensors"),
                          metadata=good.meta)
         _apply_patch(capsys, d, None)
