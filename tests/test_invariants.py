@@ -6,6 +6,7 @@ Each case was a failure of an outside probe of main 91fe256; the tests reproduce
 """
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -70,6 +71,62 @@ def test_an_old_checkpoint_marker_without_a_file_list_vouches_only_for_checkpoin
     (ckpt / "checkpoint.pt").write_bytes(b"x")
     (ckpt / "NOTES.txt").write_text("mine\n")
     refused(capsys, tmp_path, [*GEN, "--out", str(ckpt), "--overwrite"], "did not write (NOTES.txt, checkpoint.pt)")
+
+
+@pytest.mark.parametrize("entry,kind", [
+    (".gen.trust-fast-lock", "file"),           # the lock's name
+    (".gen.trust-fast-lock", "symlink"),        # ... as a link to a user's file elsewhere
+    (".gen.trust-fast-tmp-mine", "directory"),  # a staging directory's name
+    (".gen.trust-fast-old", "file"),            # the name an output waits under while it is replaced
+])
+def test_user_entries_named_like_trust_fasts_own_are_never_touched(capsys, tmp_path, entry, kind):
+    """The lock was truncated (through a symlink too) and removed, a directory of the staging name
+    removed with its files, and a file of the backup name renamed onto the output."""
+    work, elsewhere = tmp_path / "w", tmp_path / "elsewhere.txt"
+    work.mkdir()
+    elsewhere.write_text("precious\n")
+    path = work / entry
+    if kind == "file":
+        path.write_text("mine\n")
+    elif kind == "symlink":
+        path.symlink_to(elsewhere)
+    else:
+        path.mkdir()
+        (path / "keep.txt").write_text("mine\n")
+    before = snapshot(tmp_path)
+    code = main([*GEN, "--out", str(work / "gen")])
+    err = capsys.readouterr().err
+    after = {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("w/gen")}
+    assert after == before, err  # every entry the user had, byte for byte; only gen/ may be new
+    if code != 0:
+        assert code == 2 and err.startswith("trust-fast: error: ") and len(err.strip().splitlines()) == 1, err
+        assert "move it away" in err and not (work / "gen").exists()
+
+
+def test_a_deeply_nested_marker_or_report_is_one_line(capsys, tmp_path):
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / ".trust_fast_output.json").write_text("[" * 200_000 + "]" * 200_000)
+    for extra in ([], ["--overwrite"]):
+        refused(capsys, tmp_path, [*GEN, "--out", str(out), *extra], "was not written by trust_fast")
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(overwrite="no"), TypeError, "overwrite must be True or False, got 'no'"),
+    (dict(inputs="abc"), TypeError, "inputs must be (label, path) pairs"),
+])
+def test_claim_output_refuses_arguments_of_the_wrong_type(tmp_path, kwargs, error, message):
+    from trust_fast.io import claim_output
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    with pytest.raises(error) as e:
+        with claim_output(str(tmp_path / "out"), **kwargs):
+            pass
+    assert message in str(e.value) and (tmp_path / "out" / "x").read_text() == "x"
+    with pytest.raises(TypeError, match="must be a path"):
+        with claim_output(123):
+            pass
 
 
 # ------------------------------------------------------------------------ damaged checkpoints
@@ -373,3 +430,115 @@ def test_a_salun_run_without_a_frozen_copy_still_knows_whether_it_changed_the_mo
     v = TrustUnlearner(copy.deepcopy(untrained), "red", config("salun", **SMALL, steps=1))
     v.run()
     assert v.unchanged() is None
+
+
+# -------------------------------------------------- the independent probe's cases (second round)
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("config.lr", torch.tensor([1.0, 2.0]), "'config.lr' is a Tensor, not a plain value"),
+    ("generator", lambda t: torch.randint(0, 256, t.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+     "'generator' is not a generator state"),
+    ("torch_rng", lambda t: torch.randint(0, 256, t.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1)),
+     "'torch_rng' is not a generator state"),
+    ("optimizer.param_groups.0.weight_decay", 1e30, "optimizer param group 0: weight_decay 1e+30, this run 0.0"),
+    ("adversary.optimizers.0.param_groups.0.lr", "abc", "adversary.optimizers[0] param group 0: lr 'abc'"),
+])
+def test_a_checkpoint_value_of_the_right_type_but_no_run_is_refused(capsys, tmp_path, good_checkpoint, path, value,
+                                                                    message):
+    state, args = good_checkpoint
+    _resume_refused(capsys, tmp_path, _edit(state, path, value), args, message)
+
+
+@pytest.mark.parametrize("method,edit,message", [
+    ("esd", ("optimizer.param_groups.0.amsgrad", True), "optimizer param group 0: amsgrad True, this run False"),
+    ("esd", ("optimizer.param_groups.0.lr", "abc"), "optimizer param group 0: lr 'abc', this run 0.001"),
+    ("salun", None, "was made from another base model"),
+])
+def test_dense_method_checkpoints_are_checked_too(untrained, tmp_path, method, edit, message):
+    """ESD's AdamW hyperparameters came from the checkpoint unchecked (amsgrad True crashed, a
+    weight decay of 1e30 saved weights of 1e26), and SalUn, which keeps no frozen copy, resumed
+    on another base model without a word."""
+    from trust_fast.checkpoint import load_checkpoint, save_checkpoint
+    from trust_fast.methods import config
+
+    cfg = config(method, **SMALL, steps=2)
+    u = TrustUnlearner(copy.deepcopy(untrained), "red", cfg)
+    u.step()
+    save_checkpoint(u, str(tmp_path / "good"))
+    state = torch.load(tmp_path / "good" / "checkpoint.pt", weights_only=True)
+    other = copy.deepcopy(untrained)
+    if edit is not None:
+        state = _edit(state, *edit)
+    else:
+        with torch.no_grad():
+            other.unet.conv_in.weight.add_(0.05)
+    (tmp_path / "bad").mkdir()
+    torch.save(state, tmp_path / "bad" / "checkpoint.pt")
+    v = TrustUnlearner(other, "red", cfg)
+    weights = [p.detach().clone() for p in v.params]
+    with pytest.raises(ValueError, match=message) as e:
+        load_checkpoint(v, str(tmp_path / "bad"))
+    assert len(str(e.value).splitlines()) == 1
+    assert all(torch.equal(p, w) for p, w in zip(v.params, weights)) and v.step_count == 0
+
+
+@pytest.mark.parametrize("file,key,value,message", [
+    ("unet/config.json", "sample_size", -4, "sample_size = -4"),
+    ("unet/config.json", "sample_size", 100_000, "sample_size = 100000"),
+    ("tokenizer/tokenizer_config.json", "model_max_length", 0, "model_max_length = 0"),
+    ("tokenizer/tokenizer_config.json", "model_max_length", 10**9, "model_max_length = 1000000000"),
+])
+def test_model_sizes_that_would_crash_or_exhaust_memory_are_one_line(capsys, tmp_path, file, key, value, message):
+    import json
+    import shutil
+
+    from trust_fast.world import model_path
+
+    shutil.copytree(model_path("shapes"), tmp_path / "model")
+    path = tmp_path / "model" / file
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    refused(capsys, tmp_path, [*GEN, "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")], message)
+
+
+def test_a_deeply_nested_model_index_is_one_line(capsys, tmp_path):
+    import shutil
+
+    from trust_fast.world import model_path
+
+    shutil.copytree(model_path("shapes"), tmp_path / "model")
+    (tmp_path / "model" / "model_index.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(capsys, tmp_path, [*GEN, "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")],
+            "cannot load model")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--prompt", "a red circle", "--n", "1000000000000"], "--n must be at most 10,000"),
+    (["evaluate", "--concept", "red", "--n-per-prompt", "1000000000"], "--n-per-prompt must be at most 10,000"),
+    (["unlearn", "--concept", "red", "--x0-per-prompt", "1000000000"], "--x0-per-prompt must be at most 10,000"),
+    (["unlearn", "--concept", "red", "--adv-prefix", "1000000"], "--adv-prefix must be at most 64"),
+])
+def test_counts_that_would_exhaust_memory_are_refused_before_any_work(capsys, tmp_path, args, message):
+    refused(capsys, tmp_path, [*args, "--out", str(tmp_path / "out")], message)
+
+
+def test_the_step_api_refuses_what_it_cannot_use(untrained, tmp_path):
+    u = TrustUnlearner(copy.deepcopy(untrained), "red", TrustConfig(**SMALL, steps=1))
+    for call, error, message in (
+            (lambda: TrustUnlearner(untrained, "red", config="trust"), TypeError, "config must be a TrustConfig"),
+            (lambda: TrustUnlearner(untrained, "red", prompts="x"), TypeError, "prompts must be a PromptSet"),
+            (lambda: u.run(steps=-1), ValueError, "run: steps must be an int >= 0, got -1"),
+            (lambda: u.run(steps=2.5), ValueError, "run: steps must be an int >= 0, got 2.5"),
+            (lambda: u.run(steps=1, checkpoint_every=-1, checkpoint_dir=str(tmp_path)), ValueError,
+             "run: checkpoint_every must be an int >= 0"),
+            (lambda: u.run(steps=1, checkpoint_every=1), ValueError, "needs a checkpoint_dir"),
+            (lambda: u.run(steps=1, eval_interval=-1), ValueError, "run: eval_interval must be an int >= 0"),
+            (lambda: u.update("x"), TypeError, "update: forget_loss must be a scalar torch.Tensor"),
+            (lambda: u.update(torch.ones(3, requires_grad=True)), ValueError, "must be a scalar, got shape (3,)"),
+            (lambda: u.update(torch.tensor(1.0)), ValueError, "forget_loss has no graph to differentiate"),
+            (lambda: u.accumulate(1.0), TypeError, "forget_loss must be a scalar torch.Tensor")):
+        with pytest.raises(error, match=re.escape(message)):
+            call()
+    assert u.step_count == 0 and u.skipped_steps == 0

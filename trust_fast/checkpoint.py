@@ -71,13 +71,12 @@ def save_checkpoint(unlearner, directory: str) -> str:
     from .io import in_place_file
 
     u = unlearner
-    base = u.theta0 if u.theta0 is not None else None
     state = {
         "format": FORMAT,
         "concept": str(u.concept) if u.concept is not None else None,
         "config": _config(u),
         "names": list(u._names),
-        "base_digest": distributed.weights_digest(base) if base is not None else None,
+        "base_digest": u.base_digest(),
         "params": [p.detach().cpu().clone() for p in u.params],
         "master": None if u.master is None else [q.detach().cpu().clone() for q in u.master],
         "loss_scale": None if u.loss_scale is None else {"scale": u.loss_scale, "good_steps": u._good_steps},
@@ -147,7 +146,7 @@ def load_checkpoint(unlearner, directory: str) -> int:
                          "resume with the same options")
     if state["names"] != u._names:
         raise ValueError(f"checkpoint {path!r} has other target parameters than this model")
-    if u.theta0 is not None and state.get("base_digest") != distributed.weights_digest(u.theta0):
+    if u.base_digest() is not None and state.get("base_digest") != u.base_digest():
         raise ValueError(f"checkpoint {path!r} was made from another base model (target weights differ)")
     _check_fit(path, state, u)
 
@@ -291,6 +290,13 @@ _READABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.
 _HISTORY_STEP = {"step": int, "selected_rows": (int, float), "skipped": bool}
 
 
+def _plain(value, depth: int = 0) -> bool:
+    """A config value as TrustConfig holds them: None, bool, number, str, or a short list of those."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (list, tuple)) and depth < 2 and len(value) < 1000 and all(_plain(v, depth + 1) for v in value)
+
+
 def _read(path: str) -> dict:
     """torch.load with weights_only, then every field that does not depend on the run checked for
     type and range; every failure one line naming the file and the field."""
@@ -319,6 +325,9 @@ def _read(path: str) -> dict:
         f.damaged("'concept'", "is missing")
     f.of_type(state["concept"], "concept", str, none=True)
     f.of_type(state.get("base_digest"), "base_digest", str, none=True)
+    for key, value in state["config"].items():
+        if not isinstance(key, str) or not _plain(value):
+            f.damaged(f"'config.{key}'", f"is a {type(value).__name__}, not a plain value")
     if not all(isinstance(n, str) for n in state["names"]):
         f.damaged("'names'", "holds a name that is not a string")
     steps = f.count(state.get("step_count"), "step_count")
@@ -397,6 +406,37 @@ def _check_fit(path: str, state: dict, u) -> None:
         _check_adversary(f, adv, u)
     f.tensor(state["generator"], "generator", like=u.generator.get_state(), dtype=torch.uint8)
     f.tensor(state["torch_rng"], "torch_rng", like=torch.get_rng_state(), dtype=torch.uint8)
+    for key, device in (("generator", u.generator.device), ("torch_rng", torch.device("cpu"))):
+        try:  # a state of the right size can still be one no generator accepts
+            torch.Generator(device=device).set_state(state[key])
+        except RuntimeError as e:
+            f.damaged(repr(key), f"is not a generator state ({_first_line(e)})")
+    _same_groups(f, state["optimizer"], u.optimizer, "optimizer")
+    for k, o in enumerate((adv or {}).get("optimizers") or []):
+        if isinstance(o, dict):
+            _same_groups(f, o, torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=u.config.adv_lr),
+                         f"adversary.optimizers[{k}]")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _same_groups(f: _Fields, sd: dict, live, field: str) -> None:
+    """The saved param groups' hyperparameters (lr, betas, eps, weight_decay, amsgrad, fused...) are
+    this run's: load_state_dict would otherwise run on with a checkpoint's weight_decay of 1e30."""
+    groups = sd.get("param_groups")
+    live_groups = getattr(live, "param_groups", None) or []
+    if not isinstance(groups, list) or len(groups) != len(live_groups):
+        f.misfit(f"{field} param groups", f": {len(groups) if isinstance(groups, list) else '?'}, "
+                 f"expected {len(live_groups)}")
+    for k, (saved, ours) in enumerate(zip(groups, live_groups)):
+        if not isinstance(saved, dict):
+            f.damaged(f"{field}.param_groups[{k}]", "is not a dict")
+        for key in sorted(set(saved) & set(ours) - {"params"}):
+            a, b = saved[key], ours[key]
+            if not _plain(a) or (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+                f.misfit(f"{field} param group {k}", f": {key} {a!r}, this run {b!r}")
 
 
 def _check_slot_steps(f: _Fields, sd: dict, applied: int) -> None:

@@ -48,6 +48,10 @@ _AT_LEAST_ONE = ("n", "n_per_prompt", "steps", "softprompt_steps", "embedding_st
 _AT_LEAST_ZERO = ("eval_every", "checkpoint_every", "adv_prefix")
 _POSITIVE = ("lr", "max_minutes", "attack_lr")
 _FINITE = ("guidance", "alpha", "lam")
+# counts that size an allocation: beyond these a command would only exhaust memory (a traceback or an
+# abort that leaves its staging behind), never finish
+_AT_MOST = {"n": 10_000, "n_per_prompt": 10_000, "x0_per_prompt": 10_000, "x0_retain_per_prompt": 10_000,
+            "batch_size": 65_536, "adv_prefix": 64, "hessian_micro_batch": 65_536}
 SEED_LIMIT = 2**63  # torch generators take seeds in [0, 2**64); keep them in int64 for every backend
 
 
@@ -59,7 +63,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     """Refuse, in one line naming the flag, any number that would crash later or do nothing."""
     import math
 
-    for name in _AT_LEAST_ONE + _AT_LEAST_ZERO + _POSITIVE + _FINITE + ("seed",):
+    for name in dict.fromkeys(_AT_LEAST_ONE + _AT_LEAST_ZERO + _POSITIVE + _FINITE + ("seed",) + tuple(_AT_MOST)):
         value = getattr(args, name, None)
         if value is None:
             continue
@@ -73,6 +77,8 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise UserError(f"{_flag(name)} must be positive, got {value}")
         if name == "seed" and not 0 <= value < SEED_LIMIT:
             raise UserError(f"--seed must be in [0, 2**63), got {value}")
+        if name in _AT_MOST and value > _AT_MOST[name]:
+            raise UserError(f"{_flag(name)} must be at most {_AT_MOST[name]:,}, got {value:,}")
     if getattr(args, "guidance", None) is not None and args.guidance < 0:
         raise UserError(f"--guidance must be >= 0, got {args.guidance}")
 

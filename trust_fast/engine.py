@@ -253,6 +253,19 @@ def amp_dtype(mode: str, device: torch.device, dtype: torch.dtype) -> torch.dtyp
     return _AMP_DTYPES[mode]
 
 
+def _check_loss(name: str, loss) -> None:
+    """A loss handed to update(): None, or a scalar tensor with a graph to differentiate."""
+    if loss is None:
+        return
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"update: {name} must be a scalar torch.Tensor (or None), got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"update: {name} must be a scalar, got shape {tuple(loss.shape)}")
+    if not loss.requires_grad:
+        raise ValueError(f"update: {name} has no graph to differentiate (computed under no_grad, or not from the "
+                         "model's forward pass)")
+
+
 def _all_finite(tensors: list[Tensor]) -> bool:
     """True when no tensor holds a NaN or an Inf (one host sync for the whole list)."""
     flags = [torch.isfinite(t).all() for t in tensors if t.numel()]
@@ -381,6 +394,12 @@ class TrustUnlearner:
 
     def __init__(self, pipe, concept: str | ConceptSpec | None = None, config: TrustConfig | None = None,
                  prompts: PromptSet | None = None):
+        if config is not None and not isinstance(config, TrustConfig):
+            raise TypeError(f"config must be a TrustConfig (trust_fast.methods.config('trust', ...) builds one), got "
+                            f"{type(config).__name__}")
+        if prompts is not None and not isinstance(prompts, PromptSet):
+            raise TypeError(f"prompts must be a PromptSet (trust_fast.concepts.user_prompts builds one), got "
+                            f"{type(prompts).__name__}")
         config = config or TrustConfig()
         config.validate()
         self.family = family_for(pipe)  # UnsupportedPipeline (one line) before any work
@@ -999,6 +1018,8 @@ class TrustUnlearner:
         losses would, without holding every micro-batch's graph. Under the diag Hessian each
         retain micro-batch folds its own probes into the running estimate."""
         cfg = self.config
+        _check_loss("forget_loss", forget_loss)
+        _check_loss("retain_loss", retain_loss)
         acc = self._acc = self._acc or _Accumulated()
         if forget_loss is not None:
             acc.add_forget(forget_loss.detach(), self._grads(forget_loss))
@@ -1037,6 +1058,9 @@ class TrustUnlearner:
         taken, so the forget pass's graph is freed before the retain pass builds its own (on
         Hessian steps, the largest of the run)."""
         cfg = self.config
+        _check_loss("forget_loss", forget_loss)
+        if not callable(retain_loss):
+            _check_loss("retain_loss", retain_loss)
         t0 = time.perf_counter()
         pre = None
         retain_fn, t_retain_forward = (retain_loss, 0.0) if callable(retain_loss) else (None, 0.0)
@@ -1312,6 +1336,11 @@ class TrustUnlearner:
         from tqdm.auto import tqdm
 
         steps = self.config.steps if steps is None else steps
+        for name, value in (("steps", steps), ("eval_interval", eval_interval), ("checkpoint_every", checkpoint_every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"run: {name} must be an int >= 0, got {value!r}")
+        if checkpoint_every > 0 and checkpoint_dir is None:
+            raise ValueError("run: checkpoint_every > 0 needs a checkpoint_dir to write the checkpoints to")
         end = self.step_count + steps
         with contextlib.ExitStack() as stack:
             if checkpoint_dir is not None and checkpoint_every > 0:
@@ -1439,6 +1468,11 @@ class TrustUnlearner:
                        if any(p is q for q in t.params)]
             flags.append(torch.stack(changed).any(dim=0).sum())
         return int(torch.stack(flags).sum()) if flags else 0
+
+    def base_digest(self) -> str | None:
+        """SHA-256 of the target weights the run started from (its frozen copy, or the digest taken
+        at the start when it keeps none); None under FSDP2. A checkpoint resumes only on this base."""
+        return distributed.weights_digest(self.theta0) if self.theta0 is not None else self._start_digest
 
     def diverged(self) -> str | None:
         """Why the run's weights must not be saved, or None: more than half of its steps were skipped

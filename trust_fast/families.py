@@ -460,7 +460,7 @@ def _model_index(path: str) -> dict:
     try:
         with open(os.path.join(path, "model_index.json")) as f:
             index = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return index if isinstance(index, dict) else {}
 
@@ -491,6 +491,11 @@ def _refuse_pickles(model: str, path: str, index: dict) -> None:
 CONFIG_INT_LIMIT = 10**6
 
 
+# sizes diffusers and transformers allocate by before any weight is read, with the range any model
+# of the supported families has (latent sample size, tokens per prompt)
+_SIZES = {"sample_size": (1, 4096), "model_max_length": (1, 4096), "num_train_timesteps": (1, 100_000)}
+
+
 def _check_component_configs(model: str, path: str, index: dict) -> None:
     """Each component's config (config.json, scheduler_config.json) is a JSON object whose integers
     are below CONFIG_INT_LIMIT: ValueError, one line naming the file and the key, otherwise. A
@@ -498,7 +503,7 @@ def _check_component_configs(model: str, path: str, index: dict) -> None:
     import json
 
     for name in (k for k in index if not k.startswith("_")):
-        for file in ("config.json", "scheduler_config.json"):
+        for file in ("config.json", "scheduler_config.json", "tokenizer_config.json"):
             f = os.path.join(path, name, file)
             if not os.path.isfile(f):
                 continue
@@ -516,6 +521,11 @@ def _check_component_configs(model: str, path: str, index: dict) -> None:
                 if big:
                     raise ValueError(f"cannot load model {model!r}: {key} = {big[0]} in {f!r} is beyond any model "
                                      f"trust_fast supports (at most {CONFIG_INT_LIMIT:,})")
+                low, high = _SIZES.get(key, (None, None))
+                bad = [v for v in values if low is not None and not (isinstance(v, int) and low <= v <= high)]
+                if bad:
+                    raise ValueError(f"cannot load model {model!r}: {key} = {bad[0]!r} in {f!r} is not a size in "
+                                     f"[{low}, {high}]")
 
 
 def _dtype_keyword() -> str:

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 log = logging.getLogger("trust_fast.io")
 
 MARKER = ".trust_fast_output.json"
+STAGING = ".trust-fast-staging"  # in a staged directory until it is swapped in: the next claim may remove it
 TMP_TAG = ".trust-fast-tmp-"
 OLD_TAG = ".trust-fast-old"
 LOCK_TAG = ".trust-fast-lock"
@@ -77,9 +79,27 @@ def read_marker(directory: str) -> dict | None:
     try:
         with open(os.path.join(directory, MARKER)) as f:
             marker = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return marker if isinstance(marker, dict) and marker.get("written_by") == "trust_fast" else None
+
+
+def _temp_name(entry: str, name: str | None = None) -> bool:
+    """Whether `entry` is a temp name trust_fast makes (``.NAME.trust-fast-tmp-`` + tempfile's 8
+    random characters + an optional suffix), for NAME `name` (any NAME when None)."""
+    stem = re.escape(f".{name}{TMP_TAG}") if name is not None else rf"\..+{re.escape(TMP_TAG)}"
+    return re.fullmatch(rf"{stem}[a-z0-9_]{{8}}(\.[A-Za-z0-9]+)?", entry) is not None
+
+
+def _our_leftover(path: str) -> bool:
+    """A temp file, or a staging directory (it holds the staging sentinel or a marker, or nothing),
+    of an interrupted run; never a symlink, never a directory a user filled."""
+    if os.path.islink(path):
+        return False
+    if os.path.isdir(path):
+        entries = os.listdir(path)
+        return not entries or STAGING in entries or read_marker(path) is not None
+    return os.path.isfile(path)
 
 
 def _files(directory: str) -> list[str]:
@@ -93,7 +113,7 @@ def _files(directory: str) -> list[str]:
         out += [rel(d) for d in dirs if os.path.islink(os.path.join(root, d))]
         if not dirs and not files and root != directory:
             out.append(os.path.relpath(root, directory) + "/")
-    return sorted(f for f in out if f != MARKER)
+    return sorted(f for f in out if f not in (MARKER, STAGING))
 
 
 def _stats(directory: str) -> dict[str, tuple[int, int]]:
@@ -118,10 +138,12 @@ def _write_marker(directory: str, what: str, in_place: bool) -> None:
 
 def _dump_marker(directory: str, marker: dict) -> None:
     path = os.path.join(directory, MARKER)
-    tmp = f"{path}{TMP_TAG}{os.getpid()}"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{MARKER}{TMP_TAG}")
+    os.close(fd)
     try:
         with open(tmp, "w") as f:
             json.dump(marker, f, indent=1)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -198,11 +220,14 @@ def _recover(final: str, what: str, in_place: bool) -> None:
     Inside an in-place directory of ours, temp files of interrupted atomic writes go too."""
     parent, name = _names(final)
     for entry in sorted(os.listdir(parent)):
-        if entry.startswith(f".{name}{TMP_TAG}"):
+        if _temp_name(entry, name) and _our_leftover(os.path.join(parent, entry)):
             _remove(os.path.join(parent, entry))
             log.warning(f"removed {os.path.join(parent, entry)!r}, a partial output of an interrupted run")
     old = os.path.join(parent, f".{name}{OLD_TAG}")
     if os.path.lexists(old):
+        if os.path.islink(old) or not os.path.isdir(old) or read_marker(old) is None:
+            raise OutputError(f"{what} {final!r}: {old!r} exists and was not written by trust_fast (trust_fast keeps "
+                              "an output it replaces there); move it away")
         if os.path.lexists(final):
             _remove(old)  # the swap had finished: this is the output the user chose to replace
         else:
@@ -210,7 +235,8 @@ def _recover(final: str, what: str, in_place: bool) -> None:
             log.warning(f"restored {what} {final!r} from {old!r}: an earlier run was interrupted while replacing it")
     if in_place and os.path.isdir(final) and read_marker(final) is not None:
         for entry in os.listdir(final):  # temp files of in-place writes (checkpoints)
-            if entry.startswith(".") and TMP_TAG in entry:
+            if _temp_name(entry) and os.path.isfile(os.path.join(final, entry)) \
+                    and not os.path.islink(os.path.join(final, entry)):
                 _remove(os.path.join(final, entry))
                 log.warning(f"removed {os.path.join(final, entry)!r}, a partial file of an interrupted run")
 
@@ -227,8 +253,10 @@ def _lock(final: str, what: str) -> Iterator[None]:
         return
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OutputError(f"{what} {final!r}: {path!r} is a symlink, not a trust_fast lock; move it away") from None
             raise _not_writable(what, final, parent, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -243,6 +271,9 @@ def _lock(final: str, what: str) -> Iterator[None]:
         except FileNotFoundError:
             now = None
         if now is not None and (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):
+            if not _lock_content(fd, st):  # a user's file of the lock's name: neither truncated nor removed
+                os.close(fd)
+                raise OutputError(f"{what} {final!r}: {path!r} exists and is not a trust_fast lock; move it away")
             break
         os.close(fd)
     _HELD.add(path)
@@ -262,6 +293,16 @@ def _not_writable(what: str, final: str, directory: str, e: OSError) -> OutputEr
     directory (a pseudo-filesystem such as /proc) would read as if that directory were missing."""
     why = "it takes no new files" if e.errno == errno.ENOENT and os.path.isdir(directory) else e.strerror
     return OutputError(f"{what} {final!r} is not writable (cannot create entries in {directory!r}: {why})")
+
+
+def _lock_content(fd: int, st: os.stat_result) -> bool:
+    """Whether the locked file is a lock of ours: a regular file, empty or holding a process id."""
+    import stat
+
+    if not stat.S_ISREG(st.st_mode) or st.st_size > 32:
+        return False
+    data = os.pread(fd, 32, 0)
+    return re.fullmatch(rb"(\d+\n)?", data) is not None
 
 
 def _make_parents(parent: str, what: str, final: str) -> list[str]:
@@ -315,8 +356,15 @@ def claim_output(path: str, what: str = "output directory", *, kind: str = "dir"
     Raises OutputError (one line) before anything is written when the rules refuse."""
     if kind not in ("dir", "file"):
         raise ValueError(f"kind must be 'dir' or 'file', got {kind!r}")
-    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+    if not isinstance(overwrite, bool):  # a string 'no' would read as yes
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}")
+    if not str(path).strip():
         raise OutputError(f"{what} is empty; give a path")
+    inputs = list(inputs)
+    if not all(isinstance(i, tuple) and len(i) == 2 for i in inputs):
+        raise TypeError(f"inputs must be (label, path) pairs, got {inputs!r}"[:200])
     final = os.path.abspath(os.fspath(path))
     parent, name = _names(final)
     if not name or name in (".", ".."):
@@ -361,11 +409,13 @@ def claim_output(path: str, what: str = "output directory", *, kind: str = "dir"
             else:
                 try:
                     stage = tempfile.mkdtemp(dir=parent, prefix=f".{name}{TMP_TAG}")
+                    open(os.path.join(stage, STAGING), "w").close()
                 except OSError as e:
                     raise _not_writable(what, final, parent, e) from None
                 try:
                     yield Output(stage, final)
                     _write_marker(stage, what, in_place=False)
+                    os.unlink(os.path.join(stage, STAGING))
                     os.chmod(stage, 0o755)
                     _swap_in(stage, final)
                 except BaseException:
@@ -481,7 +531,7 @@ def is_json_report(path: str) -> bool:
     try:
         with open(path) as f:
             obj = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(obj, dict) and obj.get("written_by") == "trust_fast"
 
