@@ -372,6 +372,12 @@ def test_save_refuses_non_finite_weights_and_warns_about_an_unchanged_model(untr
     (lambda: TrustConfig(batch_size="8"), TypeError, "TrustConfig.batch_size must be int, got '8' (str)"),
     (lambda: TrustConfig(steps=2.5), TypeError, "TrustConfig.steps must be int, got 2.5 (float)"),
     (lambda: TrustConfig(betas=(0.9,)), TypeError, "TrustConfig.betas must be tuple[float, float]"),
+    (lambda: TrustConfig(betas=(float("nan"), 0.999)), ValueError, "betas must be in [0, 1)"),
+    (lambda: TrustConfig(eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
+    (lambda: TrustConfig(mask_fraction=float("nan")), ValueError, "mask_fraction must be in (0, 1], got nan"),
+    (lambda: TrustConfig(x0_guidance=float("inf")), ValueError, "x0_guidance must be None or a finite number >= 0"),
+    (lambda: TrustConfig(seed=2**70), ValueError, "seed must be in [0, 2**63)"),
+    (lambda: TrustConfig(targets=("",)), ValueError, "targets must be None or non-empty glob patterns"),
 ])
 def test_api_configs_of_the_wrong_type_are_refused(make, error, message):
     with pytest.raises(error) as e:

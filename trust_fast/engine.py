@@ -196,6 +196,18 @@ class TrustConfig:
             raise ValueError(f"compile_unet={backend!r} is refused: with inductor the compiled denoiser's weight "
                              "gradients are wrong here (a tiny SD UNet: the same loss, zero gradients for its mid "
                              f"block); the backends checked to match eager are {', '.join(COMPILE_BACKENDS)}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {tuple(self.betas)}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
+        if not 0.0 < self.mask_fraction <= 1.0:
+            raise ValueError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}")
+        if self.x0_guidance is not None and not (math.isfinite(self.x0_guidance) and self.x0_guidance >= 0):
+            raise ValueError(f"x0_guidance must be None or a finite number >= 0, got {self.x0_guidance}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.targets is not None and (not self.targets or not all(t.strip() for t in self.targets)):
+            raise ValueError(f"targets must be None or non-empty glob patterns, got {tuple(self.targets)!r}")
         if not (math.isfinite(self.hessian_fd_eps) and self.hessian_fd_eps > 0):
             raise ValueError(f"hessian_fd_eps must be a finite number > 0, got {self.hessian_fd_eps}")
         if self.hessian != "none" and self.retain_objective == "none":
