@@ -305,7 +305,8 @@ def _opt_state(u) -> dict:
 
 def test_an_update_that_makes_weights_non_finite_is_rolled_back(untrained):
     """The fused Hessian penalty lam * h * (w - w0) overflows with a poisoned diagonal estimate
-    once w moved: the update is NaN after finite losses and gradients. The step is rolled back
+    once w moved: the update (or its second moment, which would freeze the row) is not finite
+    after finite losses and gradients. The step is rolled back
     (weights and optimizer state as before), skipped with its reason, and the run goes on."""
     from trust_fast.engine import SKIP_WEIGHTS
 

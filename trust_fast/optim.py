@@ -339,8 +339,14 @@ class MaskedAdamW(torch.optim.Optimizer):
                 self.state[p][key].index_copy_(0, slots, saved)
 
     def set_rows_finite(self) -> Tensor:
-        """A 0-d bool tensor (no host sync): whether every row set now holds finite values."""
-        flags = [torch.isfinite(p.index_select(0, r)).all() for p, r in (self._rows or {}).items() if r.numel()]
+        """A 0-d bool tensor (no host sync): whether every row set now, and its moments, hold finite
+        values (a second moment that overflowed to inf leaves the weight finite but its row frozen)."""
+        flags = []
+        for p, r in (self._rows or {}).items():
+            if r.numel():
+                slots, st = self._slots[p].long(), self.state[p]
+                flags += [torch.isfinite(p.index_select(0, r)).all(),
+                          *(torch.isfinite(st[k].index_select(0, slots)).all() for k in ("exp_avg", "exp_avg_sq"))]
         return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
     def row_updates(self, p: Tensor) -> tuple[Tensor, Tensor]:
