@@ -308,8 +308,7 @@ def _read(path: str) -> dict:
         raise ValueError(f"checkpoint {path!r} holds objects other than tensors and plain values; refusing "
                          "to load it (it would run code)") from None
     except Exception as e:  # torch raises many types for a damaged file; its first line says which
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"checkpoint {path!r} is damaged ({first})") from None
+        raise ValueError(f"checkpoint {path!r} is damaged ({_first_line(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a trust_fast checkpoint")
     f = _Fields(path)
