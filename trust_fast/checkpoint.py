@@ -136,7 +136,7 @@ def load_checkpoint(unlearner, directory: str) -> int:
     if state["concept"] != concept:
         raise ValueError(f"checkpoint {path!r} unlearns {state['concept']!r}, not {concept!r}")
     # a field added after the checkpoint was written reads as what the code did before it
-    from .engine import PREDATED_FIELDS, effective_fields
+    from .config import PREDATED_FIELDS, effective_fields
 
     ours = effective_fields(_config(u))
     theirs = effective_fields({**_config_dict(type(u.config)()), **PREDATED_FIELDS, **state["config"]})

@@ -285,7 +285,7 @@ def _unlearning_config(args):
 def _check_compile_backend(name: str) -> None:
     """--compile-unet takes a backend the engine checked against eager; inductor is left to the
     config's own refusal, which says why."""
-    from .engine import COMPILE_BACKENDS
+    from .config import COMPILE_BACKENDS
 
     if name not in COMPILE_BACKENDS and name != "inductor":
         raise UserError(f"--compile-unet {name!r} is not a backend trust_fast compiles with; choose "

@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from ..engine import TrustConfig
+from ..config import TrustConfig
 from . import esd, salun, trust
 
 METHODS = {"trust": trust.config, "salun": salun.config, "esd": esd.config}

@@ -12,7 +12,7 @@ saves ESD the per-iteration sampling cost.
 """
 from __future__ import annotations
 
-from ..engine import TrustConfig
+from ..config import TrustConfig
 
 
 def config(**overrides) -> TrustConfig:

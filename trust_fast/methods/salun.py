@@ -12,7 +12,7 @@ Forget and retain images are sampled from the original model (data-free, as for 
 """
 from __future__ import annotations
 
-from ..engine import TrustConfig
+from ..config import TrustConfig
 
 
 def config(**overrides) -> TrustConfig:

@@ -2,7 +2,7 @@
 retain self-distillation, Hessian regularizer, row-sparse AdamW."""
 from __future__ import annotations
 
-from ..engine import TrustConfig
+from ..config import TrustConfig
 
 
 def config(**overrides) -> TrustConfig:
