@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trust_fast.ops.reference import AdamWArgs
+from trust_fast.ops.schema import AdamWArgs
 
 from .reduce import total
 from .launch import block_and_warps, element_offsets, int64_table, prefix_starts, table_block

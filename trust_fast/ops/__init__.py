@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import library as _library  # registers kernels and backends
-from . import reference
+from . import checks, reference
 from .registry import BACKEND_NAMES, available_backends, backend_for, use_backend
 
 __all__ = [
@@ -73,10 +73,8 @@ def row_saliency(
     """
     tensors, weights = _as_list(tensors), _as_list(weights)
     if _checking():
-        with reference.arguments_of("row_saliency"):
-            reference.check_tensor_list("tensors", tensors)
-            reference.check_tensor_list("weights", weights, optional=True)
-            reference.check_saliency_mode(mode, weights)
+        checks.check_types("row_saliency", tensors=tensors, weights=weights)
+        checks.check_saliency_mode(mode, weights)
     if not tensors:
         reference.check_row_saliency(tensors, weights, mode)
         return torch.zeros(0, dtype=torch.float32)
@@ -106,11 +104,8 @@ def select_rows(
         are undefined), TypeError/ValueError naming any other bad argument.
     """
     if _checking():
-        with reference.arguments_of("select_rows"):
-            reference.check_tensor("scores", scores)
-            reference.check_integer_list("rows_per_tensor", rows_per_tensor)
-            reference.check_number("xi", xi)
-            reference.check_number("max_fraction", max_fraction, optional=True)
+        checks.check_types("select_rows", scores=scores, rows_per_tensor=rows_per_tensor, xi=xi,
+                           max_fraction=max_fraction)
     return list(
         torch.ops.trust_fast.select_rows(
             scores.detach(), [int(n) for n in rows_per_tensor], float(xi),
@@ -160,15 +155,11 @@ def masked_adamw_(
         _as_list(xs) for xs in (params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, hess, ref_params)
     ]
     if _checking():
-        with reference.arguments_of("masked_adamw_"):
-            lists = (params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots)
-            for name, xs in zip(reference.AdamWArgs._fields[:7], lists):
-                reference.check_tensor_list(name, xs)
-            reference.check_tensor_list("hess", hess, optional=True)
-            reference.check_tensor_list("ref_params", ref_params, optional=True)
-            for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps),
-                                ("weight_decay", weight_decay), ("lam", lam)):
-                reference.check_number(name, value)
+        checks.check_types(
+            "masked_adamw_", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps,
+            rows=rows, slots=slots, hess=hess, ref_params=ref_params, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, lam=lam,
+        )
     args = (
         params, _detached(grads), exp_avgs, exp_avg_sqs, steps, rows, slots, float(lr), float(beta1), float(beta2),
         float(eps), float(weight_decay), hess, None if ref_params is None else _detached(ref_params), float(lam),
@@ -206,11 +197,7 @@ def hutchinson_diag_(
     """
     diags, hz, z, rows = [_as_list(xs) for xs in (diags, hz, z, rows)]
     if _checking():
-        with reference.arguments_of("hutchinson_diag_"):
-            for name, xs in (("diags", diags), ("hz", hz), ("z", z)):
-                reference.check_tensor_list(name, xs)
-            reference.check_tensor_list("rows", rows, optional=True)
-            reference.check_integer("count", count)
+        checks.check_types("hutchinson_diag_", diags=diags, hz=hz, z=z, rows=rows, count=count)
     if not diags:  # nothing to update; the op needs a tensor to dispatch on
         reference.check_hutchinson_diag(diags, hz, z, rows, int(count))
         return
@@ -226,7 +213,7 @@ def rademacher_like(
     """Random +-1 tensors shaped like ``tensors`` (same dtype and device): Hutchinson probes."""
     tensors = _as_list(tensors)
     if _checking():
-        reference.check_rademacher_like(tensors, generator)
+        checks.check_rademacher_like(tensors, generator)
     out = []
     for t in tensors:
         bits = torch.randint(0, 2, t.shape, device=t.device, generator=generator, dtype=torch.int8)

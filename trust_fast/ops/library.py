@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _native, reference
 from .registry import Backend, kernel_for, register_backend
-from .schema import NAMESPACE, NATIVE_OPS, native_name
+from .schema import NAMESPACE, NATIVE_OPS, native_name, rows_of
 
 _OP = f"{NAMESPACE}::"
 
@@ -100,7 +100,7 @@ def is_plain_tensor(t) -> bool:
 
 @torch.library.register_fake(_OP + "row_saliency")
 def _row_saliency_fake(tensors, weights, mode):
-    total = sum(reference.rows_of(t) for t in tensors)
+    total = sum(rows_of(t) for t in tensors)
     if not tensors:
         return torch.empty(0, dtype=torch.float32)
     return tensors[0].new_empty(total, dtype=torch.float32)

@@ -8,11 +8,17 @@ the compiled backends.  ``csrc/`` registers their CPU kernels and
 ``csrc/cuda/`` their CUDA kernels with ``TORCH_LIBRARY_IMPL(trust_fast, ...)``;
 the public ops route to them through the backend registry.  Defining the
 schemas here, not in C++, keeps the library importable without a compiler.
+Also here: the conventions the ops' arguments follow (rows of a weight-shaped
+tensor, masked_adamw_'s arguments by name), shared by the checks and every backend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
+from torch import Tensor
 
 NAMESPACE = "trust_fast"
 
@@ -47,3 +53,34 @@ def native_name(op: str) -> str:
     if op.endswith("_"):
         return op[:-1] + "_native_"
     return op + "_native"
+
+
+class AdamWArgs(NamedTuple):
+    """Arguments of ``trust_fast::masked_adamw_`` in schema order; shapes in ``trust_fast.ops.masked_adamw_``."""
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    exp_avgs: Sequence[Tensor]
+    exp_avg_sqs: Sequence[Tensor]
+    steps: Sequence[Tensor]
+    rows: Sequence[Tensor]
+    slots: Sequence[Tensor]
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    hess: Sequence[Tensor] | None
+    ref_params: Sequence[Tensor] | None
+    lam: float
+
+
+def rows_of(t: Tensor) -> int:
+    """Number of output rows of a weight-shaped tensor (dim 0; a 0-d tensor has 1)."""
+    return t.shape[0] if t.dim() > 0 else 1
+
+
+def row_width(t: Tensor) -> int:
+    """Elements per output row: numel / rows (0 when the tensor has no rows)."""
+    r = rows_of(t)
+    return t.numel() // r if r > 0 else 0

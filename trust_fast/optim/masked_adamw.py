@@ -1,18 +1,11 @@
-"""MaskedAdamW: AdamW on selected rows only, with state for selected rows only.
+"""MaskedAdamW, the optimizer: its inputs (rows, penalty), its state as a whole and its step.
 
-Each parameter keeps a slot table: ``slot_of_row[r]`` is the state slot of row
-``r`` (-1 until the row is first selected).  ``exp_avg``/``exp_avg_sq``
-(float32, (capacity, C)) and ``step`` (float32, (capacity,)) hold one entry per
-slot, so optimizer memory follows the rows ever selected, not the model.
-Every slot keeps its own step count, so a row's bias correction counts the
-steps in which that row was updated: after any sequence of steps each row
-equals what a separate torch.optim.AdamW over that row alone, stepped only
-when the row was selected, would give (within float32 rounding).
+A param's slot tables are made and grown by :mod:`.slot_tables`; rows, hyperparameters and a saved
+state are checked by :mod:`.state_checks`.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -20,102 +13,13 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from . import ops
-from .ops.library import is_plain_tensor, plain_eager_mode
-from .ops.reference import DIAG_DTYPES, check_indices, check_masked_adamw_scalars, grads_match_params, rows_of, row_width
-from .ops.registry import kernel_for
-
-_GROWTH = 1.25
-
-
-def _check_rows_of(name: str, p: Tensor, r) -> None:
-    """The checks :meth:`MaskedAdamW.set_rows` runs on the rows ``r`` of param ``p`` (``name`` in errors)
-    before the index checks: a tensor of an integer dtype, for a contiguous param."""
-    if not isinstance(r, Tensor):
-        raise TypeError(f"rows: the rows of {name} must be a tensor of row indices, got {type(r).__name__}")
-    if r.dtype == torch.bool or r.is_floating_point() or r.is_complex():
-        # casting would truncate floats and read a bool mask as the indices 0 and 1
-        raise TypeError(f"rows: the rows of {name} are {r.dtype}; pass an integer tensor of row indices "
-                        "(for a bool mask: mask.nonzero().flatten())")
-    if not p.is_contiguous():
-        # the kernels update rows in place through flat offsets; refused here, the error names
-        # the caller's param (the op would name its position in an internal list)
-        raise ValueError(f"rows: {name} is not contiguous; MaskedAdamW updates rows in place and needs "
-                         "contiguous params (e.g. p.data = p.data.contiguous())")
-
-
-def _hyperparameter_problem(group: Mapping) -> str | None:
-    """What is wrong with a param group's lr, betas, eps and weight_decay (None: nothing)."""
-    try:
-        values = {k: _number(group[k]) for k in ("lr", "eps", "weight_decay")}
-        beta1, beta2 = (_number(b) for b in group["betas"])
-    except (KeyError, TypeError, ValueError) as e:
-        return f"lr, betas (a pair), eps and weight_decay must be numbers ({type(e).__name__}: {e})"
-    for k, v in values.items():
-        if not math.isfinite(v) or v < 0:
-            return f"{k} must be finite and >= 0, got {v}"
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        return f"betas must be in [0, 1), got {(beta1, beta2)}"
-    return None
-
-
-def _number(value) -> float:
-    """A real number as float: bools, strings and tensors of several values are not numbers here."""
-    if isinstance(value, (bool, str, bytes)) or (isinstance(value, Tensor) and value.numel() != 1):
-        raise TypeError(f"{value!r} is not a number")
-    return float(value)
-
-
-# the per-param state (see _init_state)
-_STATE_KEYS = ("slot_of_row", "row_of_slot", "exp_avg", "exp_avg_sq", "step", "num_slots")
-
-
-def _slot_state_problem(p: Tensor, st: Mapping) -> str | None:
-    """What is wrong with a saved per-param state for ``p`` (None: nothing).
-
-    The state must hold the tensors of :meth:`MaskedAdamW._init_state` with their
-    dtypes and shapes (the capacity is the length of ``step``), ``num_slots``
-    within the capacity, and slot tables that are in range and inverse to each
-    other on the used slots.
-    """
-    missing = [k for k in _STATE_KEYS if k not in st]
-    if missing:
-        return f"{', '.join(repr(k) for k in missing)} missing"
-    step = st["step"]
-    if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 1):
-        got = f"{step.dtype} {tuple(step.shape)}" if isinstance(step, Tensor) else type(step).__name__
-        return f"'step' is {got}, expected a 1-D torch.float32 tensor (a step count per slot)"
-    cap = step.shape[0]
-    expected = {"slot_of_row": (torch.int32, (rows_of(p),)), "row_of_slot": (torch.int64, (cap,)),
-                "exp_avg": (torch.float32, (cap, row_width(p))), "exp_avg_sq": (torch.float32, (cap, row_width(p)))}
-    for key, (dtype, want) in expected.items():
-        v = st[key]
-        if not (isinstance(v, Tensor) and v.dtype == dtype and tuple(v.shape) == want):
-            got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
-            return f"{key!r} is {got}, expected {dtype} {want}"
-    for key in ("exp_avg", "exp_avg_sq", "step"):
-        if not bool(torch.isfinite(st[key]).all()):
-            return f"{key!r} is not finite"
-    if st["exp_avg_sq"].numel() and float(st["exp_avg_sq"].min()) < 0:
-        return "'exp_avg_sq' holds a negative second moment"
-    if step.numel() and (float(step.min()) < 0 or not torch.equal(step, step.round())):
-        return "'step' holds a count that is negative or not a whole number"
-    n = st["num_slots"]
-    if not isinstance(n, int) or isinstance(n, bool):
-        return f"'num_slots' must be an int, got {type(n).__name__}"
-    if not 0 <= n <= cap:
-        return f"'num_slots' is {n} but the state holds {cap} slots"
-    slot_of_row, used_rows = st["slot_of_row"], st["row_of_slot"][:n]
-    if slot_of_row.numel() and not -1 <= int(slot_of_row.min()) <= int(slot_of_row.max()) < n:
-        out = int(slot_of_row.min()) if int(slot_of_row.min()) < -1 else int(slot_of_row.max())
-        return f"'slot_of_row' holds slot {out}, outside [-1, {n}) (-1: no slot)"
-    if n and not 0 <= int(used_rows.min()) <= int(used_rows.max()) < rows_of(p):
-        out = int(used_rows.min()) if int(used_rows.min()) < 0 else int(used_rows.max())
-        return f"'row_of_slot' holds row {out}, out of range [0, {rows_of(p)})"
-    if (int((slot_of_row >= 0).sum()) != n
-            or not torch.equal(slot_of_row[used_rows].long(), torch.arange(n, device=slot_of_row.device))):
-        return "'slot_of_row' and 'row_of_slot' disagree (they must map the used rows and slots one to one)"
-    return None
+from .. import ops
+from ..ops.adamw_checks import check_masked_adamw_scalars, grads_match_params
+from ..ops.checks import DIAG_DTYPES, check_indices
+from ..ops.library import is_plain_tensor, plain_eager_mode
+from ..ops.registry import kernel_for
+from ..ops.schema import rows_of
+from . import slot_tables, state_checks
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -147,7 +51,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         compile: bool = False,
     ) -> None:
-        problem = _hyperparameter_problem(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        problem = state_checks.hyperparameter_problem(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         if problem:
             raise ValueError(problem)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -203,14 +107,14 @@ class MaskedAdamW(torch.optim.Optimizer):
         for i, (p, r) in enumerate(rows.items()):
             if id(p) not in position:
                 raise ValueError(f"rows: parameter #{i} of shape {tuple(p.shape)} is not in this optimizer")
-            _check_rows_of(f"parameter #{position[id(p)]} of shape {tuple(p.shape)}", p, r)
+            state_checks.check_rows_of(f"parameter #{position[id(p)]} of shape {tuple(p.shape)}", p, r)
             # a private copy: changing the caller's tensor later does not change the rows set here
             new[p] = r.to(device=p.device, dtype=torch.int64, copy=True)
             by_device.setdefault(p.device, []).append(p)
         slots: dict[Tensor, Tensor] = {}
         for device, ps in by_device.items():
             check_indices("rows[param]", [new[p] for p in ps], [rows_of(p) for p in ps], device)
-            slots.update(zip(ps, self._assign_slots(ps, [new[p] for p in ps])))
+            slots.update(zip(ps, slot_tables.assign_slots(self.state, ps, [new[p] for p in ps])))
         self._rows = new
         self._slots = slots
         self._args_stale = True
@@ -259,62 +163,6 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- state
 
-    def _assign_slots(self, ps: list[Tensor], rows: list[Tensor]) -> list[Tensor]:
-        """Slots of ``rows[i]`` in ``ps[i]``'s state (one device), giving rows selected for the first
-        time fresh zero slots in the order given.
-
-        Finding the new rows of all params together costs one host sync (on a GPU), not one per
-        param: the engine sets new rows every step."""
-        for p in ps:
-            if not self.state[p]:
-                self._init_state(p)
-        slots = [self.state[p]["slot_of_row"][r] for p, r in zip(ps, rows)]
-        counts = [r.numel() for r in rows]
-        total = sum(counts)
-        if total == 0:
-            return slots
-        device = rows[0].device
-        unseen = torch.cat(slots) < 0
-        seg = torch.repeat_interleave(torch.arange(len(ps), device=device), torch.tensor(counts, device=device),
-                                      output_size=total)
-        n_new = torch.zeros(len(ps), dtype=torch.int64, device=device).index_add_(0, seg, unseen.long()).tolist()
-        if not any(n_new):
-            return slots
-        # positions of the unseen rows, in order (a stable sort puts them first; their count is known)
-        pos = torch.sort((~unseen).to(torch.uint8), stable=True).indices[: sum(n_new)]
-        fresh = torch.cat(rows)[pos].split(n_new)
-        for i, (p, f) in enumerate(zip(ps, fresh)):
-            if f.numel():
-                self._add_slots(p, f)
-                slots[i] = self.state[p]["slot_of_row"][rows[i]]
-        return slots
-
-    def _init_state(self, p: Tensor) -> None:
-        st = self.state[p]
-        st["slot_of_row"] = torch.full((rows_of(p),), -1, dtype=torch.int32, device=p.device)
-        st["row_of_slot"] = torch.zeros(0, dtype=torch.int64, device=p.device)
-        st["exp_avg"] = torch.zeros(0, row_width(p), dtype=torch.float32, device=p.device)
-        st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
-        st["step"] = torch.zeros(0, dtype=torch.float32, device=p.device)
-        st["num_slots"] = 0
-
-    def _add_slots(self, p: Tensor, fresh: Tensor) -> None:
-        """Fresh zero slots for the rows ``fresh`` of ``p`` (none of them has a slot yet)."""
-        st = self.state[p]
-        n_new = fresh.numel()
-        used = st["num_slots"]
-        need = used + n_new
-        cap = st["step"].numel()
-        if need > cap:
-            new_cap = max(need, int(cap * _GROWTH))
-            for key in ("exp_avg", "exp_avg_sq", "step", "row_of_slot"):
-                old = st[key]
-                grown = old.new_zeros((new_cap, *old.shape[1:]))
-                grown[:used] = old[:used]
-                st[key] = grown
-        st["slot_of_row"][fresh] = torch.arange(used, need, dtype=torch.int32, device=p.device)
-        st["row_of_slot"][used:need] = fresh
-        st["num_slots"] = need
 
     @torch.no_grad()
     def snapshot_rows(self) -> list[tuple]:
@@ -412,69 +260,10 @@ class MaskedAdamW(torch.optim.Optimizer):
             self.set_rows(rows)
 
     def check_state_dict(self, sd) -> dict:
-        """{saved param index: param} for a state dict that fits this optimizer; else a one-line ValueError.
-
-        Checks everything :meth:`load_state_dict` restores before it changes
-        anything: the param groups (count, params per group, hyperparameters),
-        every param's state (keys, dtypes and shapes against the param, slot
-        tables in range and inverse to each other) and the saved rows.
-        """
-        def bad(msg: str) -> None:
-            raise ValueError(f"optimizer state_dict: {msg}")
-
-        if not (isinstance(sd, Mapping) and isinstance(sd.get("state"), Mapping)
-                and isinstance(sd.get("param_groups"), (list, tuple))):
-            bad("expected a dict with 'state' (a dict) and 'param_groups' (a list)")
-        saved_groups = sd["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            bad(f"it has {len(saved_groups)} param groups but the optimizer has {len(self.param_groups)}")
-        id_map: dict = {}
-        for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
-            if not (isinstance(sg, Mapping) and isinstance(sg.get("params"), (list, tuple))
-                    and all(isinstance(i, int) for i in sg["params"])):
-                bad(f"param group {gi} is not a dict with a 'params' list of param indices")
-            if len(sg["params"]) != len(g["params"]):
-                bad(f"param group {gi} has {len(g['params'])} params but the state_dict's has {len(sg['params'])}")
-            problem = _hyperparameter_problem(sg)
-            if problem:
-                bad(f"param group {gi}: {problem}")
-            id_map.update(zip(sg["params"], g["params"]))
-        if len(id_map) != sum(len(g["params"]) for g in self.param_groups):
-            bad("its param groups list a param index more than once")
-        position = self._positions()
-
-        def name(k) -> str:
-            p = id_map[k]
-            return f"parameter #{position[id(p)]} of shape {tuple(p.shape)}"
-
-        for k, st in sd["state"].items():
-            if k not in id_map:
-                bad(f"'state' has an entry for param index {k!r}, which no param group lists")
-            if not isinstance(st, Mapping):
-                bad(f"the state of {name(k)} is a {type(st).__name__}, not a dict")
-            problem = _slot_state_problem(id_map[k], st)
-            if problem:
-                bad(f"the state of {name(k)}: {problem}")
-        rows = sd.get("rows")
-        if rows is not None:
-            if not isinstance(rows, Mapping):
-                bad(f"'rows' is a {type(rows).__name__}, not a dict")
-            for k, r in rows.items():
-                if k not in id_map:
-                    bad(f"'rows' has an entry for param index {k!r}, which no param group lists")
-                p = id_map[k]
-                try:
-                    _check_rows_of(name(k), p, r)
-                except (TypeError, ValueError) as e:
-                    bad(str(e))
-                if r.dim() != 1:
-                    bad(f"the rows of {name(k)} have shape {tuple(r.shape)}, not (n,)")
-                if r.numel() and not 0 <= int(r.min()) <= int(r.max()) < rows_of(p):
-                    out = int(r.min()) if int(r.min()) < 0 else int(r.max())
-                    bad(f"the rows of {name(k)} hold row {out}, out of range [0, {rows_of(p)})")
-                if torch.unique(r).numel() != r.numel():
-                    bad(f"the rows of {name(k)} hold a row more than once")
-        return id_map
+        """{saved param index: param} for a state dict that fits this optimizer; else a one-line
+        ValueError (:func:`.state_checks.check_state_dict`: it checks everything :meth:`load_state_dict`
+        restores before it changes anything)."""
+        return state_checks.check_state_dict(sd, self.param_groups, self._positions())
 
     # -------------------------------------------------------------------- step
 
