@@ -41,7 +41,7 @@ CLASSIFIER_METRICS = ("ua", "retain_acc", "per-attribute accuracies")
 
 def check_comparable(pipe, reference) -> None:
     """Paired comparisons need the same starting-noise shape and the same sampler in both models."""
-    from ..families import family_for
+    from ..models import family_for
 
     mine = (*family_for(pipe).sample_shape(), type(pipe.scheduler).__name__)
     theirs = (*family_for(reference).sample_shape(), type(reference.scheduler).__name__)

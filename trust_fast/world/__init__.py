@@ -38,8 +38,8 @@ def is_world_model(model: str) -> bool:
 
 def load_pipeline(model: str = "shapes", device: str | None = None, dtype: str = "auto",
                   variant: str | None = None):
-    """Load a pipeline by built-in name or directory: :func:`trust_fast.families.load_pipeline`."""
-    from ..families import load_pipeline as load
+    """Load a pipeline by built-in name or directory: :func:`trust_fast.models.load_pipeline`."""
+    from ..models import load_pipeline as load
 
     return load(model, device, dtype, variant)
 
