@@ -30,7 +30,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def main() -> int:
-    from trust_fast.cli import _evaluate_world
+    from trust_fast.cli.evaluated_run import evaluate_world
     from trust_fast.concepts import parse_concept
     from trust_fast.engine import TrustUnlearner
     from trust_fast.methods import config
@@ -53,7 +53,7 @@ def main() -> int:
     base, pipe = load_pipeline("shapes"), load_pipeline("shapes")
     res: dict = {"concept": a.concept, "set": overrides, "n_per_prompt": a.n}
     if a.before:
-        b, _ = _evaluate_world(pipe, spec, a.n, 0)
+        b, _ = evaluate_world(pipe, spec, a.n, 0)
         res["before"] = {k: v for k, v in b.items() if isinstance(v, float) and k != "seconds"}
     thresholds = a.min_row_updates
     if thresholds:  # train without consolidation, then consolidate copies at each threshold
@@ -65,7 +65,7 @@ def main() -> int:
     res["mean_selected_fraction"] = u.report()["mean_selected_fraction"]
 
     def measure() -> dict:
-        after, _ = _evaluate_world(pipe, spec, a.n, 0)
+        after, _ = evaluate_world(pipe, spec, a.n, 0)
         patch = patch_summary(base, pipe)
         return {"after": {k: round(v, 4) for k, v in after.items() if isinstance(v, float) and k != "seconds"},
                 "changed_rows": patch["changed_rows"], "patch_fraction": patch["fraction_of_unet"]}

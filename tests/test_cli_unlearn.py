@@ -83,14 +83,15 @@ def test_demo_writes_before_after_grids(tmp_path, capsys):
 def test_unlearning_flags_reach_the_config():
     """Every TrustConfig flag of `unlearn` lands in the config it trains with; unset flags keep the
     method's defaults."""
-    from trust_fast.cli import _unlearning_config, build_parser
+    from trust_fast.cli import build_parser
+    from trust_fast.cli.unlearn import unlearning_config
     from trust_fast.methods import config
 
     args = build_parser().parse_args(["unlearn", "--concept", "red", "--out", "o", "--adv-mode", "tokens",
                                       "--adv-prefix", "3", "--x0-per-prompt", "4", "--x0-retain-per-prompt", "1",
                                       "--seed", "7"])
-    cfg = _unlearning_config(args)
+    cfg = unlearning_config(args)
     assert (cfg.adv_mode, cfg.adv_prefix, cfg.x0_per_prompt, cfg.x0_retain_per_prompt, cfg.seed) == (
         "tokens", 3, 4, 1, 7)
-    plain = _unlearning_config(build_parser().parse_args(["unlearn", "--concept", "red", "--out", "o"]))
+    plain = unlearning_config(build_parser().parse_args(["unlearn", "--concept", "red", "--out", "o"]))
     assert plain == config("trust", seed=0)
