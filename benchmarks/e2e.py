@@ -168,7 +168,7 @@ class NaiveTrust:
         cfg, u = self.cfg, self.u
         sync = torch.cuda.synchronize if u.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        fb, rb = u._forget_batch(cfg.batch_size), u._retain_batch(cfg.retain_batch_size)
+        fb, rb = u.forget_batch(cfg.batch_size), u.retain_batch(cfg.retain_batch_size)
         kw = u.family.denoiser_kwargs
         with torch.no_grad():  # the frozen copy, once per target
             f_target = self.frozen(fb.noisy, fb.t, **kw(fb.anchor)).sample

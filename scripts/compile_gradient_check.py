@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = user_prompts(spec, ["a red circle", "a red square", "red car"], ["a blue square", "a green circle"])
     cfg = TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=2, retain_batch_size=2, amp="off", adv_prefix=0)
     eager, comp = (TrustUnlearner(copy.deepcopy(pipe), spec, cfg, prompts=prompts) for _ in range(2))
-    comp._forward = torch.compile(comp.unet, backend=a.backend)
+    comp.denoiser.forward = torch.compile(comp.unet, backend=a.backend)
     for u in (eager, comp):
         u.prepare()
-    b = eager._forget_batch(2)
+    b = eager.forget_batch(2)
     losses, grads = [], []
     for u in (eager, comp):
         loss = u.forget_loss(b.noisy, b.t, b.cond, b.anchor)

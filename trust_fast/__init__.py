@@ -20,15 +20,15 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _LAZY = {
-    "TrustConfig": ".engine", "TrustUnlearner": ".engine", "encode_prompts": ".engine", "encode_images": ".engine",
+    "TrustConfig": ".config", "TrustUnlearner": ".engine", "encode_prompts": ".engine", "encode_images": ".engine",
     "ConceptSpec": ".concepts", "PromptSet": ".concepts", "parse_concept": ".concepts",
     "user_prompts": ".concepts", "world_prompts": ".concepts",
     "MaskedAdamW": ".optim",
     "row_saliency": ".ops", "select_rows": ".ops", "masked_adamw_": ".ops", "hutchinson_diag_": ".ops",
     "ShapesPipeline": ".world.pipeline",
-    "load_pipeline": ".families",
+    "load_pipeline": ".models",
 }
-_SUBMODULES = ("methods", "ops", "families", "world", "evaluation", "concepts", "engine", "optim")
+_SUBMODULES = ("methods", "ops", "models", "families", "world", "evaluation", "concepts", "engine", "optim", "config")
 
 __all__ = sorted([*_LAZY, "methods", "__version__"])
 

@@ -71,36 +71,8 @@ def save_checkpoint(unlearner, directory: str) -> str:
     from .io import in_place_file
 
     u = unlearner
-    state = {
-        "format": FORMAT,
-        "concept": str(u.concept) if u.concept is not None else None,
-        "config": _config(u),
-        "names": list(u._names),
-        "base_digest": u.base_digest(),
-        "params": [p.detach().cpu().clone() for p in u.params],
-        "master": None if u.master is None else [q.detach().cpu().clone() for q in u.master],
-        "loss_scale": None if u.loss_scale is None else {"scale": u.loss_scale, "good_steps": u._good_steps},
-        "optimizer": u.optimizer.state_dict(),
-        "localizer_rows": (None if u.localizer is None or u.localizer.rows is None
-                           else [r.cpu() for r in u.localizer.rows]),
-        "hutchinson": (None if u.hutchinson is None
-                       else {"diags": [d.cpu() for d in u.hutchinson.diags], "count": u.hutchinson.count}),
-        "pools": None if u.pools is None else {k: v.cpu() for k, v in u.pools.items()},
-        "mask": None if u.mask is None else [m.cpu() for m in u.mask],
-        "adversary": (None if not u.adv_prefixes else
-                      {"prefixes": [q.detach().cpu() for q in u.adv_prefixes],
-                       "optimizers": [o.state_dict() for o in u.adv_optimizers],
-                       "emb_forget": [e.cpu() for e in u.emb_forget_adv],
-                       "emb_retain": [e.cpu() for e in u.emb_retain_adv], "refreshes": u.adv_refreshes,
-                       "seconds": u.adv_seconds}),
-        "step_count": u.step_count,
-        "skipped_steps": u.skipped_steps,
-        "seconds": u.seconds,
-        "pool_seconds": u.pool_seconds,
-        "history": {"steps": u.history.steps, "evals": u.history.evals},
-        "generator": u.generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-    }
+    state = {"format": FORMAT, "concept": str(u.concept) if u.concept is not None else None, "config": _config(u),
+             "names": list(u._names), "base_digest": u.base_digest(), **u.state_dict()}
     with claim_checkpoint_dir(directory, overwrite=True):
         path = checkpoint_file(directory)
         with in_place_file(directory, os.path.basename(path)) as tmp:
@@ -149,51 +121,12 @@ def load_checkpoint(unlearner, directory: str) -> int:
     if u.base_digest() is not None and state.get("base_digest") != u.base_digest():
         raise ValueError(f"checkpoint {path!r} was made from another base model (target weights differ)")
     _check_fit(path, state, u)
-
-    # the optimizer validates its state before it changes anything; everything else was checked above,
-    # so a refused checkpoint leaves the unlearner as it was
-    u.optimizer.load_state_dict(state["optimizer"])
-    for p, v in zip(u.params, state["params"], strict=True):
-        p.copy_(v.to(p.device, p.dtype))
-    if u.master is not None:
-        for q, v in zip(u.master, state["master"], strict=True):
-            q.copy_(v.to(q.device, q.dtype))
-    if u.loss_scale is not None:
-        u.loss_scale, u._good_steps = float(state["loss_scale"]["scale"]), int(state["loss_scale"]["good_steps"])
-    if u.localizer is not None and state["localizer_rows"] is not None:
-        u.localizer.rows = [r.to(u.device) for r in state["localizer_rows"]]
-    if u.hutchinson is not None and state["hutchinson"] is not None:
-        for d, v in zip(u.hutchinson.diags, state["hutchinson"]["diags"], strict=True):
-            d.copy_(v.to(d.device))
-        u.hutchinson.count = state["hutchinson"]["count"]
-        if u.hutchinson.count > 0:
-            u._set_diag_penalty()
-    if state["pools"] is not None:
-        u.pools = {k: v.to(u.device, u.dtype) for k, v in state["pools"].items()}
-    if state["mask"] is not None:
-        u.mask = [m.to(u.device) for m in state["mask"]]
-    adv = state.get("adversary")
-    if adv is not None:
-        u.adv_prefixes = [q.to(u.device) for q in adv["prefixes"]]
-        u.adv_optimizers = []
-        for q, o in zip(u.adv_prefixes, adv["optimizers"]):
-            u.adv_optimizers.append(torch.optim.Adam([q], lr=u.config.adv_lr))
-            u.adv_optimizers[-1].load_state_dict(o)
-        u.emb_forget_adv = [e.to(u.device, u.dtype) for e in adv["emb_forget"]]
-        u.emb_retain_adv = [e.to(u.device, u.dtype) for e in adv.get("emb_retain", [])]
-        u.adv_refreshes = adv["refreshes"] if adv["refreshes"] is not None else len(u.adv_prefixes)
-        u.adv_seconds = adv["seconds"]
-    u.step_count = state["step_count"]
-    u.skipped_steps = state["skipped_steps"]
-    u.seconds, u.pool_seconds = state["seconds"], state["pool_seconds"]
-    u.history.steps, u.history.evals = state["history"]["steps"], state["history"]["evals"]
-    u.generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
+    u.load_state_dict(state)  # everything was checked above, so a refused checkpoint leaves the unlearner as it was
     u.resumed_from = os.path.realpath(directory)
     return u.step_count
 
 
-class _Fields:
+class Fields:
     """The checks of one checkpoint file. Every failure is one ValueError naming the file and the
     field: ``is damaged`` for a field that no run could have written (a wrong type, a non-finite
     value, a negative count), ``does not fit this run`` for one of another model or config."""
@@ -284,6 +217,39 @@ class _Fields:
                 self.damaged(f"{field}.state[{key}].step", f"is {value!r}, expected a count >= 0")
 
 
+    def same_groups(self, sd: dict, live, field: str) -> None:
+        """The saved param groups' hyperparameters (lr, betas, eps, weight_decay, amsgrad, fused...) are
+        the live optimizer's: load_state_dict would otherwise run on with a checkpoint's weight_decay of 1e30."""
+        groups = sd.get("param_groups")
+        live_groups = getattr(live, "param_groups", None) or []
+        if not isinstance(groups, list) or len(groups) != len(live_groups):
+            self.misfit(f"{field} param groups", f": {len(groups) if isinstance(groups, list) else '?'}, "
+                        f"expected {len(live_groups)}")
+        for k, (saved, ours) in enumerate(zip(groups, live_groups)):
+            if not isinstance(saved, dict):
+                self.damaged(f"{field}.param_groups[{k}]", "is not a dict")
+            for key in sorted(set(saved) & set(ours) - {"params"}):
+                a, b = saved[key], ours[key]
+                if not _plain(a) or (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+                    self.misfit(f"{field} param group {k}", f": {key} {a!r}, this run {b!r}")
+
+    def slot_steps(self, sd: dict, applied: int) -> None:
+        """MaskedAdamW counts the steps of each row: none can exceed the steps the run applied."""
+        for key, st in (sd.get("state") or {}).items():
+            step = st.get("step") if isinstance(st, dict) else None
+            if isinstance(step, torch.Tensor) and step.is_floating_point() and step.numel():
+                if not bool(torch.isfinite(step).all()) or float(step.max()) > applied or float(step.min()) < 0:
+                    self.damaged(f"optimizer.state[{key}].step", f"holds counts outside [0, {applied}], the steps "
+                                 "the run applied")
+
+    def dense_steps(self, sd: dict, applied: int) -> None:
+        """A dense AdamW steps every param once per applied step."""
+        for key, st in sd["state"].items():
+            step = float(st["step"])
+            if step != applied:
+                self.damaged(f"optimizer.state[{key}].step", f"is {step:g}, but the run applied {applied} steps")
+
+
 # dtypes a checkpoint may hold (never float8, complex or unsigned wider than a byte)
 _READABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
              torch.bool)
@@ -311,7 +277,7 @@ def _read(path: str) -> dict:
         raise ValueError(f"checkpoint {path!r} is damaged ({_first_line(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a trust_fast checkpoint")
-    f = _Fields(path)
+    f = Fields(path)
     legacy = state.get("adversary")
     if isinstance(legacy, dict) and "prefix" in legacy:  # written before adversary populations: one prefix
         state["adversary"] = {"prefixes": [legacy.get("prefix")], "optimizers": [legacy.get("optimizer")],
@@ -355,54 +321,10 @@ def _read(path: str) -> dict:
 
 
 def _check_fit(path: str, state: dict, u) -> None:
-    """Every tensor the checkpoint restores, checked against this unlearner: count, shape, dtype
-    kind, range, finiteness, before anything is restored."""
-    f = _Fields(path)
-    f.tensors(state["params"], "target parameter", u.params, floating=True)
-    if u.master is not None:
-        f.tensors(state.get("master"), "float32 master weight", u.master, floating=True)
-    if u.loss_scale is not None:
-        ls = f.of_type(state.get("loss_scale"), "loss_scale", dict)
-        if not (isinstance(ls.get("scale"), float) and math.isfinite(ls["scale"]) and ls["scale"] >= 1):
-            f.damaged("'loss_scale.scale'", f"is {ls.get('scale')!r}, expected a float >= 1")
-        f.count(ls.get("good_steps"), "loss_scale.good_steps")
-    steps, applied = state["step_count"], state["step_count"] - state["skipped_steps"]
-    if u.localizer is not None:
-        rows = f.of_type(state.get("localizer_rows"), "localizer_rows", list, none=True)
-        if rows is not None:
-            if len(rows) != len(u.targets):
-                f.misfit("localizer rows per target", f": {len(rows)}, expected {len(u.targets)}")
-            for k, (r, t) in enumerate(zip(rows, u.targets)):
-                f.rows(r, f"localizer rows of target {k}", t.weight.shape[0])
-        try:  # MaskedAdamW's own checks, with the file named
-            u.masked_optimizer.check_state_dict(state["optimizer"])
-        except ValueError as e:
-            f.damaged("'optimizer':", str(e))
-        _check_slot_steps(f, state["optimizer"], applied)
-    else:
-        f.adam(state["optimizer"], "optimizer", u.opt_params)
-        _check_dense_steps(f, state["optimizer"], applied)
-    hutch = state.get("hutchinson")
-    if u.hutchinson is not None:
-        hutch = f.of_type(hutch, "hutchinson", dict, none=True)
-        if hutch is not None:
-            f.count(hutch.get("count"), "hutchinson.count", 0, steps * u.config.diag_samples)
-            f.tensors(hutch.get("diags"), "Hessian diagonal", u.hutchinson.diags, floating=True)
-    pools = f.of_type(state.get("pools"), "pools", dict, none=True)
-    if pools is not None:
-        want = u.pool_shapes()
-        if set(pools) != set(want):
-            f.misfit("data-free image cache", f": pools {sorted(map(str, pools))}, expected {sorted(want)}")
-        for name, shape in want.items():
-            f.tensor(pools[name], f"data-free images {name!r}", shape=shape, floating=True)
-    mask = f.of_type(state.get("mask"), "mask", list, none=True)
-    if mask is not None:
-        f.tensors(mask, "SalUn mask", u.params)
-    if steps > 0 and u.config.localization == "static" and mask is None:
-        f.damaged("'mask'", "is missing, and a SalUn run has one from its first step")
-    adv = f.of_type(state.get("adversary"), "adversary", dict, none=True)
-    if adv is not None:
-        _check_adversary(f, adv, u)
+    """Every tensor the checkpoint restores, checked against this unlearner by the component that
+    holds it (TrustUnlearner.check_state), and the RNG states, before anything is restored."""
+    f = Fields(path)
+    u.check_state(f, state)
     f.tensor(state["generator"], "generator", like=u.generator.get_state(), dtype=torch.uint8)
     f.tensor(state["torch_rng"], "torch_rng", like=torch.get_rng_state(), dtype=torch.uint8)
     for key, device in (("generator", u.generator.device), ("torch_rng", torch.device("cpu"))):
@@ -410,80 +332,10 @@ def _check_fit(path: str, state: dict, u) -> None:
             torch.Generator(device=device).set_state(state[key])
         except RuntimeError as e:
             f.damaged(repr(key), f"is not a generator state ({_first_line(e)})")
-    _same_groups(f, state["optimizer"], u.optimizer, "optimizer")
-    for k, o in enumerate((adv or {}).get("optimizers") or []):
-        if isinstance(o, dict):
-            _same_groups(f, o, torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=u.config.adv_lr),
-                         f"adversary.optimizers[{k}]")
 
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _same_groups(f: _Fields, sd: dict, live, field: str) -> None:
-    """The saved param groups' hyperparameters (lr, betas, eps, weight_decay, amsgrad, fused...) are
-    this run's: load_state_dict would otherwise run on with a checkpoint's weight_decay of 1e30."""
-    groups = sd.get("param_groups")
-    live_groups = getattr(live, "param_groups", None) or []
-    if not isinstance(groups, list) or len(groups) != len(live_groups):
-        f.misfit(f"{field} param groups", f": {len(groups) if isinstance(groups, list) else '?'}, "
-                 f"expected {len(live_groups)}")
-    for k, (saved, ours) in enumerate(zip(groups, live_groups)):
-        if not isinstance(saved, dict):
-            f.damaged(f"{field}.param_groups[{k}]", "is not a dict")
-        for key in sorted(set(saved) & set(ours) - {"params"}):
-            a, b = saved[key], ours[key]
-            if not _plain(a) or (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
-                f.misfit(f"{field} param group {k}", f": {key} {a!r}, this run {b!r}")
-
-
-def _check_slot_steps(f: _Fields, sd: dict, applied: int) -> None:
-    """MaskedAdamW counts the steps of each row: none can exceed the steps the run applied."""
-    for key, st in (sd.get("state") or {}).items():
-        step = st.get("step") if isinstance(st, dict) else None
-        if isinstance(step, torch.Tensor) and step.is_floating_point() and step.numel():
-            if not bool(torch.isfinite(step).all()) or float(step.max()) > applied or float(step.min()) < 0:
-                f.damaged(f"optimizer.state[{key}].step", f"holds counts outside [0, {applied}], the steps the run "
-                          "applied")
-
-
-def _check_dense_steps(f: _Fields, sd: dict, applied: int) -> None:
-    """A dense AdamW steps every param once per applied step."""
-    for key, st in sd["state"].items():
-        step = float(st["step"])
-        if step != applied:
-            f.damaged(f"optimizer.state[{key}].step", f"is {step:g}, but the run applied {applied} steps")
-
-
-def _check_adversary(f: _Fields, adv: dict, u) -> None:
-    if not u.config.adv_prefix:
-        f.misfit("adversary", ": the checkpoint has an adversary, this run none")
-    prefixes = f.of_type(adv.get("prefixes"), "adversary.prefixes", list)
-    optimizers = f.of_type(adv.get("optimizers"), "adversary.optimizers", list)
-    if not 1 <= len(prefixes) <= u.config.adv_population or len(optimizers) != len(prefixes):
-        f.misfit("adversary", f": {len(prefixes)} prefixes and {len(optimizers)} optimizers, expected as many, "
-                 f"1 to {u.config.adv_population}")
-    # one soft token spans every text encoder of the family: a prefix (or token offsets) of another
-    # model's encoders would be split wrongly at the first refresh
-    want = u.adversary_shape()
-    what = (f"{want[0]} tokens over this model's text encoders" if u.config.adv_mode == "prefix"
-            else f"offsets of {want[0]} forget prompts over this model's text encoders")
-    for k, (q, o) in enumerate(zip(prefixes, optimizers)):
-        f.of_type(q, f"adversarial prefix {k}", torch.Tensor)
-        if tuple(q.shape) != want:
-            f.misfit(f"adversarial prefix {k}", f": shape {tuple(q.shape)}, expected {want} ({what})")
-        f.tensor(q, f"adversarial prefix {k}", floating=True)
-        f.adam(o, f"adversary.optimizers[{k}]", [q])
-    emb_forget = f.of_type(adv.get("emb_forget"), "adversary.emb_forget", list)
-    f.tensors(emb_forget, "adversary.emb_forget", [u.emb_forget] * len(prefixes), floating=True)
-    emb_retain = f.of_type(adv.get("emb_retain", []), "adversary.emb_retain", list)
-    if emb_retain:
-        f.tensors(emb_retain, "adversary.emb_retain", [u.emb_retain] * len(prefixes), floating=True)
-    refreshes = adv.get("refreshes")
-    if refreshes is not None:
-        f.count(refreshes, "adversary.refreshes", len(prefixes))
-    f.seconds(adv.get("seconds"), "adversary.seconds")
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "has_checkpoint", "checkpoint_file", "claim_checkpoint_dir",

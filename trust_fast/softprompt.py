@@ -135,5 +135,28 @@ def index_ids(ids: list[Tensor], i: Tensor | slice) -> list[Tensor]:
     return [x[i.to(x.device) if isinstance(i, Tensor) else i] for x in ids]
 
 
-__all__ = ["embedding_hook", "first_word", "placeholder_ids", "widths", "split", "random_prefix", "prefixed_ids",
+def minimize(free: list[Tensor], loss_fn: Callable[[], Tensor], steps: int, optimizer: torch.optim.Optimizer,
+             reduce: Callable[[list[Tensor]], None] | None = None) -> Tensor | None:
+    """The one optimisation loop over free embeddings (a soft prefix, token offsets, whole prompts,
+    a placeholder word), for the attacks and the engine's adversary alike: `steps` steps of
+    `optimizer` (built over `free`), each on a fresh ``loss_fn()``. `reduce` may change the
+    gradients in place first (the adversary averages them over data-parallel ranks). A step whose
+    gradient is not finite is skipped, so one bad batch never poisons the embeddings. Returns the
+    last loss (None for 0 steps)."""
+    loss = None
+    for _ in range(steps):
+        loss = loss_fn()
+        grads = list(torch.autograd.grad(loss, free))
+        if reduce is not None:
+            reduce(grads)
+        if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            for v, g in zip(free, grads):
+                v.grad = g
+            optimizer.step()
+        for v in free:
+            v.grad = None
+    return loss
+
+
+__all__ = ["minimize", "embedding_hook", "first_word", "placeholder_ids", "widths", "split", "random_prefix", "prefixed_ids",
            "encode_edited", "encode_with_prefix", "offsets_shape", "encode_with_offsets", "index_ids"]

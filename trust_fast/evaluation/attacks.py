@@ -23,9 +23,9 @@ import torch
 
 from ..concepts import ConceptSpec
 from ..defaults import EMBEDDING_STEPS, INVERSION_STEPS
-from ..families import family_for
-from ..objectives import add_noise, add_noise_flow, diffusion_target, mse
-from ..softprompt import (encode_edited, encode_with_prefix, first_word, placeholder_ids, prefixed_ids,
+from ..models import family_for
+from ..objectives import Noising, mse
+from ..softprompt import (encode_edited, encode_with_prefix, first_word, minimize, placeholder_ids, prefixed_ids,
                           random_prefix, split)
 from ..world import vocab
 from ..world.concepts import shows, world_prompts
@@ -81,9 +81,7 @@ class _Attack:
         self.family = fam = family_for(pipe)
         self.denoiser, self.encoders = fam.denoiser, [te for _, te, _ in fam.prompt_encoders()]
         self.dev = self.denoiser.device
-        self.T = int(pipe.scheduler.config.num_train_timesteps)
-        self.abar = (None if fam.prediction_type == "flow"
-                     else pipe.scheduler.alphas_cumprod.to(self.dev, torch.float32))
+        self.noising = Noising(pipe.scheduler, fam.prediction_type, self.dev)
         self.g = torch.Generator().manual_seed(seed)
         self.hits, self.total, self.per_prompt, self.distances = 0, 0, [], []
         self.t0 = time.perf_counter()
@@ -98,12 +96,9 @@ class _Attack:
 
     def loss(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The unlearned model's denoising loss on x0 under `cond` (one random timestep per image)."""
-        t = torch.randint(0, self.T, (x0.shape[0],), generator=self.g).to(self.dev)
-        noise = torch.randn(x0.shape, generator=self.g).to(self.dev, x0.dtype)
-        x_t = add_noise_flow(x0, noise, t, self.T) if self.abar is None else add_noise(x0, noise, t, self.abar)
-        target = diffusion_target(x0, noise, t, self.abar, self.family.prediction_type)
+        x_t, t, noise = self.noising.noised(x0, self.g)
         inputs = self.family.denoiser_inputs(x_t, t, cond.to(self.dev, self.denoiser.dtype))
-        return mse(self.denoiser(**inputs).sample, target)
+        return mse(self.family.prediction(self.denoiser(**inputs), x_t), self.noising.target(x0, noise, t))
 
     def judge(self, i: int, prompt: str, cond: torch.Tensor, n: int, **extra) -> None:
         """Sample n images of prompt i from the unlearned model under `cond` (1, L, D) and count how
@@ -160,12 +155,8 @@ def softprompt_attack(pipe, original, spec: ConceptSpec | None, classifier, k: i
             x0 = a.concept_images(i, prompt, n_images)
             ids = prefixed_ids(a.family, [prompt], k)
             prefix = random_prefix(a.family, k, a.g).to(a.dev).requires_grad_(True)
-            opt = torch.optim.Adam([prefix], lr=lr)
-            for _ in range(attack_steps):
-                loss = a.loss(x0, encode_with_prefix(a.family, ids, prefix).expand(n_images, -1, -1))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            loss = minimize([prefix], lambda: a.loss(x0, encode_with_prefix(a.family, ids, prefix).expand(n_images, -1, -1)),
+                            attack_steps, torch.optim.Adam([prefix], lr=lr))
             with torch.no_grad():
                 cond = encode_with_prefix(a.family, ids, prefix)
             a.judge(i, prompt, cond, n_per_prompt, final_loss=loss.item())
@@ -200,12 +191,8 @@ def embedding_attack(pipe, original, spec: ConceptSpec | None, classifier, attac
                 frees = [te.get_input_embeddings()(x)[0, f:].float().clone().requires_grad_(True)
                          for te, x, f in zip(a.encoders, ids, firsts)]
             edits = [freed(v, f) for v, f in zip(frees, firsts)]
-            opt = torch.optim.Adam(frees, lr=lr)
-            for _ in range(attack_steps):
-                loss = a.loss(x0, encode_edited(a.family, ids, edits).expand(n_images, -1, -1))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            loss = minimize(frees, lambda: a.loss(x0, encode_edited(a.family, ids, edits).expand(n_images, -1, -1)),
+                            attack_steps, torch.optim.Adam(frees, lr=lr))
             with torch.no_grad():
                 cond = encode_edited(a.family, ids, edits)
             a.judge(i, prompt, cond, n_per_prompt, final_loss=loss.item())
@@ -248,13 +235,12 @@ def inversion_attack(pipe, original, spec: ConceptSpec | None, classifier, attac
         x0 = torch.cat([a.concept_images(i, p, n_images) for i, p in enumerate(prompts)])
         owner = torch.arange(len(prompts)).repeat_interleave(n_images)
         v = random_prefix(a.family, 1, a.g)[0].to(a.dev).requires_grad_(True)
-        opt = torch.optim.Adam([v], lr=lr)
-        for _ in range(attack_steps):
+
+        def batch_loss() -> torch.Tensor:
             pick = torch.randperm(x0.shape[0], generator=a.g)[:batch_size]
-            loss = a.loss(x0[pick.to(x0.device)], encode(owner[pick]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            return a.loss(x0[pick.to(x0.device)], encode(owner[pick]))
+
+        loss = minimize([v], batch_loss, attack_steps, torch.optim.Adam([v], lr=lr))
         for i, prompt in enumerate(prompts):
             with torch.no_grad():
                 cond = encode(torch.tensor([i]))

@@ -26,7 +26,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def initial_noise(pipe, n: int, seed: int) -> torch.Tensor:
     """The (n, C, H, W) float32 CPU starting noise that `sample_images` gives n images from `seed`."""
-    from ..families import family_for
+    from ..models import family_for
 
     return torch.randn(n, *family_for(pipe).sample_shape(), generator=torch.Generator().manual_seed(seed))
 
@@ -36,12 +36,13 @@ def sample_from_noise(pipe, noise: torch.Tensor, seed: int, steps: int, guidance
     """Sample from the given starting noise; `seed` also seeds the sampler's per-step noise (ancestral and
     DDPM schedulers), so two models called with the same noise and seed are compared image by image.
     `prompt_kw`: `prompt=[...]` or `prompt_embeds=...` (with `num_images_per_prompt`)."""
-    from ..families import family_for
+    from ..models import family_for
 
-    unet = family_for(pipe).denoiser
-    return pipe(**prompt_kw, num_inference_steps=steps, guidance_scale=guidance,
-                latents=noise.to(unet.device, unet.dtype), generator=torch.Generator().manual_seed(seed),
-                output_type="latent").images.float().cpu()
+    fam = family_for(pipe)
+    latents = fam.pack_pipeline_latents(noise.to(fam.denoiser.device, fam.denoiser.dtype))  # Flux: 2x2 patches
+    out = pipe(**prompt_kw, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+               generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    return fam.unpack_pipeline_latents(out).float().cpu()
 
 
 @torch.no_grad()

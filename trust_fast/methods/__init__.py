@@ -1,4 +1,5 @@
-"""Unlearning methods as configurations of the one engine (trust_fast.engine.TrustUnlearner).
+"""Unlearning methods: presets of the one engine's TrustConfig and the pieces they name, each
+method one module that registers them (:mod:`trust_fast.methods.base`).
 
 | method | trains | localization | forget objective | retain | optimizer |
 | --- | --- | --- | --- | --- | --- |
@@ -9,9 +10,9 @@
 from __future__ import annotations
 
 from ..config import TrustConfig
-from . import esd, salun, trust
-
-METHODS = {"trust": trust.config, "salun": salun.config, "esd": esd.config}
+from . import trust, salun, esd  # noqa: F401, I001  (each registers its pieces and its preset, in this order)
+from .base import (FORGET_OBJECTIVES, LOCALIZATIONS, METHODS, ForgetObjective, Localization, register_forget_objective,
+                   register_localization, register_method)
 
 
 def config(method: str = "trust", **overrides) -> TrustConfig:
@@ -21,4 +22,5 @@ def config(method: str = "trust", **overrides) -> TrustConfig:
     return METHODS[method](**overrides)
 
 
-__all__ = ["METHODS", "config"]
+__all__ = ["METHODS", "FORGET_OBJECTIVES", "LOCALIZATIONS", "ForgetObjective", "Localization", "config",
+           "register_method", "register_forget_objective", "register_localization"]

@@ -8,11 +8,35 @@
 
 x_t: ESD's code noises its own samples of the concept prompt; here x_t is noised from images of
 the forget prompts sampled once from the original model (the same cache every method uses), which
-saves ESD the per-iteration sampling cost.
+saves ESD the per-iteration sampling cost. Its localization is the shared "dense" one
+(:class:`trust_fast.methods.base.Dense`).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..config import TrustConfig
+from .base import ForgetObjective, register_forget_objective, register_method
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+@register_forget_objective("esd")
+class NegativeGuidance(ForgetObjective):
+    """Target: eps_0(x_t, none) - eta * (eps_0(x_t, c) - eps_0(x_t, none)), one frozen pass for both."""
+
+    needs_anchor = False
+
+    def target(self, u, noisy: Tensor, t: Tensor, cond: Tensor, anchor_cond: Tensor | None) -> Tensor:
+        import torch
+
+        from .. import objectives
+
+        uncond = u.emb_uncond.expand(noisy.shape[0], -1, -1)
+        e_u, e_c = u.denoiser.frozen_pred(torch.cat([noisy, noisy]), torch.cat([t, t]),
+                                          torch.cat([uncond, cond])).chunk(2)
+        return objectives.negative_guidance(e_u, e_c, self.config.eta)
 
 
 def config(**overrides) -> TrustConfig:
@@ -20,3 +44,6 @@ def config(**overrides) -> TrustConfig:
                        retain_objective="none", alpha=0.0, hessian="none", x0_from="forget", lr=1e-3,
                        adv_prefix=0)
     return base.replace(**overrides)
+
+
+register_method("esd", config)
