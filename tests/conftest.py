@@ -1,3 +1,8 @@
+"""Fixtures shared by the test files. Models are built once per session (the shipped world,
+which no test changes) or once per module (the tiny untrained ones: building them seeds torch's
+global generator, so each module sees the same random state it did when it built its own; tests
+that change a model take a deep copy). The tiny-run config and other plain helpers are in
+helpers.py; the tiny pipelines of every family in tiny_pipelines.py."""
 import os
 
 import pytest
@@ -19,3 +24,20 @@ def classifier():
     from trust_fast.world import load_classifier
 
     return load_classifier()
+
+
+@pytest.fixture(scope="module")
+def untrained_world():
+    """A shapes-world pipeline with freshly initialised weights (seed 0), once per module; deep-copy
+    it before changing it."""
+    from trust_fast.world.train import build_untrained_pipeline
+
+    return build_untrained_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    """tiny_pipelines.tiny_sd_pipeline(), once per module; deep-copy it before changing it."""
+    from tiny_pipelines import tiny_sd_pipeline
+
+    return tiny_sd_pipeline()

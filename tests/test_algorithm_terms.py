@@ -14,18 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trust_fast import TrustConfig, TrustUnlearner, methods, objectives
+from helpers import tiny_config
+from trust_fast import TrustUnlearner, objectives
 from trust_fast.engine import encode_prompts
 from trust_fast.localize import static_mask
-
-SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, min_row_updates=1)
-
-
-@pytest.fixture(scope="module")
-def untrained_world():
-    from trust_fast.world.train import build_untrained_pipeline
-
-    return build_untrained_pipeline(0)
 
 
 # ------------------------------------------------------------------------------------- objectives
@@ -82,7 +74,7 @@ def moved(untrained_world):
     """TRUST (diag) on "red" after 3 steps at a high learning rate: the weights have moved away from
     the original and the Hutchinson diagonal holds one probe. Tests take deep copies and change
     the config fields `update` reads (hessian, alpha, lam, forget_objective) on their copy."""
-    u = TrustUnlearner(copy.deepcopy(untrained_world), "red", TrustConfig(**SMALL, lr=0.05, diag_interval=10))
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red", tiny_config(min_row_updates=1, lr=0.05, diag_interval=10))
     for _ in range(3):
         u.step()
     assert any(not torch.equal(p, p0) for p, p0 in zip(u.params, u.theta0))
@@ -230,7 +222,7 @@ def test_the_diag_term_enters_the_selected_rows_first_moments_exactly(moved):
     u = moved
     with_h, without = _copy(u, lam=20.0), _copy(u, lam=0.0)
     for v in (with_h, without):
-        v._set_diag_penalty()
+        v.hessian.set_penalty()
     h = [d.clamp(min=0) for d in u.hutchinson.diags]
     delta = [p.detach() - p0 for p, p0 in zip(u.params, u.theta0)]
     batches = _batches(u)
@@ -260,11 +252,11 @@ def test_salun_mask_is_the_top_half_of_the_summed_forget_gradient(untrained_worl
     """With the noising made deterministic, the mask equals static_mask of the gradient of the
     diffusion loss summed over the cached forget images, recomputed here from the pool."""
     u = TrustUnlearner(copy.deepcopy(untrained_world), "red",
-                       methods.config("salun", **{**SMALL, "steps": 1, "batch_size": 8}))
+                       tiny_config("salun", min_row_updates=1, steps=1, batch_size=8))
     g = torch.Generator().manual_seed(5)
     fixed: list = []
 
-    def noisy(x0, t=None):
+    def noisy(x0, generator, t=None):
         if len(fixed) <= noisy.calls:
             t = torch.randint(0, u.num_train_timesteps, (x0.shape[0],), generator=g)
             fixed.append((torch.randn(x0.shape, generator=g), t))
@@ -273,7 +265,7 @@ def test_salun_mask_is_the_top_half_of_the_summed_forget_gradient(untrained_worl
         return objectives.add_noise(x0, n, t, u.alphas_cumprod), t, n
 
     noisy.calls = 0
-    monkeypatch.setattr(u, "_noisy", noisy)
+    monkeypatch.setattr(u.noising, "noised", noisy)
     u.prepare()
     pool, emb = u.pools["forget"], u.emb_forget
     x0_all, cond_all = pool.flatten(0, 1), emb.repeat_interleave(pool.shape[1], 0)

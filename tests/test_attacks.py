@@ -11,20 +11,6 @@ from trust_fast.evaluation.attacks import parse_attacks
 from trust_fast.softprompt import embedding_hook, placeholder_ids
 
 
-@pytest.fixture(scope="module")
-def world():
-    from trust_fast.world.train import build_untrained_pipeline
-
-    return build_untrained_pipeline()
-
-
-@pytest.fixture(scope="module")
-def sd():
-    from tiny_pipelines import tiny_sd_pipeline
-
-    return tiny_sd_pipeline()
-
-
 def _ids(tok, prompt):
     return tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_tensors="pt").input_ids
@@ -35,7 +21,7 @@ def _ids(tok, prompt):
                                          ("a red circle", "circle"), ("red", "red")])
 def test_placeholder_sits_where_the_word_was(request, which, prompt, word):
     """Writing the word's own token back at the placeholder gives exactly the tokenizer's ids."""
-    tok = request.getfixturevalue(which).tokenizer
+    tok = request.getfixturevalue({"world": "untrained_world", "sd": "tiny_sd"}[which]).tokenizer
     ids, pos = placeholder_ids(tok, prompt, word)
     word_ids = tok(word.lower(), add_special_tokens=False).input_ids
     if len(word_ids) != 1:
@@ -45,8 +31,8 @@ def test_placeholder_sits_where_the_word_was(request, which, prompt, word):
     assert torch.equal(ids, _ids(tok, prompt.lower() if which == "world" else prompt))
 
 
-def test_placeholder_goes_first_when_the_word_is_absent_or_only_inside_another(world):
-    tok = world.tokenizer
+def test_placeholder_goes_first_when_the_word_is_absent_or_only_inside_another(untrained_world):
+    tok = untrained_world.tokenizer
     for prompt in ("a blue square", "a reddish square"):
         ids, pos = placeholder_ids(tok, prompt, "red")
         assert pos == 1
@@ -80,15 +66,15 @@ def _encode(pipe, prompt):
         return pipe.text_encoder(_ids(pipe.tokenizer, prompt))[0]
 
 
-def test_embedding_attack_starts_from_the_prompt_and_frees_every_token_after_the_start(sd, monkeypatch):
+def test_embedding_attack_starts_from_the_prompt_and_frees_every_token_after_the_start(tiny_sd, monkeypatch):
     prompts = ["a red circle", "a red square"]
-    before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
-    grads_before = [p.requires_grad for p in sd.text_encoder.parameters()]
+    before = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
+    grads_before = [p.requires_grad for p in tiny_sd.text_encoder.parameters()]
     seen = _spy_conditioning(monkeypatch)
     kw = dict(n_images=2, n_per_prompt=2, steps=2, prompts=prompts)
-    attacks.embedding_attack(sd, sd, None, None, attack_steps=1, lr=0.0, **kw)
+    attacks.embedding_attack(tiny_sd, tiny_sd, None, None, attack_steps=1, lr=0.0, **kw)
     for cond, p in zip(seen, prompts):  # lr 0: the prompt's own embeddings, the same conditioning
-        torch.testing.assert_close(cond, _encode(sd, p))
+        torch.testing.assert_close(cond, _encode(tiny_sd, p))
     seen.clear()
     captured = []
     real_encode = attacks.encode_edited
@@ -98,20 +84,21 @@ def test_embedding_attack_starts_from_the_prompt_and_frees_every_token_after_the
         return real_encode(family, ids, edits)
 
     monkeypatch.setattr(attacks, "encode_edited", keep)
-    attacks.embedding_attack(sd, sd, None, None, attack_steps=3, lr=0.05, **kw)
-    table = sd.text_encoder.get_input_embeddings()
-    plain = table(_ids(sd.tokenizer, prompts[0])).detach()
+    attacks.embedding_attack(tiny_sd, tiny_sd, None, None, attack_steps=3, lr=0.05, **kw)
+    table = tiny_sd.text_encoder.get_input_embeddings()
+    plain = table(_ids(tiny_sd.tokenizer, prompts[0])).detach()
     moved = captured[0](plain.clone()).detach()
     assert torch.equal(moved[0, 0], plain[0, 0])                    # the start token stays
     assert (moved[0, 1:] - plain[0, 1:]).abs().amax(-1).gt(0).all()  # every other position moved
-    assert all(torch.equal(v, before[k]) for k, v in sd.unet.state_dict().items())  # the model did not
-    assert [p.requires_grad for p in sd.text_encoder.parameters()] == grads_before  # restored
+    assert all(torch.equal(v, before[k]) for k, v in tiny_sd.unet.state_dict().items())  # the model did not
+    assert [p.requires_grad for p in tiny_sd.text_encoder.parameters()] == grads_before  # restored
     assert len(table._forward_hooks) == 0
 
 
-def test_inversion_learns_one_word_placed_at_the_concept_in_every_prompt(world, monkeypatch):
+def test_inversion_learns_one_word_placed_at_the_concept_in_every_prompt(untrained_world, monkeypatch):
     """With the learned word started at "red"'s own embedding and lr 0, every attacked prompt is
     encoded exactly as the plain prompt: the word sits where "red" was (first when absent)."""
+    world = untrained_world
     tok, te = world.tokenizer, world.text_encoder
     red = te.get_input_embeddings().weight[tok("red", add_special_tokens=False).input_ids[0]].detach()
     monkeypatch.setattr(attacks, "random_prefix", lambda family, k, g: red.clone().float().unsqueeze(0))
@@ -131,8 +118,8 @@ def test_inversion_learns_one_word_placed_at_the_concept_in_every_prompt(world, 
     assert len(te.get_input_embeddings()._forward_hooks) == 0
 
 
-def test_embedding_hook_is_removed_on_error(world):
-    te = world.text_encoder
+def test_embedding_hook_is_removed_on_error(untrained_world):
+    te = untrained_world.text_encoder
     with pytest.raises(RuntimeError):
         with embedding_hook(te, lambda out: out * 0):
             raise RuntimeError("boom")
@@ -144,7 +131,7 @@ def test_embedding_hook_is_removed_on_error(world):
     (lambda p: attacks.inversion_attack(p, p, None, None, prompts=["x"], batch_size=0), "batch_size=0"),
     (lambda p: attacks.inversion_attack(p, p, None, None), "needs its prompts"),
 ])
-def test_attacks_refuse_bad_arguments_in_one_line(world, call, message):
+def test_attacks_refuse_bad_arguments_in_one_line(untrained_world, call, message):
     with pytest.raises(ValueError, match=message) as e:
-        call(world)
+        call(untrained_world)
     assert "\n" not in str(e.value)

@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import small, tiny_args
 from trust_fast import TrustConfig, TrustUnlearner
 from trust_fast.checkpoint import load_checkpoint, save_checkpoint
 
 STEPS = 8
-ARGS = ["unlearn", "--concept", "red", "--steps", str(STEPS), "--batch-size", "4", "--x0-per-prompt", "1", "--x0-steps", "2", "--no-eval", "--seed", "3"]
+ARGS = ["unlearn", "--concept", "red", "--steps", str(STEPS), *tiny_args(), "--no-eval", "--seed", "3"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
 
 
@@ -65,14 +66,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     assert report["steps"] == STEPS and len(report["history"]) == STEPS and report["skipped_steps"] == 0
 
 
-@pytest.fixture(scope="module")
-def untrained_world():
-    from trust_fast.world.train import build_untrained_pipeline
-
-    return build_untrained_pipeline(0)
-
-
-SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, diag_interval=2, steps=4)
+SMALL = small(diag_interval=2, steps=4)
 
 
 def test_checkpoint_refuses_another_config_concept_or_base(untrained_world, tmp_path):
@@ -116,7 +110,7 @@ def test_a_checkpoint_from_before_a_field_reads_as_what_the_code_did_then(untrai
     same = TrustUnlearner(copy.deepcopy(untrained_world), "red", TrustConfig(**SMALL, x0_retain_per_prompt=1))
     assert load_checkpoint(same, str(tmp_path / "old")) == 1
     # the missing field reads as what the code did before it, not as today's default
-    monkeypatch.setattr("trust_fast.engine.PREDATED_FIELDS", {"x0_retain_per_prompt": 2})
+    monkeypatch.setattr("trust_fast.config.PREDATED_FIELDS", {"x0_retain_per_prompt": 2})
     assert load_checkpoint(other, str(tmp_path / "old")) == 1
     with pytest.raises(ValueError, match=r"another config.*x0_retain_per_prompt"):
         load_checkpoint(u, str(tmp_path / "old"))

@@ -14,12 +14,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_output_safety import refused
-
+from helpers import refused, tiny_args
 from trust_fast.cli import main
 
-ARGS = ["unlearn", "--concept", "red", "--x0-per-prompt", "1", "--x0-steps", "2", "--batch-size", "4", "--no-eval",
-        "--checkpoint-every", "1"]
+ARGS = ["unlearn", "--concept", "red", *tiny_args(), "--no-eval", "--checkpoint-every", "1"]
 STEPS = 2
 # top-level fields every checkpoint holds (the others may be None: e.g. no pools means "sample them")
 REQUIRED = ("format", "concept", "config", "names", "base_digest", "params", "optimizer", "step_count",

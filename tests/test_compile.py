@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from trust_fast import TrustConfig, TrustUnlearner, ops
+from helpers import tiny_config
+from trust_fast import TrustUnlearner, ops
 from trust_fast.concepts import parse_concept
 from trust_fast.world.concepts import world_prompts
 from trust_fast.localize import localize_rows
@@ -30,15 +31,8 @@ def test_op_layer_functions_trace_as_one_graph():
     assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
 
 
-@pytest.fixture(scope="module")
-def untrained_world():
-    from trust_fast.world.train import build_untrained_pipeline
-
-    return build_untrained_pipeline(0)
-
-
 def test_compiled_engine_steps_equal_eager(untrained_world):
-    cfg = TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, diag_interval=1)
+    cfg = tiny_config(diag_interval=1)
     runs = {}
     for compiled in (False, True):
         torch._dynamo.reset()

@@ -33,7 +33,8 @@ def _probe_loss(u, gen_seed: int = 123) -> float:
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from trust_fast import TrustConfig, TrustUnlearner
+    from helpers import tiny_config
+    from trust_fast import TrustUnlearner
     from trust_fast import distributed as tfd
     from trust_fast.world import load_pipeline
 
@@ -42,8 +43,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         u = TrustUnlearner(load_pipeline("shapes", "cpu"), "red",
-                           TrustConfig(steps=STEPS, x0_per_prompt=1, x0_steps=2, batch_size=8, retain_batch_size=8,
-                                       diag_interval=3))
+                           tiny_config(batch=8, steps=STEPS, diag_interval=3))
         u.prepare()
         before = _probe_loss(u)
         rows, losses = [], []

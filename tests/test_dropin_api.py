@@ -7,18 +7,13 @@ import copy
 import pytest
 import torch
 
-from tiny_pipelines import tiny_sd_pipeline
+from helpers import small
 from trust_fast import TrustConfig, TrustUnlearner
-from trust_fast import engine as engine_mod
+from trust_fast.engine import regularizer as engine_mod
 from trust_fast import hessian as hessian_mod
 from trust_fast.concepts import parse_concept, user_prompts
 
-SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=2, retain_batch_size=2)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_sd_pipeline()
+SMALL = small(batch=2)
 
 
 def unlearner(pipe, **kw):
@@ -41,10 +36,10 @@ def batches(u, n: int, seed: int):
 
 
 @pytest.mark.parametrize("hessian", ["none", "hvp"])
-def test_accumulated_micro_batches_step_like_the_mean_loss(pipe, hessian):
+def test_accumulated_micro_batches_step_like_the_mean_loss(tiny_sd, hessian):
     """accumulate(b1); update(b2) == update(mean of b1, b2): the same rows and the same weights
     (gradients and Hessian-vector products are linear in the loss)."""
-    a, b = unlearner(pipe, hessian=hessian), unlearner(pipe, hessian=hessian)
+    a, b = unlearner(tiny_sd, hessian=hessian), unlearner(tiny_sd, hessian=hessian)
     for step in range(2):  # the second step has Delta != 0, so the hvp term is non-zero
         mb = batches(a, 2, seed=step)
         for i, (x, t, c, anc, r) in enumerate(mb):
@@ -64,8 +59,8 @@ def test_accumulated_micro_batches_step_like_the_mean_loss(pipe, hessian):
     assert any(not torch.equal(p, p0) for p, p0 in zip(a.params, a.theta0))
 
 
-def test_accumulation_under_the_diag_hessian_folds_every_micro_batch_probe(pipe):
-    u = unlearner(pipe, hessian="diag", diag_samples=1, diag_interval=1)
+def test_accumulation_under_the_diag_hessian_folds_every_micro_batch_probe(tiny_sd):
+    u = unlearner(tiny_sd, hessian="diag", diag_samples=1, diag_interval=1)
     mb = batches(u, 3, seed=0)
     for x, t, c, anc, r in mb[:-1]:
         u.accumulate(u.forget_loss(x, t, c, anc), u.retain_loss(x, t, r))
@@ -74,8 +69,8 @@ def test_accumulation_under_the_diag_hessian_folds_every_micro_batch_probe(pipe)
     assert not s["skipped"] and u.hutchinson.count == 3 and u.step_count == 1
 
 
-def test_a_non_finite_micro_batch_skips_the_accumulated_step_and_its_probes(pipe):
-    u = unlearner(pipe, hessian="diag", diag_samples=1, diag_interval=1)
+def test_a_non_finite_micro_batch_skips_the_accumulated_step_and_its_probes(tiny_sd):
+    u = unlearner(tiny_sd, hessian="diag", diag_samples=1, diag_interval=1)
     before = [p.detach().clone() for p in u.params]
     (x, t, c, anc, r), (x2, t2, *_) = batches(u, 2, seed=1)
     u.accumulate(u.forget_loss(x, t, c, anc) * float("nan"), u.retain_loss(x, t, r))
@@ -84,9 +79,9 @@ def test_a_non_finite_micro_batch_skips_the_accumulated_step_and_its_probes(pipe
     assert all(torch.equal(p, q) for p, q in zip(before, u.params))
 
 
-def test_accelerate_prepared_optimizer_works_with_update(pipe):
+def test_accelerate_prepared_optimizer_works_with_update(tiny_sd):
     accelerate = pytest.importorskip("accelerate")  # a test extra: installed in CI
-    u, ref = unlearner(pipe), unlearner(pipe)
+    u, ref = unlearner(tiny_sd), unlearner(tiny_sd)
     _, u.optimizer = accelerate.Accelerator(cpu=True).prepare(u.unet, u.optimizer)
     assert type(u.optimizer).__name__ == "AcceleratedOptimizer"
     for _ in range(2):
@@ -101,20 +96,20 @@ def test_accelerate_prepared_optimizer_works_with_update(pipe):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_trains_float32_masters_and_writes_their_rows(pipe, dtype):
+def test_half_precision_trains_float32_masters_and_writes_their_rows(tiny_sd, dtype):
     """A half-precision model steps float32 master weights: the model's target rows are the masters
     rounded, rows never selected keep their original bits, and an update far below the
     half-precision step still accumulates in the master."""
-    u = unlearner(copy.deepcopy(pipe).to(dtype), lr=1e-5)
+    u = unlearner(copy.deepcopy(tiny_sd).to(dtype), lr=1e-5)
     assert u.master is not None and all(q.dtype == torch.float32 for q in u.master)
     assert (u.loss_scale is not None) == (dtype == torch.float16)
     original = [p.detach().clone() for p in u.params]
     for _ in range(3):
         s = u.step()
         assert not s["skipped"]
-    for t, (rows, _) in zip(u.targets, (u.masked_optimizer.row_updates(u._opt[id(t.weight)]) for t in u.targets)):
+    for t, (rows, _) in zip(u.targets, (u.masked_optimizer.row_updates(dict(zip(map(id, u.params), u.opt_params))[id(t.weight)]) for t in u.targets)):
         for p in t.params:
-            q = u._opt[id(p)]
+            q = dict(zip(map(id, u.params), u.opt_params))[id(p)]
             i = next(k for k, x in enumerate(u.params) if x is p)
             assert torch.equal(p.detach(), q.to(dtype)), t.name      # model == rounded master
             untouched = torch.ones(p.shape[0], dtype=torch.bool)
@@ -124,21 +119,21 @@ def test_half_precision_trains_float32_masters_and_writes_their_rows(pipe, dtype
     assert moved > 0  # lr 1e-5 moves the masters, though many such steps round away in the model
 
 
-def test_float16_overflow_halves_the_loss_scale_and_skips_the_step(pipe):
-    u = unlearner(copy.deepcopy(pipe).to(torch.float16))
+def test_float16_overflow_halves_the_loss_scale_and_skips_the_step(tiny_sd):
+    u = unlearner(copy.deepcopy(tiny_sd).to(torch.float16))
     u.loss_scale = 2.0 ** 40  # any gradient overflows float16 at this scale
     before = [p.detach().clone() for p in u.params]
     s = u.step()
     assert s["skipped"] and u.loss_scale == 2.0 ** 39
     assert all(torch.equal(a, p) for a, p in zip(before, u.params))
     u.loss_scale = 2.0 ** 10
-    assert not u.step()["skipped"] and u._good_steps == 1
+    assert not u.step()["skipped"] and u.precision.good_steps == 1
 
 
-def test_float16_runs_resume_bit_identically(pipe, tmp_path):
+def test_float16_runs_resume_bit_identically(tiny_sd, tmp_path):
     from trust_fast.checkpoint import load_checkpoint, save_checkpoint
 
-    half = copy.deepcopy(pipe).to(torch.float16)
+    half = copy.deepcopy(tiny_sd).to(torch.float16)
     a = unlearner(half)
     for _ in range(2):
         a.step()
@@ -170,13 +165,13 @@ def test_amp_resolves_to_autocast_only_for_float32_models():
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_amp_runs_every_denoiser_pass_in_half_precision_and_steps_float32_weights(pipe, amp):
+def test_amp_runs_every_denoiser_pass_in_half_precision_and_steps_float32_weights(tiny_sd, amp):
     """Under amp the UNet's linear layers compute in half precision on every pass (frozen targets,
     forget and retain losses, the Hessian steps), predictions come back in float32, the float32
     target weights are stepped directly (no masters) and fp16 scales its losses; the steps move
     only selected rows, like a float32 run."""
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    u = unlearner(pipe, amp=amp, hessian="diag", diag_interval=1)
+    u = unlearner(tiny_sd, amp=amp, hessian="diag", diag_interval=1)
     seen = set()
     hooks = [m.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
              for m in u.unet.modules() if isinstance(m, torch.nn.Linear)]
@@ -198,10 +193,10 @@ def test_amp_runs_every_denoiser_pass_in_half_precision_and_steps_float32_weight
     assert u.hutchinson.count == 2 and all(torch.isfinite(d).all() for d in u.hutchinson.diags)
 
 
-def test_amp_bf16_step_follows_the_float32_step(pipe):
+def test_amp_bf16_step_follows_the_float32_step(tiny_sd):
     """The bf16 step is the float32 step in lower precision: same losses to bf16's resolution and
     mostly the same rows selected (the z-score threshold makes a few borderline rows flip)."""
-    a, b = unlearner(pipe, hessian="none"), unlearner(pipe, hessian="none", amp="bf16")
+    a, b = unlearner(tiny_sd, hessian="none"), unlearner(tiny_sd, hessian="none", amp="bf16")
     sa, sb = a.step(), b.step()
     assert sb["loss_forget"] == pytest.approx(sa["loss_forget"], rel=0.05)
     assert sb["loss_retain"] == pytest.approx(sa["loss_retain"], rel=0.1, abs=1e-4)
@@ -230,11 +225,11 @@ def _adam_close(a, b, steps: int) -> None:
         assert float((p - q).abs().max()) <= lr * steps
 
 
-def test_channels_last_and_gradient_checkpointing_step_like_the_default(pipe):
+def test_channels_last_and_gradient_checkpointing_step_like_the_default(tiny_sd):
     """Memory format and activation recomputation change how the step runs, not what it computes:
     the same rows and (to float32 rounding) the same weights, Hessian steps included."""
-    ref = unlearner(pipe, hessian="diag", diag_interval=2)
-    fast = unlearner(pipe, hessian="diag", diag_interval=2, channels_last=True, grad_checkpointing=True)
+    ref = unlearner(tiny_sd, hessian="diag", diag_interval=2)
+    fast = unlearner(tiny_sd, hessian="diag", diag_interval=2, channels_last=True, grad_checkpointing=True)
     assert fast.unet.is_gradient_checkpointing
     conv = next(m for m in fast.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -246,14 +241,14 @@ def test_channels_last_and_gradient_checkpointing_step_like_the_default(pipe):
 
 
 @pytest.mark.parametrize("hessian", ["diag", "hvp"])
-def test_hessian_micro_batches_give_the_whole_batch_step(pipe, hessian):
+def test_hessian_micro_batches_give_the_whole_batch_step(tiny_sd, hessian):
     """Steps that differentiate the retain loss twice run its batch a micro-batch at a time (3
     images as 2 + 1): the same retain loss, rows, Hessian estimate and weights as one pass over the
     whole batch, to float32 summation order; other steps run the batch in one pass."""
     # the estimate in float32: this pins the micro-batching, at float32 summation order (a bfloat16
     # estimate, the default, rounds the same sum differently by a step; its ops are pinned in test_ops_kernels)
     kw = dict(hessian=hessian, diag_interval=2, hvp_interval=1, retain_batch_size=3, hessian_dtype="float32")
-    whole, parts = unlearner(pipe, hessian_micro_batch=0, **kw), unlearner(pipe, hessian_micro_batch=2, **kw)
+    whole, parts = unlearner(tiny_sd, hessian_micro_batch=0, **kw), unlearner(tiny_sd, hessian_micro_batch=2, **kw)
     sizes = []
     real = parts.retain_loss
 
@@ -278,14 +273,14 @@ def test_hessian_micro_batches_give_the_whole_batch_step(pipe, hessian):
 
 
 @pytest.mark.parametrize("hessian", ["diag", "hvp"])
-def test_amp_hessian_steps_on_half_leaves_give_the_float32_leaf_step(pipe, hessian):
+def test_amp_hessian_steps_on_half_leaves_give_the_float32_leaf_step(tiny_sd, hessian):
     """Under amp, Hessian steps differentiate w.r.t. bf16 leaf copies of the Linear targets (what
     autocast casts them to anyway): the gradient and H z come out in bf16, half the memory, and the
     step is the one differentiated w.r.t. the float32 params: same rows, losses, Hessian estimate and
     weights."""
     kw = dict(hessian=hessian, diag_interval=2, hvp_interval=1, amp="bf16")
-    ref, half = unlearner(pipe, **kw), unlearner(pipe, **kw)
-    ref._half_hessian = False
+    ref, half = unlearner(tiny_sd, **kw), unlearner(tiny_sd, **kw)
+    ref.precision.half_hessian = False
     seen = []
     real = hessian_mod.grad_and_hvps
 
@@ -308,7 +303,7 @@ def test_amp_hessian_steps_on_half_leaves_give_the_float32_leaf_step(pipe, hessi
     # each Hessian step: the float32 run's products in float32, the half run's in bf16
     dtypes = [d for d in seen if d != "step"]
     assert dtypes == [{torch.float32}, {torch.bfloat16}] * 2, seen  # steps 0 and 2 (diag), 1 and 2 (hvp)
-    assert half._leaves is None and all(p.dtype == torch.float32 and p.grad is None for p in half.params)
+    assert half.precision.leaves is None and all(p.dtype == torch.float32 and p.grad is None for p in half.params)
     if hessian == "diag":
         for d, e in zip(ref.hutchinson.diags, half.hutchinson.diags):
             torch.testing.assert_close(e, d, rtol=1e-5, atol=1e-6 * float(d.abs().max()))
@@ -320,14 +315,14 @@ def test_hessian_micro_batch_must_be_a_count():
         TrustConfig(hessian_micro_batch=-1).validate()
 
 
-def test_grad_checkpointing_is_refused_for_a_denoiser_without_it(pipe):
-    bare = copy.deepcopy(pipe)
+def test_grad_checkpointing_is_refused_for_a_denoiser_without_it(tiny_sd):
+    bare = copy.deepcopy(tiny_sd)
     bare.unet.enable_gradient_checkpointing = None  # a denoiser without diffusers' switch
     with pytest.raises(ValueError, match="enable_gradient_checkpointing"):
         unlearner(bare, grad_checkpointing=True)
 
 
-def test_compiled_denoiser_steps_like_eager_and_does_not_recompile_as_rows_change(pipe):
+def test_compiled_denoiser_steps_like_eager_and_does_not_recompile_as_rows_change(tiny_sd):
     """compile_unet with a backend that runs the captured graphs eagerly (the compiler itself is
     torch's business): the steps match the eager ones, and once the three kinds of pass are
     compiled (the edited model, the frozen one, the Hessian step's double backward) new rows and
@@ -336,9 +331,9 @@ def test_compiled_denoiser_steps_like_eager_and_does_not_recompile_as_rows_chang
 
     torch._dynamo.reset()
     counters.clear()
-    ref = unlearner(pipe, hessian="diag", diag_interval=2)
-    comp = unlearner(pipe, hessian="diag", diag_interval=2, compile_unet="aot_eager")
-    assert comp._forward is not comp.unet
+    ref = unlearner(tiny_sd, hessian="diag", diag_interval=2)
+    comp = unlearner(tiny_sd, hessian="diag", diag_interval=2, compile_unet="aot_eager")
+    assert comp.denoiser.forward is not comp.unet
     compiled_after = []
     for _ in range(5):
         a, b = ref.step(), comp.step()

@@ -9,16 +9,8 @@ import torch
 from trust_fast import TrustConfig, TrustUnlearner, methods
 from trust_fast.concepts import parse_concept, user_prompts
 from trust_fast.engine import encode_images
+from helpers import SMALL
 from tiny_pipelines import tiny_sd_pipeline  # noqa: F401  (other test files import it from here)
-
-SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def untrained_world():
-    from trust_fast.world.train import build_untrained_pipeline
-
-    return build_untrained_pipeline(0)
 
 
 def fresh(pipe):
@@ -136,7 +128,7 @@ def test_the_retain_cache_can_hold_fewer_images_per_prompt(untrained_world):
     assert {k: tuple(v.shape[:2]) for k, v in u.pools.items()} == {
         "forget": (len(u.prompts.forget), 3), "anchor": (len(u.prompts.anchors), 3),
         "retain": (len(u.prompts.retain), 1)}
-    b = u._retain_batch(64)  # retain batches draw from the one image of each prompt
+    b = u.retain_batch(64)  # retain batches draw from the one image of each prompt
     assert all(any(torch.equal(x, y) for y in u.pools["retain"][:, 0]) for x in b.x0)
     u.step()
     u2 = TrustUnlearner(fresh(untrained_world), "red", cfg.replace(x0_retain_per_prompt=None))
@@ -151,7 +143,7 @@ def test_retain_batches_oversample_the_neighbors_of_a_pair(untrained_world):
     assert nb and len(nb) < len(u.prompts.retain)
     drawn = []
     for _ in range(50):
-        b = u._retain_batch(8)
+        b = u.retain_batch(8)
         # which retain prompt each row came from: match its embedding
         idx = [int((u.emb_retain - c).abs().flatten(1).sum(1).argmin()) for c in b.cond]
         assert all(i in nb for i in idx[:4])  # the first half is drawn from the neighbours
@@ -192,7 +184,7 @@ def _adversarial_rows_then_resume(u, world, cfg, tmp_path):
     ones; after a step the adversary's state survives a checkpoint. Returns the resumed unlearner."""
     from trust_fast.checkpoint import load_checkpoint, save_checkpoint
 
-    b = u._forget_batch(8)
+    b = u.forget_batch(8)
     adv_rows = [any(torch.equal(c, e) for e in u.emb_forget_adv[0]) for c in b.cond]
     assert adv_rows == [False] * 4 + [True] * 4
     u.step()
@@ -304,7 +296,7 @@ def test_an_adversary_population_steps_its_prefixes_in_turn(untrained_world, tmp
     u.refresh_adversary()  # the 4th refresh steps the first prefix again; the second is untouched
     assert len(u.adv_prefixes) == 3 and u.adv_refreshes == 4
     assert not torch.equal(u.adv_prefixes[0], starts[0]) and torch.equal(u.adv_prefixes[1], starts[1])
-    b = u._forget_batch(64)
+    b = u.forget_batch(64)
     used = {k for c in b.cond for k, e in enumerate(u.emb_forget_adv) if any(torch.equal(c, x) for x in e)}
     assert used == {0, 1, 2}
     save_checkpoint(u, str(tmp_path))
@@ -325,11 +317,11 @@ def test_adv_retain_fraction_puts_retain_prompts_behind_the_prefix(untrained_wor
     cfg = TrustConfig(adv_prefix=2, adv_steps=1, adv_interval=100, adv_retain_fraction=0.5, steps=1, **SMALL)
     u = TrustUnlearner(fresh(untrained_world), "red", cfg)
     u.prepare()
-    plain = u._retain_batch(8)
+    plain = u.retain_batch(8)
     assert all(any(torch.equal(c, e) for e in u.emb_retain) for c in plain.cond)  # no prefix yet
     u.refresh_adversary()
     assert len(u.emb_retain_adv) == 1 and u.emb_retain_adv[0].shape == u.emb_retain.shape
-    b = u._retain_batch(8)
+    b = u.retain_batch(8)
     behind = [any(torch.equal(c, e) for e in u.emb_retain_adv[0]) for c in b.cond]
     assert behind == [False] * 4 + [True] * 4
     assert u.step()["loss_retain"] is not None

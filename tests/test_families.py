@@ -1,5 +1,6 @@
-"""Model families (trust_fast.families): SD 1.x/2.x, SDXL, the refusal of anything else, dtypes and
-weight variants, on tiny pipelines built from configs; and the CLI and import surface around them."""
+"""Model families (trust_fast.models): SD 1.x/2.x, SDXL, SD3, the registry and its target table, the
+refusal of anything else, dtypes and weight variants, on tiny pipelines built from configs; and the
+CLI and import surface around them (FLUX: tests/test_flux.py)."""
 from __future__ import annotations
 
 import copy
@@ -11,11 +12,12 @@ import sys
 import pytest
 import torch
 
+from helpers import moved_rows
 from tiny_pipelines import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_unsupported_pipeline
 from trust_fast import TrustConfig, TrustUnlearner
 from trust_fast.cli import main
 from trust_fast.concepts import parse_concept, user_prompts
-from trust_fast.families import UnsupportedPipeline, family_for, load_pipeline
+from trust_fast.models import UnsupportedPipeline, family_for, load_pipeline
 
 SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=2, retain_batch_size=2, min_row_updates=1)
 FORGET = ["a red circle", "a red square", "red car"]
@@ -203,14 +205,7 @@ def test_sd3_unlearning_edits_only_selected_rows_of_its_default_targets():
         s = u.step()
         assert torch.isfinite(torch.tensor(s["loss_forget"])) and 0 < s["selected_rows"] < 0.5 * u.total_rows
         changed |= {(t.name, r) for t, rows in zip(u.targets, u.selected_rows) for r in rows.tolist()}
-    moved = 0
-    for n, p in pipe.transformer.named_parameters():
-        diff = p.detach() != before[n]
-        if diff.any():
-            rows = diff.reshape(diff.shape[0], -1).any(1).nonzero().flatten().tolist()
-            assert {(n.rsplit(".", 1)[0], r) for r in rows} <= changed, n
-            moved += len(rows)
-    assert moved > 0
+    assert moved_rows(pipe.transformer, before, changed) > 0
 
 
 def test_sd3_through_the_cli(tmp_path):
@@ -374,8 +369,107 @@ def test_the_engine_knows_no_world_and_no_cli():
     """The engine, concepts, families and the algorithm's modules import neither the shapes world
     nor the CLI: a pipeline that knows its concepts (ShapesPipeline) offers parse_concept and
     concept_prompts, and the family adapters carry everything model-specific."""
-    code = ("import sys; import trust_fast.engine, trust_fast.concepts, trust_fast.families, trust_fast.localize,"
+    code = ("import sys; import trust_fast.engine, trust_fast.concepts, trust_fast.families, trust_fast.models,"
+            " trust_fast.localize,"
             " trust_fast.hessian, trust_fast.optim, trust_fast.objectives, trust_fast.checkpoint;"
             "print(sorted(m for m in sys.modules if m.startswith(('trust_fast.world', 'trust_fast.cli'))))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def test_family_for_asks_the_registered_families_in_order(monkeypatch):
+    """A family registered after the built-in ones is asked after them; family_for returns the first
+    that matches, and the refusal names every registered family's pipelines."""
+    from trust_fast.models import Family, registry
+
+    monkeypatch.setattr(registry, "_FAMILIES", list(registry._FAMILIES))
+    pipe = tiny_unsupported_pipeline()
+    with pytest.raises(UnsupportedPipeline):
+        family_for(pipe)
+
+    @registry.register_family
+    class Unconditional(Family):
+        name = "ddpm"
+        supported = ("DDPMPipeline (a test's)",)
+        pipeline_classes = ("DDPMPipeline",)
+
+        @staticmethod
+        def matches(pipe):
+            return type(pipe).__name__ == "DDPMPipeline"
+
+    assert registry.register_family(Unconditional) is Unconditional  # twice: still one place
+    assert registry.registered()[-1] is Unconditional and registry.registered().count(Unconditional) == 1
+    fam = family_for(pipe)
+    assert isinstance(fam, Unconditional) and fam.denoiser is pipe.unet
+    assert family_for(tiny_sd_pipeline()).name == "sd"  # the built-in families come first
+    assert "DDPMPipeline (a test's)" in registry.supported() and "DDPMPipeline" in registry.supported_classes()
+    with pytest.raises(TypeError, match="Family subclass"):
+        registry.register_family(object)
+
+
+def test_the_builtin_families_and_their_target_table():
+    from trust_fast import families, models
+    from trust_fast.models.targets import CROSS_ATTENTION_TARGETS, DEFAULT_TARGETS
+    from trust_fast.localize import DEFAULT_TARGETS as UNET
+
+    assert [f.name for f in models.registered()] == ["sd", "sdxl", "sd3", "flux"]
+    for fam in models.registered():
+        assert fam.default_targets == DEFAULT_TARGETS[fam.name], fam.name
+        assert fam.cross_attention_targets == CROSS_ATTENTION_TARGETS[fam.name], fam.name
+    assert DEFAULT_TARGETS["sd"] == DEFAULT_TARGETS["sdxl"] == UNET
+    assert CROSS_ATTENTION_TARGETS["sd"] == ("*attn2.*",) and CROSS_ATTENTION_TARGETS["sd3"] == ("*.attn.*",)
+    assert {f.denoiser_name for f in models.registered()} == {"unet", "transformer"}
+    assert set(models.SUPPORTED_CLASSES) == {"StableDiffusionPipeline", "StableDiffusionXLPipeline",
+                                             "StableDiffusion3Pipeline", "FluxPipeline", "ShapesPipeline"}
+    # the old module re-exports the public names
+    for name in ("family_for", "load_pipeline", "UnsupportedPipeline", "stored_dtype", "Family", "DTYPES",
+                 "StableDiffusion", "StableDiffusionXL", "StableDiffusion3", "SUPPORTED_CLASSES"):
+        assert getattr(families, name) is getattr(models, name), name
+    assert families.FAMILIES == models.registered() and families.UNET_TARGETS == UNET
+    assert "FluxPipeline" in families.SUPPORTED and families.SUPPORTED.startswith("StableDiffusionPipeline")
+
+
+def test_every_family_names_its_denoiser_by_role():
+    """The adapters reach the denoiser as ``family.denoiser``, the component ``denoiser_name``."""
+    for make, name in ((tiny_sd_pipeline, "unet"), (tiny_sdxl_pipeline, "unet"), (tiny_sd3_pipeline, "transformer")):
+        pipe = make()
+        fam = family_for(pipe)
+        assert fam.denoiser_name == name and fam.denoiser is getattr(pipe, name)
+        x = torch.randn(2, *fam.sample_shape())
+        with torch.no_grad():
+            out = fam.denoiser(**fam.denoiser_inputs(x, torch.tensor([10, 900]), fam.encode(["a", "b"])))
+        assert fam.prediction(out, x).shape == x.shape
+        assert fam.pack_pipeline_latents(x) is x and fam.unpack_pipeline_latents(x) is x
+
+
+def test_the_base_sampling_hooks_are_what_the_engine_did_before():
+    """set_timesteps: the scheduler's own; guided_prediction: classifier-free guidance over [uncond, cond]."""
+    pipe = tiny_sd3_pipeline()
+    fam = family_for(pipe)
+    a, b = fam.sampler(), fam.sampler()
+    fam.set_timesteps(a, 3, "cpu")
+    b.set_timesteps(3, device="cpu")
+    assert torch.equal(a.timesteps, b.timesteps)
+    x, cond, uncond = torch.randn(2, *fam.sample_shape()), fam.encode(["a red circle", "a blue square"]), fam.uncond()
+
+    def pred_fn(noisy, t, c):
+        with torch.no_grad():
+            return fam.prediction(fam.denoiser(**fam.denoiser_inputs(noisy, t, c)), noisy)
+
+    t = a.timesteps[0]
+    e = pred_fn(torch.cat([x, x]), t.expand(4), torch.cat([uncond.expand(2, -1, -1), cond]))
+    e_u, e_c = e.chunk(2)
+    torch.testing.assert_close(fam.guided_prediction(pred_fn, x, t, cond, uncond, 4.0), e_u + 4.0 * (e_c - e_u))
+
+
+def test_models_and_the_world_do_not_import_each_other():
+    """The import circle families <-> world is gone: importing either leaves the other unimported
+    (load_pipeline("shapes") imports the world when it runs)."""
+    for mod, other in (("trust_fast.models", "trust_fast.world"), ("trust_fast.world", "trust_fast.models"),
+                       ("trust_fast.world.pipeline", "trust_fast.models")):
+        code = f"import sys, {mod}; print(sorted(m for m in sys.modules if m.startswith({other!r})))"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and r.stdout.strip() == "[]", (mod, r.stdout, r.stderr)

@@ -28,12 +28,10 @@ def _free_port() -> int:
 
 
 def _config(**kw):
-    from trust_fast import TrustConfig
+    from helpers import tiny_config
 
-    base = dict(steps=STEPS, x0_per_prompt=1, x0_steps=2, batch_size=8, retain_batch_size=8, diag_interval=2,
-                adv_prefix=2, adv_interval=2, adv_steps=2)
-    base.update(kw)
-    return TrustConfig(**base)
+    base = dict(steps=STEPS, diag_interval=2, adv_prefix=2, adv_interval=2, adv_steps=2)
+    return tiny_config(batch=8, **{**base, **kw})
 
 
 def _unlearner(sharded: bool, **kw):
@@ -114,18 +112,18 @@ def _run_fd(rank, out):
     u = _unlearner(True, adv_prefix=0)
     plain = _unlearner(False, adv_prefix=0)
     u.prepare()
-    rb = u._retain_batch(8)
+    rb = u.retain_batch(8)
 
     def loss(v):
         return v.retain_loss(rb.noisy, rb.t, rb.cond, x0=rb.x0, noise=rb.noise)
 
     z = u.hutchinson.draw(1)[0]
-    g0 = u._grads(loss(u))
+    g0 = u.gradients(loss(u))
     with u.sharding.swapped(u.params, [p + u.config.hessian_fd_eps * z.tensor(i, p.dtype)
                                        for i, p in enumerate(u.params)]):
-        g1 = u._grads(loss(u))
+        g1 = u.gradients(loss(u))
     pending = [(a - b) / u.config.hessian_fd_eps for a, b in zip(g1, g0)]
-    fd_probe = u._finite_difference_probes(loss(u), lambda: loss(u), None)
+    fd_probe = u.hessian.finite_difference_probes(loss(u), lambda: loss(u), None)
     after = [p.clone() for p in u.params]
     from trust_fast.hessian import RademacherProbe
 
@@ -139,7 +137,7 @@ def _run_fd(rank, out):
             refused[field] = str(e)
     u.step_count = 0  # diag_interval 2: step 0 differentiates twice
     try:
-        u._retain_terms(loss(u))
+        u.hessian.retain_terms(loss(u), u.step_count)
     except ValueError as e:
         refused["computed_loss"] = str(e)
     # a diffusion transformer (SD3: its transformer_blocks sharded) steps too
@@ -147,15 +145,15 @@ def _run_fd(rank, out):
 
     sys.path.insert(0, os.path.dirname(__file__))
     from tiny_pipelines import tiny_sd3_pipeline
-    from trust_fast import TrustConfig, TrustUnlearner
+    from helpers import tiny_config
+    from trust_fast import TrustUnlearner
     from trust_fast.concepts import parse_concept, user_prompts
     from trust_fast.fsdp import shard_denoiser
 
     sd3 = tiny_sd3_pipeline()
     shard_denoiser(sd3.transformer)
     spec = parse_concept("red", world=False)
-    v = TrustUnlearner(sd3, spec, TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=2, retain_batch_size=2,
-                                              min_row_updates=1, diag_interval=1, adv_prefix=1, adv_steps=1),
+    v = TrustUnlearner(sd3, spec, tiny_config(batch=2, min_row_updates=1, diag_interval=1, adv_prefix=1, adv_steps=1),
                        prompts=user_prompts(spec, ["a red circle", "a red square"], ["a blue square"]))
     before = [p.clone() for p in v.params]
     sd3_rows = [v.step()["selected_rows"] for _ in range(2)]

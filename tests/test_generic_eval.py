@@ -27,7 +27,7 @@ def _original_and_edited(pipe, root):
 @pytest.fixture(scope="module")
 def sd_dirs(tmp_path_factory):
     """An original tiny SD pipeline and a copy whose cross-attention keys were perturbed."""
-    from test_engine import tiny_sd_pipeline
+    from tiny_pipelines import tiny_sd_pipeline
 
     return _original_and_edited(tiny_sd_pipeline(), tmp_path_factory.mktemp("sd"))
 

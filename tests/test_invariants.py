@@ -11,12 +11,12 @@ import re
 import pytest
 import torch
 
-from test_output_safety import refused, snapshot
+from helpers import SMALL, refused, snapshot, tiny_args
 from trust_fast import TrustConfig, TrustUnlearner
 from trust_fast.cli import main
 
 GEN = ["generate", "--prompt", "a red circle", "--n", "1", "--steps", "2"]
-FAST = ["--steps", "1", "--x0-per-prompt", "1", "--x0-steps", "2", "--no-eval"]
+FAST = ["--steps", "1", *tiny_args(batch=None), "--no-eval"]
 
 
 # ------------------------------------------------------------------------------- data loss
@@ -137,8 +137,8 @@ def good_checkpoint(tmp_path_factory):
     """A checkpoint of two CLI steps (adversary and Hessian diagonal on), and the arguments that
     resume it."""
     root = tmp_path_factory.mktemp("good")
-    args = ["unlearn", "--concept", "red", "--x0-per-prompt", "1", "--x0-steps", "2", "--batch-size", "4",
-            "--no-eval", "--checkpoint-every", "1", "--checkpoint-dir", str(root / "ckpt")]
+    args = ["unlearn", "--concept", "red", *tiny_args(), "--no-eval", "--checkpoint-every", "1",
+            "--checkpoint-dir", str(root / "ckpt")]
     assert main([*args, "--steps", "2", "--out", str(root / "out")]) == 0
     return torch.load(root / "ckpt" / "checkpoint.pt", weights_only=True), args
 
@@ -211,16 +211,6 @@ def test_a_damaged_checkpoint_field_is_one_line_and_resumes_nothing(capsys, tmp_
 # ------------------------------------------------------------- non-finite weights, silent runs
 
 
-@pytest.fixture(scope="module")
-def untrained():
-    from trust_fast.world.train import build_untrained_pipeline
-
-    return build_untrained_pipeline(0)
-
-
-SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4)
-
-
 def _nan_model(tmp_path, module: str = "attn2.to_k"):
     """A copy of the built-in model whose first `module` weight holds one NaN."""
     import shutil
@@ -250,8 +240,8 @@ def test_a_huge_lr_diverges_and_nothing_is_saved(capsys, tmp_path):
     """--lr 1e30: the first update is finite (1e30), every later loss is NaN. The run used to save
     weights of 1e30 with exit 0 and no word; now it is refused and nothing is written."""
     before = snapshot(tmp_path)
-    assert main(["unlearn", "--concept", "red", "--lr", "1e30", "--steps", "4", "--x0-per-prompt", "1", "--x0-steps",
-                 "2", "--no-eval", "--out", str(tmp_path / "out")]) == 2
+    assert main(["unlearn", "--concept", "red", "--lr", "1e30", "--steps", "4", *tiny_args(batch=None), "--no-eval",
+                 "--out", str(tmp_path / "out")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
     assert last.startswith("trust-fast: error: refusing to save: the run diverged: 3 of its 4 steps were skipped "
                            "for non-finite values") and "lower lr (now 1e+30)" in last, last
@@ -262,18 +252,18 @@ def test_a_run_that_selects_no_row_says_the_model_is_unchanged(capsys, tmp_path)
     """--xi 1e30 selects no row at any step: the model is saved as it was, and the run says so."""
     import json
 
-    assert main(["unlearn", "--concept", "red", "--xi", "1e30", "--steps", "2", "--x0-per-prompt", "1", "--x0-steps",
-                 "2", "--no-eval", "--out", str(tmp_path / "out")]) == 0
+    assert main(["unlearn", "--concept", "red", "--xi", "1e30", "--steps", "2", *tiny_args(batch=None), "--no-eval",
+                 "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "warning: the saved model is unchanged: no row was selected at any of its 2 steps (xi=1e+30" in err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["changed_rows"] == 0 and report["applied_steps"] == 2 and report["unchanged"].startswith("no row")
 
 
-def test_the_report_counts_applied_skipped_and_changed(untrained):
+def test_the_report_counts_applied_skipped_and_changed(untrained_world):
     from trust_fast.engine import SKIP_NON_FINITE
 
-    u = TrustUnlearner(copy.deepcopy(untrained), "red", TrustConfig(**SMALL, steps=3, min_row_updates=1))
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red", TrustConfig(**SMALL, steps=3, min_row_updates=1))
     u.step()
     handle = u.targets[0].module.register_forward_hook(lambda m, a, out: out * float("nan"))
     try:
@@ -286,7 +276,7 @@ def test_the_report_counts_applied_skipped_and_changed(untrained):
     assert (report["steps"], report["applied_steps"], report["skipped_steps"]) == (3, 2, 1)
     assert report["skipped_by_reason"] == {SKIP_NON_FINITE: 1}
     # changed rows, counted independently: rows of the target weights (or bias entries) unlike the original's
-    base = dict(untrained.unet.named_parameters())
+    base = dict(untrained_world.unet.named_parameters())
     now = dict(u.unet.named_parameters())
     expected = 0
     for t in u.targets:
@@ -303,21 +293,21 @@ def _opt_state(u) -> dict:
             for k, st in u.optimizer.state_dict()["state"].items()}
 
 
-def test_an_update_that_makes_weights_non_finite_is_rolled_back(untrained):
+def test_an_update_that_makes_weights_non_finite_is_rolled_back(untrained_world):
     """The fused Hessian penalty lam * h * (w - w0) overflows with a poisoned diagonal estimate
     once w moved: the update (or its second moment, which would freeze the row) is not finite
     after finite losses and gradients. The step is rolled back
     (weights and optimizer state as before), skipped with its reason, and the run goes on."""
     from trust_fast.engine import SKIP_WEIGHTS
 
-    u = TrustUnlearner(copy.deepcopy(untrained), "red",
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red",
                        TrustConfig(**SMALL, steps=4, diag_interval=100, loc_interval=100, min_row_updates=1))
     u.step()
     u.step()  # the rows of step 0 again (loc_interval): they have moved from w0 now
     weights, state = [p.detach().clone() for p in u.params], _opt_state(u)
     for d in u.hutchinson.diags:
         d.fill_(3e38)
-    u._set_diag_penalty()
+    u.hessian.set_penalty()
     stats = u.step()
     assert stats["skipped"] and stats["skip_reason"] == SKIP_WEIGHTS
     assert all(torch.equal(p, w) for p, w in zip(u.params, weights))
@@ -328,19 +318,19 @@ def test_an_update_that_makes_weights_non_finite_is_rolled_back(untrained):
             assert torch.equal(now[k][n], v) if isinstance(v, torch.Tensor) else now[k][n] == v, (k, n)
     for d in u.hutchinson.diags:
         d.zero_()
-    u._set_diag_penalty()
+    u.hessian.set_penalty()
     assert not u.step()["skipped"]
     assert all(torch.isfinite(p).all() for p in u.params)
     assert u.report()["skipped_by_reason"] == {SKIP_WEIGHTS: 1}
 
 
-def test_a_dense_update_to_non_finite_weights_stops_the_run(untrained, monkeypatch):
+def test_a_dense_update_to_non_finite_weights_stops_the_run(untrained_world, monkeypatch):
     """A dense optimizer's state is the size of the model, so it is not copied every step: the run
     stops with one line instead of saving the NaN weights."""
     from trust_fast.engine import NonFiniteUpdate
     from trust_fast.methods import config
 
-    u = TrustUnlearner(copy.deepcopy(untrained), "red", config("esd", **SMALL, steps=2))
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red", config("esd", **SMALL, steps=2))
     step = u.optimizer.step
 
     def poisoned(*a, **kw):
@@ -354,10 +344,10 @@ def test_a_dense_update_to_non_finite_weights_stops_the_run(untrained, monkeypat
         u.step()
 
 
-def test_save_refuses_non_finite_weights_and_warns_about_an_unchanged_model(untrained, tmp_path):
+def test_save_refuses_non_finite_weights_and_warns_about_an_unchanged_model(untrained_world, tmp_path):
     from trust_fast.guard import NonFiniteWeights
 
-    u = TrustUnlearner(copy.deepcopy(untrained), "red", TrustConfig(**SMALL, steps=1))
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red", TrustConfig(**SMALL, steps=1))
     with pytest.warns(UserWarning, match="saved an unchanged model .*no step was run"):
         u.save(str(tmp_path / "same"))
     with torch.no_grad():
@@ -386,11 +376,11 @@ def test_api_configs_of_the_wrong_type_are_refused(make, error, message):
     assert message in str(e.value)
 
 
-def test_api_concept_of_the_wrong_type_and_optimizer_numbers(untrained):
+def test_api_concept_of_the_wrong_type_and_optimizer_numbers(untrained_world):
     from trust_fast.optim import MaskedAdamW
 
     with pytest.raises(TypeError, match=r"concept must be a str \('A', 'A\+B' or 'A\|B'\) or a ConceptSpec, got 123"):
-        TrustUnlearner(untrained, concept=123)
+        TrustUnlearner(untrained_world, concept=123)
     for kw, message in ((dict(lr=float("nan")), "lr must be finite"), (dict(eps=float("nan")), "eps must be finite"),
                         (dict(weight_decay=float("inf")), "weight_decay must be finite"),
                         (dict(lr="1e-3"), "must be numbers")):
@@ -426,15 +416,15 @@ def test_patches_that_change_nothing_say_so(capsys, tmp_path):
     assert "warning: the patch changes no row: the written pipeline equals the base model" in capsys.readouterr().err
 
 
-def test_a_salun_run_without_a_frozen_copy_still_knows_whether_it_changed_the_model(untrained):
+def test_a_salun_run_without_a_frozen_copy_still_knows_whether_it_changed_the_model(untrained_world):
     """SalUn keeps no frozen copy to count changed rows against: a digest taken at the start tells."""
     from trust_fast.methods import config
 
-    u = TrustUnlearner(copy.deepcopy(untrained), "red", config("salun", **SMALL, steps=1, lr=0.0))
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red", config("salun", **SMALL, steps=1, lr=0.0))
     u.run()
     assert u.report()["changed_rows"] is None
     assert u.unchanged() == "no weight differs from the original model"
-    v = TrustUnlearner(copy.deepcopy(untrained), "red", config("salun", **SMALL, steps=1))
+    v = TrustUnlearner(copy.deepcopy(untrained_world), "red", config("salun", **SMALL, steps=1))
     v.run()
     assert v.unchanged() is None
 
@@ -462,7 +452,7 @@ def test_a_checkpoint_value_of_the_right_type_but_no_run_is_refused(capsys, tmp_
     ("esd", ("optimizer.param_groups.0.lr", "abc"), "optimizer param group 0: lr 'abc', this run 0.001"),
     ("salun", None, "was made from another base model"),
 ])
-def test_dense_method_checkpoints_are_checked_too(untrained, tmp_path, method, edit, message):
+def test_dense_method_checkpoints_are_checked_too(untrained_world, tmp_path, method, edit, message):
     """ESD's AdamW hyperparameters came from the checkpoint unchecked (amsgrad True crashed, a
     weight decay of 1e30 saved weights of 1e26), and SalUn, which keeps no frozen copy, resumed
     on another base model without a word."""
@@ -470,11 +460,11 @@ def test_dense_method_checkpoints_are_checked_too(untrained, tmp_path, method, e
     from trust_fast.methods import config
 
     cfg = config(method, **SMALL, steps=2)
-    u = TrustUnlearner(copy.deepcopy(untrained), "red", cfg)
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red", cfg)
     u.step()
     save_checkpoint(u, str(tmp_path / "good"))
     state = torch.load(tmp_path / "good" / "checkpoint.pt", weights_only=True)
-    other = copy.deepcopy(untrained)
+    other = copy.deepcopy(untrained_world)
     if edit is not None:
         state = _edit(state, *edit)
     else:
@@ -531,11 +521,11 @@ def test_counts_that_would_exhaust_memory_are_refused_before_any_work(capsys, tm
     refused(capsys, tmp_path, [*args, "--out", str(tmp_path / "out")], message)
 
 
-def test_the_step_api_refuses_what_it_cannot_use(untrained, tmp_path):
-    u = TrustUnlearner(copy.deepcopy(untrained), "red", TrustConfig(**SMALL, steps=1))
+def test_the_step_api_refuses_what_it_cannot_use(untrained_world, tmp_path):
+    u = TrustUnlearner(copy.deepcopy(untrained_world), "red", TrustConfig(**SMALL, steps=1))
     for call, error, message in (
-            (lambda: TrustUnlearner(untrained, "red", config="trust"), TypeError, "config must be a TrustConfig"),
-            (lambda: TrustUnlearner(untrained, "red", prompts="x"), TypeError, "prompts must be a PromptSet"),
+            (lambda: TrustUnlearner(untrained_world, "red", config="trust"), TypeError, "config must be a TrustConfig"),
+            (lambda: TrustUnlearner(untrained_world, "red", prompts="x"), TypeError, "prompts must be a PromptSet"),
             (lambda: u.run(steps=-1), ValueError, "run: steps must be an int >= 0, got -1"),
             (lambda: u.run(steps=2.5), ValueError, "run: steps must be an int >= 0, got 2.5"),
             (lambda: u.run(steps=1, checkpoint_every=-1, checkpoint_dir=str(tmp_path)), ValueError,

@@ -4,7 +4,6 @@ Each refusal is checked the same way: exit code 2 (CLI) or OutputError (API), on
 problem, no traceback, and every file that existed before is byte-identical afterwards (the whole
 sandbox, the source model included, is hashed before and after).
 """
-import hashlib
 import json
 import os
 import shutil
@@ -15,34 +14,10 @@ import textwrap
 
 import pytest
 
+from helpers import refused, snapshot, tiny_config  # (test_bad_input*.py import the first two from here)
 from trust_fast.cli import main
 from trust_fast.io import MARKER, OutputError, claim_output
 from trust_fast.world import model_path
-
-
-def snapshot(root) -> dict[str, str]:
-    """sha256 of every file under `root`, by relative path (directories included as entries)."""
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
-        for f in files:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
-def refused(capsys, root, args: list[str], message: str) -> str:
-    before = snapshot(root)
-    capsys.readouterr()  # what earlier commands printed
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("trust-fast: error: ") and len(err.strip().splitlines()) == 1, err
-    assert message in err, err
-    assert "Traceback" not in err
-    assert snapshot(root) == before, "a refused command changed files"
-    return err
 
 
 @pytest.fixture
@@ -123,10 +98,10 @@ def test_a_previous_output_is_replaced_only_with_overwrite_and_only_if_all_ours(
 
 
 def test_api_save_follows_the_same_rules(sandbox):
-    from trust_fast import TrustConfig, TrustUnlearner
+    from trust_fast import TrustUnlearner
     from trust_fast.world import load_pipeline
 
-    u = TrustUnlearner(load_pipeline("model", "cpu"), "red", TrustConfig(steps=1, x0_per_prompt=1, x0_steps=2))
+    u = TrustUnlearner(load_pipeline("model", "cpu"), "red", tiny_config(batch=None, steps=1))
     before = snapshot(sandbox)
     for out, message in (("notes", "was not written by trust_fast"), ("model", "is the source model itself"),
                          ("model/unet", "lies inside the source model")):

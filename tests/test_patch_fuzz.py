@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file  # crafted files, as a user could write them
 
-from test_output_safety import snapshot
+from helpers import snapshot
 from trust_fast.cli import main
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,

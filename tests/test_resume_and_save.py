@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import small, tiny_args
 from trust_fast import TrustConfig, TrustUnlearner, methods
 from trust_fast.checkpoint import load_checkpoint, save_checkpoint
 from trust_fast.concepts import PromptSet
@@ -34,7 +35,7 @@ from trust_fast.concepts import PromptSet
 PROMPTS = PromptSet(forget=["a plain red circle", "a striped red square"],
                     anchors=["a plain green circle", "a striped blue square"],
                     retain=["a plain green circle", "a striped yellow triangle", ""])
-TINY = dict(x0_per_prompt=1, x0_steps=1, batch_size=2, retain_batch_size=2)
+TINY = small(batch=2, x0_steps=1)
 # TRUST's defaults (dynamic rows, Hessian diagonal) with probes folded in at steps 0 and 2, so a
 # resume at step 1 continues from a restored estimate (count 1) and folds the next probe into it;
 # min_row_updates 2 so finalize() resets the rows updated once and keeps the others
@@ -56,13 +57,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def untrained_world():
-    from trust_fast.world.train import build_untrained_pipeline
-
-    return build_untrained_pipeline(0)
 
 
 def unlearner(base, config: TrustConfig) -> TrustUnlearner:
@@ -241,7 +235,7 @@ def test_cli_unlearn_writes_the_weights_its_report_describes(shapes_pipe, tmp_pa
 
     out = tmp_path / "out"
     assert main(["unlearn", "--concept", "red", "--steps", "3", "--min-row-updates", "1", "--no-eval",
-                 "--x0-per-prompt", "1", "--x0-steps", "2", "--batch-size", "4", "--out", str(out)]) == 0
+                 *tiny_args(), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 3 and report["skipped_steps"] == 0
     saved = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import tiny_args
 from trust_fast.cli import main
 
 pytest.importorskip("tensorboard")  # a test extra: CI installs it
@@ -19,7 +20,7 @@ def _scalars(log_dir) -> dict:
 def test_unlearn_logs_every_step_and_every_evaluation(tmp_path):
     logs = tmp_path / "logs"
     assert main(["unlearn", "--concept", "red", "--steps", "3", "--eval-every", "2", "--n-per-prompt", "1",
-                 "--x0-per-prompt", "1", "--x0-steps", "2", "--out", str(tmp_path / "out"),
+                 *tiny_args(batch=None), "--out", str(tmp_path / "out"),
                  "--log-dir", str(logs)]) == 0
     tags = _scalars(logs)
     assert [s for s, _ in tags["step/loss_forget"]] == [1, 2, 3]

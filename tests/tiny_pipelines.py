@@ -139,3 +139,34 @@ def tiny_sd3_pipeline(t5: bool = False):
                                     **dict(zip(("tokenizer_3", "text_encoder_3"), tiny_t5() if t5 else (None, None))))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_flux_pipeline(guidance_embeds: bool = True):
+    """A randomly initialised FluxPipeline: a FluxTransformer2DModel (one dual-stream and one
+    single-stream block) on 2x2-packed latents of a 4-channel VAE, a CLIP text encoder (its pooled
+    output) and the tiny T5 (its states), flow matching with the resolution shift
+    (FlowMatchEulerDiscreteScheduler with dynamic shifting, as FLUX.1's). `guidance_embeds`: the
+    guidance-distilled transformer (FLUX.1 dev); False is schnell's kind. It samples the
+    pipeline's default 128 x 128 latents (4096 image tokens): FluxPipeline fixes that size."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    te = CLIPTextModel(_text_config(tok, 16))
+    tok2, te2 = tiny_t5()
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(2, 2, 4))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2,
+                        transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
