@@ -9,6 +9,7 @@ SKIP_NO_FORGET = "no forget examples in the batch"
 SKIP_NON_FINITE = "non-finite loss or gradient"
 SKIP_OVERFLOW = "float16 overflow (loss scale lowered)"
 SKIP_WEIGHTS = "non-finite weights after the update (rolled back)"
+SKIP_UNKNOWN = "unknown (resumed from a checkpoint written before skip reasons were saved)"
 # skips that mean the run is diverging, not that a loss scale is settling
 DIVERGING = (SKIP_NON_FINITE, SKIP_WEIGHTS)
 
@@ -74,7 +75,7 @@ class RunRecord:
         reasons = f.of_type(state.get("skipped_by_reason"), "skipped_by_reason", dict, none=True)
         if reasons is None:
             return
-        known = (SKIP_NO_FORGET, SKIP_NON_FINITE, SKIP_OVERFLOW, SKIP_WEIGHTS)
+        known = (SKIP_NO_FORGET, SKIP_NON_FINITE, SKIP_OVERFLOW, SKIP_WEIGHTS, SKIP_UNKNOWN)
         for reason, n in reasons.items():
             if reason not in known:
                 f.damaged("'skipped_by_reason'", f"names {reason!r}, which is no reason a step is skipped for")
@@ -88,7 +89,6 @@ class RunRecord:
         self.skipped_steps = state["skipped_steps"]
         # a checkpoint from before skip reasons were kept: its skips' reasons are unknown
         self.skipped_by_reason = dict(state.get("skipped_by_reason") or
-                                      ({"unknown (resumed from an older checkpoint)": self.skipped_steps}
-                                       if self.skipped_steps else {}))
+                                      ({SKIP_UNKNOWN: self.skipped_steps} if self.skipped_steps else {}))
         self.seconds = state["seconds"]
         self.history.steps, self.history.evals = state["history"]["steps"], state["history"]["evals"]
