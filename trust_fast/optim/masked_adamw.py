@@ -70,7 +70,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         # with compile, the kernel call runs as one torch.compile graph (the op traced by its fake)
         self._update = ops.masked_adamw_
         if compile:
-            from .localize import compile_op_layer
+            from ..localize import compile_op_layer
 
             self._update = compile_op_layer(ops.masked_adamw_)
 
