@@ -1,4 +1,4 @@
-"""Spread over training seeds of every quantity tests/test_behaviour.py asserts on, with the test's
+"""Spread over training seeds of every quantity tests/methods/test_behaviour.py asserts on, with the test's
 own settings and functions (imported from the test file), so its limits can be set beyond the
 worst seed. One JSON line per (seed, part) is appended to --out; parts already there are skipped,
 so an interrupted run resumes. --summary prints the BENCHMARKS.md tables from that file.

@@ -1,7 +1,7 @@
 """GPU correctness check and benchmark of the trust_fast ops (run by benchmarks/gpu_check.sh).
 
 --check: every CUDA backend (cuda, triton) against the reference and a float64
-oracle on awkward shapes and dtypes (a pytest-free subset of tests/test_ops_kernels.py).
+oracle on awkward shapes and dtypes (a pytest-free subset of tests/ops/test_ops_kernels.py).
 --bench: times reference / cuda / triton with triton.testing.do_bench (median) on
 SD 1.5 weight shapes (sets a, b, c from sd15_unet_shapes.json, no diffusers
 needed) and reports achieved bandwidth against a measured device-to-device copy.

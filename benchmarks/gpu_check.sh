@@ -3,7 +3,7 @@
 # triton preinstalled; diffusers, pytest, internet possibly absent):
 #   1. build trust_fast._C (CPU + CUDA kernels) against the machine's torch;
 #   2. check every CUDA backend against the reference (benchmarks/gpu_bench.py --check,
-#      then the CUDA cases of tests/test_ops_kernels.py when pytest is installed);
+#      then the CUDA cases of tests/ops/test_ops_kernels.py when pytest is installed);
 #   3. time reference / cuda / triton with triton.testing.do_bench on SD 1.5 shapes,
 #      with achieved bandwidth against a measured device-to-device copy.
 # Everything is written to $OUT (gpu_check.log, gpu_bench.csv).
@@ -50,9 +50,9 @@ export TRUST_FAST_NO_JIT=1
 stage "check: CUDA backends vs reference and float64 oracle"
 timeout 60 python benchmarks/gpu_bench.py --check || status=1
 
-stage "tests: CUDA cases of tests/test_ops_kernels.py"
+stage "tests: CUDA cases of tests/ops/test_ops_kernels.py"
 if python -c 'import pytest' 2>/dev/null; then
-  timeout 70 python -m pytest -x -q -p no:cacheprovider tests/test_ops_kernels.py -k cuda || status=1
+  timeout 70 python -m pytest -x -q -p no:cacheprovider tests/ops/test_ops_kernels.py -k cuda || status=1
 else
   echo "pytest is not installed here and there is no network: the --check stage above is the pytest-free"
   echo "equivalent of these tests (same oracles, shapes and error rule)"

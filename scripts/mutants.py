@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TERMS = "tests/test_algorithm_terms.py"
-BEHAVIOUR = "tests/test_behaviour.py"
-ATTACKS = "tests/test_attacks.py"
+TERMS = "tests/engine/test_algorithm_terms.py"
+BEHAVIOUR = "tests/methods/test_behaviour.py"
+ATTACKS = "tests/evaluation/test_attacks.py"
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ MUTANTS = [
            "        with torch.no_grad():\n"
            "            for p, p0 in zip(self.params, self.theta0):\n                p.copy_(p0)\n"
            "        if directory is not None:\n            write_pretrained(self.pipe, directory)",
-           ("tests/test_resume_and_save.py::test_save_writes_the_in_memory_weights_not_the_originals",),
+           ("tests/engine/test_resume_and_save.py::test_save_writes_the_in_memory_weights_not_the_originals",),
            "save() writes the original weights"),
     # more, across engine, checkpoint, localize, hessian, optim, objectives, evaluation
     Mutant("anchor_target_from_edited_model", "trust_fast/methods/trust.py",
@@ -91,11 +91,11 @@ MUTANTS = [
            "SalUn's mask ranks weights instead of the forget gradient"),
     Mutant("resume_forgets_localizer_rows", "trust_fast/methods/trust.py",
            'self.localizer.rows = [r.to(u.device) for r in state["localizer_rows"]]', "pass",
-           ("tests/test_resume_and_save.py::test_resumed_run_equals_uninterrupted_run",),
+           ("tests/engine/test_resume_and_save.py::test_resumed_run_equals_uninterrupted_run",),
            "a resumed run re-localizes where the interrupted one reused its rows"),
     Mutant("resume_forgets_the_adversary", "trust_fast/engine/adversary.py",
            'adv = state.get("adversary")', "adv = None",
-           ("tests/test_resume_and_save.py::test_resumed_run_equals_uninterrupted_run",),
+           ("tests/engine/test_resume_and_save.py::test_resumed_run_equals_uninterrupted_run",),
            "a resumed run restarts the adversarial prefix"),
     Mutant("localizer_never_reestimates", "trust_fast/localize.py",
            "if self.rows is None or step % self.interval == 0:", "if self.rows is None:",
@@ -103,7 +103,7 @@ MUTANTS = [
            "localization is static after the first step"),
     Mutant("finalize_keeps_every_row", "trust_fast/engine/run.py",
            "drop = rows[counts < m]", "drop = rows[counts < 0]",
-           ("tests/test_engine.py::test_finalize_resets_rows_updated_fewer_than_min_row_updates",),
+           ("tests/engine/test_engine.py::test_finalize_resets_rows_updated_fewer_than_min_row_updates",),
            "finalize resets nothing"),
     Mutant("hutchinson_no_running_mean", "trust_fast/hessian.py",
            "[z.tensor(k, hz[k].dtype) for k in idx], None, self.count)",
@@ -112,7 +112,7 @@ MUTANTS = [
            "the Hessian diagonal keeps only the last probe"),
     Mutant("penalty_not_clamped", "trust_fast/ops/reference.py",
            "h = hess[i].reshape(rows_of(p), -1)[r].float().clamp(min=0)", "h = hess[i].reshape(rows_of(p), -1)[r].float()",
-           ("tests/test_ops_kernels.py::test_negative_curvature_adds_no_penalty",),
+           ("tests/ops/test_ops_kernels.py::test_negative_curvature_adds_no_penalty",),
            "the fused penalty pushes weights away where the curvature estimate is negative"),
     Mutant("row_gradients_misaligned", "trust_fast/engine/update.py",
            "return lambda gs: [g.index_select(0, r) for g, r in zip(gs, per_param)]",
@@ -121,15 +121,15 @@ MUTANTS = [
            "the selected rows' gradients land on the wrong rows"),
     Mutant("adamw_no_bias_correction", "trust_fast/ops/reference.py",
            "bc1 = (1 - beta1**t).unsqueeze(1)", "bc1 = torch.ones_like(t).unsqueeze(1)",
-           ("tests/test_optim.py::test_matches_per_row_adamw_over_changing_row_sets",),
+           ("tests/optim/test_optim.py::test_matches_per_row_adamw_over_changing_row_sets",),
            "the reference masked AdamW forgets Adam's bias correction"),
     Mutant("ua_counts_the_wrong_images", "trust_fast/evaluation/metrics.py",
            '"ua": sum(shows(spec, p) for p in f_pred)', '"ua": sum(not shows(spec, p) for p in f_pred)',
-           ("tests/test_cli.py::test_evaluate_reports_ua_and_retain",),
+           ("tests/cli/test_cli.py::test_evaluate_reports_ua_and_retain",),
            "UA counts the images without the concept"),
     Mutant("freeze_nothing", "trust_fast/localize.py",
            "p.requires_grad_(id(p) in keep)", "p.requires_grad_(True)",
-           ("tests/test_engine.py::test_masked_steps_touch_only_selected_rows_and_nothing_outside_the_targets",),
+           ("tests/engine/test_engine.py::test_masked_steps_touch_only_selected_rows_and_nothing_outside_the_targets",),
            "weights outside the target modules are trainable"),
     Mutant("nonfinite_steps_not_skipped", "trust_fast/engine/update.py",
            "skip = distributed.any_rank(no_forget or not all_finite([forget_loss.detach(), *g_f]))",
@@ -161,7 +161,7 @@ MUTANTS = [
            '        return "\'exp_avg_sq\' holds a negative second moment"', "        pass",
            ("tests/test_invariants.py::test_a_damaged_checkpoint_field_is_one_line_and_resumes_nothing",),
            "a checkpoint's negative exp_avg_sq is restored (NaN weights after the next step)"),
-    # behaviour on the shipped world (tests/test_behaviour.py: held-out prompts, attacks)
+    # behaviour on the shipped world (tests/methods/test_behaviour.py: held-out prompts, attacks)
     Mutant("retain_gradient_dropped_held_out", "trust_fast/engine/update.py",
            "grads = [gf.add_(gr, alpha=cfg.alpha) for gf, gr in zip(s.g_f, g_r)]", "grads = s.g_f",
            (f"{BEHAVIOUR}::test_pair_is_forgotten_on_held_out_prompts_and_its_parts_kept[red+circle]",),
@@ -203,7 +203,7 @@ MUTANTS = [
     Mutant("adv_token_offsets_ignored", "trust_fast/softprompt.py",
            "out[:, at:] + piece[:, :out.shape[1] - at].to(out)], 1)",
            "out[:, at:] + 0 * piece[:, :out.shape[1] - at].to(out)], 1)",
-           ("tests/test_engine.py::test_token_offset_adversary_lowers_the_attack_loss_per_prompt",),
+           ("tests/engine/test_engine.py::test_token_offset_adversary_lowers_the_attack_loss_per_prompt",),
            "adv_mode='tokens': the offsets never reach the text encoder (no adversary)"),
     # FSDP2 (trust_fast/fsdp.py)
     Mutant("fsdp_scores_not_gathered", "trust_fast/fsdp.py",
@@ -237,7 +237,7 @@ MUTANTS = [
     Mutant("retain_cache_ignores_its_count", "trust_fast/engine/data.py",
            'return cfg.x0_retain_per_prompt if name == "retain"',
            'return cfg.x0_per_prompt if name == "retain"',
-           ("tests/test_engine.py::test_the_retain_cache_can_hold_fewer_images_per_prompt",),
+           ("tests/engine/test_engine.py::test_the_retain_cache_can_hold_fewer_images_per_prompt",),
            "the retain prompts' cache ignores x0_retain_per_prompt (as many images as the forget prompts)"),
     Mutant("checkpoint_reads_a_predated_field_as_today", "trust_fast/checkpoint.py",
            "**PREDATED_FIELDS, **state[\"config\"]", "**state[\"config\"]",

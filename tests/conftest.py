@@ -2,7 +2,12 @@
 which no test changes) or once per module (the tiny untrained ones: building them seeds torch's
 global generator, so each module sees the same random state it did when it built its own; tests
 that change a model take a deep copy). The tiny-run config and other plain helpers are in
-helpers.py; the tiny pipelines of every family in tiny_pipelines.py."""
+helpers.py; the tiny pipelines of every family in tiny_pipelines.py.
+
+Two tiers. `python -m pytest -q` (the README's command) runs the fast tier: every test not marked
+`slow`. The slow tier (end-to-end training, sampling and behaviour on the shipped world) runs with
+`-m slow`, all of it with `-m ""`, and a slow test also runs whenever its file or node id is named
+on the command line (`pytest tests/methods/test_behaviour.py`). .ci/run runs both tiers."""
 import os
 
 import pytest
@@ -41,3 +46,14 @@ def tiny_sd():
     from tiny_pipelines import tiny_sd_pipeline
 
     return tiny_sd_pipeline()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect the slow tier unless asked for: by a -m expression, or by naming the test's file."""
+    if config.option.markexpr:
+        return
+    named = {os.path.abspath(str(a).split("::")[0]) for a in config.args}
+    slow = [it for it in items if it.get_closest_marker("slow") and str(it.path) not in named]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [it for it in items if it not in slow]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 
+TESTS = os.path.dirname(os.path.abspath(__file__))  # tests/: helpers, conftest and tiny_pipelines live here
+REPO = os.path.dirname(TESTS)  # the repository's root: README.md, benchmarks/, scripts/, trust_fast/
+
 # The TrustConfig fields of a tiny run: one data-free image per prompt made in two sampling steps,
 # batches of four. Tests add the fields they are about (steps, hessian, diag_interval, ...).
 SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4)

@@ -6,8 +6,9 @@ import ast
 import os
 
 import pytest
+from helpers import REPO
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trust_fast")
+ROOT = os.path.join(REPO, "trust_fast")
 
 
 def _modules() -> dict[str, str]:

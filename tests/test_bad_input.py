@@ -20,7 +20,8 @@ import sys
 import pytest
 import torch
 
-from trust_fast import TrustConfig, TrustUnlearner
+from helpers import tiny_config
+from trust_fast import TrustUnlearner
 from trust_fast.concepts import parse_concept
 from trust_fast.world.concepts import world_prompts
 from trust_fast.cli import main
@@ -162,7 +163,7 @@ def test_non_finite_steps_are_skipped_and_change_nothing(untrained_world):
     """The UNet's 1st call in a step is the frozen target pass (poisons the forget loss), its 3rd
     the retain pass of a Hutchinson step, after localization ran: its rows must be rolled back too."""
     u = TrustUnlearner(copy.deepcopy(untrained_world), "red", prompts=world_prompts(parse_concept("red")),
-                       config=TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, diag_interval=1))
+                       config=tiny_config(diag_interval=1))
     u.step()
     for call, what in ((1, "forget"), (3, "retain")):
         weights = [p.detach().clone() for p in u.params]
@@ -285,7 +286,7 @@ def saved_checkpoint(untrained_world, tmp_path):
     from trust_fast.checkpoint import save_checkpoint
 
     u = TrustUnlearner(copy.deepcopy(untrained_world), "red",
-                       TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, steps=4))
+                       tiny_config(steps=4))
     u.step()
     path = save_checkpoint(u, str(tmp_path / "good"))
     return u, torch.load(path, weights_only=True)
@@ -418,7 +419,7 @@ def test_a_checkpoint_that_cannot_be_written_costs_the_run_nothing_else(untraine
 
     monkeypatch.setattr(checkpoint.torch, "save", full_once)
     u = TrustUnlearner(copy.deepcopy(untrained_world), "red",
-                       TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, steps=4))
+                       tiny_config(steps=4))
     with pytest.warns(UserWarning, match=r"could not write the checkpoint of step 2 .*No space left on device"):
         u.run(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2)
     assert u.step_count == 4 and u.report()["failed_checkpoints"] == [2]
@@ -430,7 +431,7 @@ def test_a_non_finite_forget_loss_alone_skips_the_step(untrained_world):
     """Through the low-level API only the forget loss is NaN (the step() test above poisons a
     frozen pass that serves the retain target too, so the retain check alone would catch it)."""
     u = TrustUnlearner(copy.deepcopy(untrained_world), "red",
-                       TrustConfig(x0_per_prompt=1, x0_steps=2, batch_size=4, retain_batch_size=4, hessian="none"))
+                       tiny_config(hessian="none"))
     u.step()
     weights = [p.detach().clone() for p in u.params]
     g = torch.Generator().manual_seed(0)

@@ -30,6 +30,7 @@ def _unet(out) -> dict:
     return load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     full, part, ckpt = tmp_path / "full", tmp_path / "part", tmp_path / "ckpt"
     uninterrupted = _cli(*ARGS, "--out", str(full))

@@ -112,3 +112,4 @@ def test_neighbors_of_two_term_concepts():
     assert world_prompts(parse_concept("red")).neighbors(parse_concept("red")) == []
     u = user_prompts(parse_concept("cat|hat", world=False), ["a cat in a hat"], ["a cat", "a hat", "a dog"])
     assert u.neighbors(parse_concept("cat|hat", world=False)) == [0, 1]
+

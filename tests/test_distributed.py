@@ -1,5 +1,6 @@
 """Data parallel on the CPU: 2 gloo processes unlearn "red" from the built-in model, each rank
 drawing its own batches; both must select the same rows every step and end bit-identical."""
+import pytest
 import os
 import socket
 import time
@@ -106,6 +107,7 @@ def test_two_gloo_ranks_select_the_same_rows_and_end_identical(tmp_path):
     print(f"2-rank DDP unlearning test: {seconds:.1f} s")
 
 
+@pytest.mark.slow
 def test_cli_unlearn_under_torchrun_two_ranks(tmp_path):
     """`torchrun --nproc_per_node 2 -m trust_fast.cli unlearn ...`: both ranks train, end with
     bit-identical weights (report.weights_sha256 is checked across ranks before saving), the

@@ -143,7 +143,7 @@ def _run_fd(rank, out):
     # a diffusion transformer (SD3: its transformer_blocks sharded) steps too
     import sys
 
-    sys.path.insert(0, os.path.dirname(__file__))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/: tiny_pipelines, helpers
     from tiny_pipelines import tiny_sd3_pipeline
     from helpers import tiny_config
     from trust_fast import TrustUnlearner
@@ -236,6 +236,7 @@ def test_finite_difference_hessian_products_match_double_backward(tmp_path):
     assert min(r["sd3_rows"]) > 0 and r["sd3_moved"] > 0 and r["sd3_count"] == 2
 
 
+@pytest.mark.slow
 def test_cli_unlearn_fsdp_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node 2 -m trust_fast.cli unlearn --fsdp ...`: the denoiser is sharded
     over the two ranks, rank 0 gathers and writes a plain diffusers pipeline whose target weights

@@ -1,11 +1,13 @@
 """The README's Python snippets run as written: "TRUST inside your own diffusers training loop"
 and "Only the drop-in pieces"."""
+import pytest
 import os
 import re
 
 import torch
+from helpers import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 
 
 def snippet(name: str) -> str:
@@ -24,6 +26,7 @@ def run(name: str) -> dict:
     return scope
 
 
+@pytest.mark.slow
 def test_readme_snippet_runs_in_a_diffusers_loop(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scope = run("diffusers-loop")

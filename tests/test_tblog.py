@@ -17,6 +17,7 @@ def _scalars(log_dir) -> dict:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_unlearn_logs_every_step_and_every_evaluation(tmp_path):
     logs = tmp_path / "logs"
     assert main(["unlearn", "--concept", "red", "--steps", "3", "--eval-every", "2", "--n-per-prompt", "1",

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field, fields
 
 from .defaults import ADV_MODES, AMP_MODES
 
-# torch.compile backends whose steps are tested equal to eager ones (tests/test_dropin_api.py); inductor
+# torch.compile backends whose steps are tested equal to eager ones (tests/engine/test_dropin_api.py); inductor
 # is not among them: on torch 2.13 it gives wrong weight gradients through the engine's passes
 COMPILE_BACKENDS = ("aot_eager", "eager")
 ADV_PREFIX_AUTO = 5  # TrustConfig(adv_prefix=None): the adversary's prefix length
 X0_SOURCES = ("forget", "anchor", "forget+anchor")
-# trust_fast.hessian.HESSIAN_MODES, spelled out because that module imports torch (tests/test_cli_flags.py
+# trust_fast.hessian.HESSIAN_MODES, spelled out because that module imports torch (tests/cli/test_cli_flags.py
 # checks that the two agree)
 _HESSIAN_MODES = ("hvp", "diag", "none")
 

@@ -3,12 +3,11 @@ round, one-line refusals, and a real (tiny) unlearning run timed by the unlearne
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
+from helpers import REPO
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PATH = os.path.join(HERE, "..", "benchmarks", "default_cost.py")
+PATH = os.path.join(REPO, "benchmarks", "default_cost.py")
 
 
 @pytest.fixture()
@@ -55,6 +54,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(cost, tmp_path, c
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_run_is_timed_by_the_unlearners_clock(cost, shapes_pipe):
     cost.compare_methods.add_variant("tiny:steps=2,x0_per_prompt=1,x0_steps=1,batch_size=2,retain_batch_size=2,adv_steps=1")
     r = cost.measure(shapes_pipe, "red", "tiny", 0)

@@ -8,8 +8,9 @@ import os
 import sys
 
 import pytest
+from helpers import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 _spec = importlib.util.spec_from_file_location("mutants", os.path.join(ROOT, "scripts", "mutants.py"))
 mutants = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("mutants", mutants)  # its dataclasses look their module up

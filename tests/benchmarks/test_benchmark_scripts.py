@@ -5,8 +5,9 @@ import os
 import shutil
 
 import pytest
+from helpers import REPO
 
-BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+BENCH = os.path.join(REPO, "benchmarks")
 
 
 def _load(name):
@@ -82,6 +83,7 @@ def test_triton_plan_host_reports_every_column(capsys):
     assert not isinstance(K._masked_adamw_kernel, _load("triton_plan_host")._NoLaunch)  # the kernel is restored
 
 
+@pytest.mark.slow
 def test_gpu_e2e_script_dry_runs_on_the_cpu(tmp_path):
     """benchmarks/gpu_e2e.sh with DRY_RUN=1: the device script's stages, on tiny configs on the CPU,
     write both CSVs with every method and a log."""

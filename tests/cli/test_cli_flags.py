@@ -4,7 +4,6 @@ from is complete (every field grouped and explained)."""
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from dataclasses import fields
@@ -12,8 +11,9 @@ from dataclasses import fields
 from trust_fast.cli import build_parser
 from trust_fast.cli.unlearn import unlearning_config
 from trust_fast.config import _GROUP_CHECKS, GROUPS, TrustConfig
+from helpers import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 FIELDS = {f.name: f for f in fields(TrustConfig)}
 # `trust-fast unlearn`'s TrustConfig flags before they were made from the fields (the 0.1 parser):
 # field -> (argparse type or action, choices, metavar, extra options); every one defaults to None

@@ -57,7 +57,9 @@ def test_the_compile_gradient_check_passes_for_aot_eager(capsys):
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "compile_gradient_check.py")
+    from helpers import REPO
+
+    path = os.path.join(REPO, "scripts", "compile_gradient_check.py")
     spec = importlib.util.spec_from_file_location("compile_gradient_check", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

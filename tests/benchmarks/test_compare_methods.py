@@ -5,9 +5,9 @@ import os
 import sys
 
 import pytest
+from helpers import REPO
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PATH = os.path.join(HERE, "..", "benchmarks", "compare_methods.py")
+PATH = os.path.join(REPO, "benchmarks", "compare_methods.py")
 
 
 @pytest.fixture(scope="module")

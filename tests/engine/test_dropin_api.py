@@ -322,6 +322,7 @@ def test_grad_checkpointing_is_refused_for_a_denoiser_without_it(tiny_sd):
         unlearner(bare, grad_checkpointing=True)
 
 
+@pytest.mark.slow
 def test_compiled_denoiser_steps_like_eager_and_does_not_recompile_as_rows_change(tiny_sd):
     """compile_unet with a backend that runs the captured graphs eagerly (the compiler itself is
     torch's business): the steps match the eager ones, and once the three kinds of pass are

@@ -23,6 +23,7 @@ def test_generate_writes_images_and_grid(tmp_path):
     assert Image.open(out / "000.png").size == (16, 16)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_ua_and_retain(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["evaluate", "--concept", "red", "--n-per-prompt", "1", "--steps", "10", "--out", str(out),
@@ -69,3 +70,4 @@ def test_corrupt_model_directory(tmp_path):
     r = run_cli("generate", "--model", str(tmp_path / "m"), "--prompt", "a red circle", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "cannot load model" in r.stderr
     assert not (tmp_path / "o").exists()
+

@@ -1,6 +1,6 @@
 """Model families (trust_fast.models): SD 1.x/2.x, SDXL, SD3, the registry and its target table, the
 refusal of anything else, dtypes and weight variants, on tiny pipelines built from configs; and the
-CLI and import surface around them (FLUX: tests/test_flux.py)."""
+CLI and import surface around them (FLUX: tests/models/test_flux.py)."""
 from __future__ import annotations
 
 import copy
@@ -12,17 +12,17 @@ import sys
 import pytest
 import torch
 
-from helpers import moved_rows
+from helpers import REPO, moved_rows, small, tiny_config
 from tiny_pipelines import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_unsupported_pipeline
 from trust_fast import TrustConfig, TrustUnlearner
 from trust_fast.cli import main
 from trust_fast.concepts import parse_concept, user_prompts
 from trust_fast.models import UnsupportedPipeline, family_for, load_pipeline
 
-SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=2, retain_batch_size=2, min_row_updates=1)
+SMALL = small(batch=2, min_row_updates=1)
 FORGET = ["a red circle", "a red square", "red car"]
 RETAIN = ["a blue square", "a green circle"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 
 
 def _prompts():
@@ -220,16 +220,15 @@ def test_esd_trains_the_family_cross_attention_and_patches_carry_transformer_row
     """ESD's config names the family's cross-attention set: all of attn2 on a UNet, the joint
     attention on SD3 (which has no attn2). The unlearned SD3 model's patch holds transformer rows
     and rebuilds it bit for bit on its base."""
-    from trust_fast import methods
     from trust_fast.patch import apply_patch, export_patch
 
-    small = dict(x0_per_prompt=1, x0_steps=2, batch_size=2)
+    esd = dict(method="esd", batch=None, batch_size=2)  # a fresh config for each unlearner
     spec, prompts = _prompts()
-    sd = TrustUnlearner(tiny_sd_pipeline(), spec, methods.config("esd", **small), prompts=prompts)
+    sd = TrustUnlearner(tiny_sd_pipeline(), spec, tiny_config(**esd), prompts=prompts)
     assert sd.target_patterns == ("*attn2.*",) and all(".attn2." in t.name + "." for t in sd.targets)
     base = tiny_sd3_pipeline()
     pipe = copy.deepcopy(base)
-    u = TrustUnlearner(pipe, spec, methods.config("esd", **small), prompts=prompts)
+    u = TrustUnlearner(pipe, spec, tiny_config(**esd), prompts=prompts)
     assert u.target_patterns == ("*.attn.*",)
     names = {t.name.rsplit(".", 1)[-1] for t in u.targets}
     assert {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"} <= names

@@ -8,8 +8,9 @@ import os
 
 import pytest
 import torch
+from helpers import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def test_naive_trust_selects_the_same_rows_and_makes_the_same_first_update(e2e, 
     assert all(torch.equal(frozen[n], p0) for n, p0 in zip(ub._names, ub.theta0))
 
 
+@pytest.mark.slow
 def test_the_script_reports_every_method_with_ratios(e2e, tmp_path, capsys):
     out = tmp_path / "e2e.csv"
     rc = e2e.main(["--tiny", "--steps", "1", "--methods", "trust", "trust-naive", "esd", "--out", str(out)])

@@ -8,8 +8,9 @@ import os
 import re
 
 from trust_fast.cli import build_parser
+from helpers import REPO
 
-README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+README = os.path.join(REPO, "README.md")
 EXEMPT = {"--help", "--overwrite", "--debug"}
 
 

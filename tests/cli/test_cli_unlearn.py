@@ -10,6 +10,7 @@ REPORT_KEYS = ("concept", "method", "steps", "seconds", "trainable_params", "mea
                "ua_after", "retain_before", "retain_after", "optimizer_state_bytes", "history")
 
 
+@pytest.mark.slow
 def test_unlearn_writes_a_loadable_pipeline_and_report(tmp_path, capsys):
     out = tmp_path / "esd-red"
     assert main(["unlearn", "--concept", "red", "--method", "esd", "--steps", "2", "--n-per-prompt", "1",
@@ -43,6 +44,7 @@ def test_unlearn_refuses_to_overwrite_the_model(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_unlearn_a_stable_diffusion_directory_from_prompt_files(tmp_path, capsys):
     from test_engine import tiny_sd_pipeline
 

@@ -48,6 +48,7 @@ def test_an_unchanged_model_shows_no_change(sd_dirs, tmp_path):
     assert r["space"] == "latent" and r["fd_features"] == "pooled-8x8" and r["fd_n"] == 4
 
 
+@pytest.mark.slow
 def test_cli_reports_change_attack_grids_and_what_it_skipped(sd_dirs, tmp_path, capsys):
     out, grids = tmp_path / "r.json", tmp_path / "grids"
     assert _evaluate(sd_dirs, "edited", "--attack", "all", "--softprompt-steps", "2", "--embedding-steps", "2",

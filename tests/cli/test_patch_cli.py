@@ -1,5 +1,6 @@
 """export-patch / apply-patch through the CLI on a short real unlearning run: the rebuilt model
 equals the unlearned one bit for bit, and a patch refuses another base with a one-line error."""
+import pytest
 import os
 
 import torch
@@ -12,6 +13,7 @@ def _unet(d) -> dict:
     return load_file(os.path.join(d, "unet", "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_cli_patch_round_trip_after_unlearning(tmp_path, capsys):
     unlearned, patch, rebuilt = tmp_path / "red", tmp_path / "red.safetensors", tmp_path / "rebuilt"
     assert main(["unlearn", "--concept", "red", "--steps", "2", "--no-eval", "--x0-per-prompt", "1", "--x0-steps", "2",

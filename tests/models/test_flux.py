@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from helpers import moved_rows
+from helpers import moved_rows, small
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 from trust_fast.cli import main
 from trust_fast.models import family_for, load_pipeline, stored_dtype
@@ -19,7 +19,7 @@ from trust_fast.models.flux import calculate_shift, pack_latents, unpack_latents
 
 FORGET = ["a red circle", "a red square", "red car"]
 RETAIN = ["a blue square", "a green circle"]
-SMALL = dict(x0_per_prompt=1, x0_steps=2, batch_size=2, retain_batch_size=2, min_row_updates=1)
+SMALL = small(batch=2, min_row_updates=1)
 # the CLI runs leave out the retain term (its batch, 32 images, is no CLI option), the Hessian term and
 # the adversary (their double backward): each costs minutes of a CPU on a FLUX-sized attention (4608
 # tokens); the direct tests keep the retain term
