@@ -135,14 +135,15 @@ def training_groups(concepts: list[str]) -> list[list[str]]:
 
 def run_key(row: dict) -> tuple:
     return (row["concept"], row["method"], row["seed"], row["steps_override"], row.get("sample_steps"), row["images"],
-            row["attack_images"],
+            row["attack_images"], row.get("leak_images", SETTING_DEFAULTS["leak_images"]),
             tuple(row["attacks"]), json.dumps(row["attack_settings"], sort_keys=True))
 
 
 def run_group(concepts: list[str], method: str, seed: int, steps: int | None, eval_every: int, images: int,
               attack_images: int, attacks: list[str], settings: dict, plots: str | None,
-              sample_steps: int | None = None, results: str | None = None) -> list[dict]:
-    """Train `method` once on concepts[0] and report every concept of the group on the result."""
+              sample_steps: int | None = None, results: str | None = None, leak_images: int = 0) -> list[dict]:
+    """Train `method` once on concepts[0] and report every concept of the group on the result
+    (with `leak_images`, also its leak scan: that many images per prompt of the prompt space)."""
     import torch
 
     from trust_fast import TrustUnlearner
@@ -197,6 +198,13 @@ def run_group(concepts: list[str], method: str, seed: int, steps: int | None, ev
                           if k.startswith("time_")},
                "pool_seconds": u.pool_seconds, "config": rep.get("config"), "threads": torch.get_num_threads(),
                "eval_seconds": final["seconds"]}
+        if leak_images:
+            from trust_fast.evaluation.leak import leak_scan
+
+            leak = leak_scan(u.pipe, spec, classifier, n_per_prompt=leak_images, seed=seed, **sampling)
+            row.update({k: leak[k] for k in ("leak_max", "leak_max_description", "leak_worst", "leak_seconds")},
+                       leak_images=leak_images,
+                       leak_by_description={d: [v["k"], v["n"]] for d, v in leak["leak_by_description"].items()})
         for a in attacks:
             row.update({f"asr_{a}": final[f"asr_{a}"], f"asr_{a}_hits": final[f"asr_{a}_hits"],
                         f"asr_{a}_n": final[f"asr_{a}_n"]})
@@ -268,6 +276,7 @@ def aggregate(runs: list[dict], concepts: list[str], methods: list[str]) -> list
                 have = [r[key] for r in rs if r.get(key) is not None]
                 if have:
                     row[name] = max(have)
+            row.update(pooled_leak(rs))
             for a in ATTACKS:
                 have = [r for r in rs if f"asr_{a}_n" in r]
                 if not have:
@@ -277,6 +286,27 @@ def aggregate(runs: list[dict], concepts: list[str], methods: list[str]) -> list
                 row[f"asr_{a}_lo"], row[f"asr_{a}_hi"] = wilson(ka, na)
             out.append(row)
     return out
+
+
+def pooled_leak(rs: list[dict]) -> dict:
+    """The leak scans of runs pooled over seeds: per description (k, n) summed, leak_max the highest
+    pooled rate with its Wilson interval, leak_max_worst the worst seed's own leak_max. Empty when no
+    run was scanned."""
+    from trust_fast.evaluation.metrics import wilson
+
+    have = [r for r in rs if r.get("leak_by_description")]
+    if not have:
+        return {}
+    pooled: dict = {}
+    for r in have:
+        for d, (k, n) in r["leak_by_description"].items():
+            kn = pooled.setdefault(d, [0, 0])
+            kn[0], kn[1] = kn[0] + k, kn[1] + n
+    worst = max(pooled, key=lambda d: pooled[d][0] / pooled[d][1])
+    k, n = pooled[worst]
+    lo, hi = wilson(k, n)
+    return {"leak_max": k / n, "leak_max_k": k, "leak_max_n": n, "leak_max_lo": lo, "leak_max_hi": hi,
+            "leak_max_description": worst, "leak_max_worst": max(r["leak_max"] for r in have)}
 
 
 def fmt(v) -> str:
@@ -296,13 +326,16 @@ def rate(row: dict, name: str) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = ["concept", "method", "seeds", "UA (pooled; 95% CI)", "UA worst seed", "retain ratio (worst seed)",
-            "fd / fd_self (worst)", *[f"asr_{a}" for a in ATTACKS], "rows per step / patch (worst)",
+            "fd / fd_self (worst)", "leak_max (pooled; 95% CI; where)", *[f"asr_{a}" for a in ATTACKS],
+            "rows per step / patch (worst)",
             "s to UA<=0.05", "s (median)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pct = lambda r, k: f"{100 * r[k]:.1f}%" if k in r else "-"  # noqa: E731
     for r in rows:
         cells = [r["concept"], r["method"], r["seeds"], rate(r, "ua"), fmt(r["ua_worst"]), fmt(r["retain_ratio_min"]),
-                 f"{r['fd_ratio']:.2f} ({r['fd_ratio_worst']:.2f})", *[rate(r, f"asr_{a}") for a in ATTACKS],
+                 f"{r['fd_ratio']:.2f} ({r['fd_ratio_worst']:.2f})",
+                 rate(r, "leak_max") + (f" {r['leak_max_description']}" if "leak_max_n" in r else ""),
+                 *[rate(r, f"asr_{a}") for a in ATTACKS],
                  f"{pct(r, 'selected_fraction_max')} / {pct(r, 'patch_fraction_max')}", fmt(r["secs_to_ua05"]),
                  f"{r['seconds']:.1f}"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -315,7 +348,7 @@ def read_runs(path: str, **wanted) -> list[dict]:
         return []
     with open(path) as f:
         runs = [json.loads(line) for line in f if line.strip()]
-    return [r for r in runs if all(r.get(k) == v for k, v in wanted.items())]
+    return [r for r in runs if all(r.get(k, SETTING_DEFAULTS.get(k)) == v for k, v in wanted.items())]
 
 
 def config_drift(row: dict, method: str) -> dict:
@@ -485,7 +518,9 @@ def on_front(rows: list[dict]) -> list[bool]:
 
 
 # what a run was measured with beside its method and seed (run_key without concept, method, seed)
-SETTING_FIELDS = ("steps_override", "sample_steps", "images", "attack_images", "attacks", "attack_settings")
+SETTING_FIELDS = ("steps_override", "sample_steps", "images", "attack_images", "leak_images", "attacks",
+                  "attack_settings")
+SETTING_DEFAULTS = {"leak_images": 0}  # what a run saved before the setting existed was measured with
 
 
 def front_rows(sources: list[str], concepts: list[str]) -> list[dict]:
@@ -499,7 +534,8 @@ def front_rows(sources: list[str], concepts: list[str]) -> list[dict]:
     for path, where in zip(sources, dirs):
         runs = read_runs(path)
         tag = os.path.relpath(where, top) if os.path.basename(path) == "compare_runs.jsonl" else os.path.relpath(path, top)
-        how = lambda r: json.dumps({k: r.get(k) for k in SETTING_FIELDS}, sort_keys=True)  # noqa: E731
+        how = lambda r: json.dumps({k: r.get(k, SETTING_DEFAULTS.get(k)) for k in SETTING_FIELDS},  # noqa: E731
+                                   sort_keys=True)
         usual = statistics.mode(how(r) for r in runs) if runs else None
         for measured in dict.fromkeys(how(r) for r in runs):
             same = [r for r in runs if how(r) == measured]
@@ -593,6 +629,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=96, help="forget images per run for UA (at least)")
     ap.add_argument("--attack-images", type=int, default=32, help="attacked images per run and attack (at least)")
     ap.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated, or 'none'")
+    ap.add_argument("--leak-images", type=int, default=2, help="images per prompt of the leak scan over every prompt "
+                    "that could show the concept (about 250-300 prompts); 0: no scan")
     ap.add_argument("--softprompt-steps", type=int, default=40)
     ap.add_argument("--embedding-steps", type=int, default=None)
     ap.add_argument("--inversion-steps", type=int, default=None)
@@ -628,7 +666,7 @@ def main() -> int:
         rows = run_group(args.group.split(","), args.method, args.seed, args.steps, args.eval_every, args.images,
                          args.attack_images, attacks, settings,
                          plots=args.results if args.seed == args.seeds[0] else None, sample_steps=args.sample_steps,
-                         results=args.results)
+                         results=args.results, leak_images=args.leak_images)
         with open(args.json_out, "w") as f:
             json.dump(rows, f)
         return 0
@@ -636,10 +674,13 @@ def main() -> int:
     check_methods(methods)
     command = "python benchmarks/compare_methods.py " + " ".join(a for a in sys.argv[1:]
                                                                  if a != "--table" or args.front is not None)
-    wanted = {"steps_override": args.steps, "sample_steps": args.sample_steps, "images": args.images, "attack_images": args.attack_images,
-              "attacks": attacks, "attack_settings": settings}
+    wanted = {"steps_override": args.steps, "sample_steps": args.sample_steps, "images": args.images,
+              "attack_images": args.attack_images, "leak_images": args.leak_images, "attacks": attacks,
+              "attack_settings": settings}
     if args.print_only and not args.table:
         refuse("--print goes with --table")
+    if args.leak_images < 0:
+        refuse(f"--leak-images must be >= 0, got {args.leak_images}")
     if args.front is not None:
         missing = [p for p in args.front if not os.path.isfile(p)]
         if missing:
@@ -678,6 +719,7 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--group", ",".join(group), "--method", method, "--seed", str(seed),
                    "--json-out", out, "--seeds", *map(str, args.seeds), "--eval-every", str(args.eval_every),
                    "--images", str(args.images), "--attack-images", str(args.attack_images),
+                   "--leak-images", str(args.leak_images),
                    "--attacks", ",".join(attacks) or "none", "--softprompt-steps", str(args.softprompt_steps),
                    "--results", args.results, *[x for v in args.variant for x in ("--variant", v)]]
             for name in ("steps", "sample_steps", "embedding_steps", "inversion_steps"):

@@ -113,3 +113,24 @@ def test_neighbors_of_two_term_concepts():
     u = user_prompts(parse_concept("cat|hat", world=False), ["a cat in a hat"], ["a cat", "a hat", "a dog"])
     assert u.neighbors(parse_concept("cat|hat", world=False)) == [0, 1]
 
+
+def test_partial_prompts_from_the_words_of_your_own_prompts():
+    """PromptSet.with_partials: each forget prompt with one concept word and with both removed, and
+    the empty prompt, each on the forget prompt's images and toward its anchor; never an entry that
+    maps a prompt onto itself."""
+    spec = parse_concept("red+circle", world=False)
+    own = user_prompts(spec, ["a photo of a red circle"], ["a blue square"], anchor="a photo of a blue circle")
+    ps = own.with_partials(spec)
+    assert ps.forget == ["a photo of a red circle", "a photo of a circle", "a photo of a red", "a photo of a", ""]
+    assert set(ps.anchors) == {"a photo of a blue circle"}
+    assert ps.image_prompts("forget") == ["a photo of a red circle"] * 5
+    assert ps.retain == own.retain and ps.image_prompts("retain") == own.retain
+    # the default anchor is the prompt without A: "a photo of a circle" would map onto itself
+    default = user_prompts(spec, ["a photo of a red circle"], ["a blue square"]).with_partials(spec)
+    assert "a photo of a circle" not in default.forget[1:] and "a photo of a red" in default.forget
+    assert all(f != a for f, a in zip(default.forget[1:], default.anchors[1:]))
+    single = parse_concept("van gogh", world=False)
+    ps = user_prompts(single, ["a painting by van gogh"]).with_partials(single)
+    assert ps.forget == ["a painting by van gogh", ""]  # "a painting by" is the default anchor itself
+    with pytest.raises(ValueError, match="2 forget sources for 1 forget prompts"):
+        type(own)(["a"], ["b"], ["c"], forget_sources=["x", "y"]).image_prompts("forget")

@@ -65,13 +65,59 @@ def parse_concept(spec: str, world: bool = True) -> ConceptSpec:
 @dataclass
 class PromptSet:
     """Prompts for one unlearning job. `anchors[i]` is the anchor of `forget[i]`.
-    For the world, `forget_attrs`/`retain_attrs` hold each prompt's ground-truth attributes."""
+    For the world, `forget_attrs`/`retain_attrs` hold each prompt's ground-truth attributes.
+
+    `forget_sources[i]` / `retain_sources[i]`, when given, name the prompt whose data-free images
+    the entry trains on, where that is not the entry's own prompt: a partial prompt ("a red" for
+    "red+circle") trains on images of the whole concept ("a plain red circle"), since its own images
+    show the concept only part of the time. Empty lists: every entry trains on its own prompt's
+    images."""
 
     forget: list[str]
     anchors: list[str]
     retain: list[str]
     forget_attrs: list[dict[str, str]] = field(default_factory=list)
     retain_attrs: list[dict[str, str]] = field(default_factory=list)
+    forget_sources: list[str] = field(default_factory=list)
+    retain_sources: list[str] = field(default_factory=list)
+
+    def image_prompts(self, kind: str) -> list[str]:
+        """The prompt whose images each `kind` ("forget" or "retain") entry trains on."""
+        own, sources = getattr(self, kind), getattr(self, f"{kind}_sources")
+        if sources and len(sources) != len(own):
+            raise ValueError(f"{len(sources)} {kind} sources for {len(own)} {kind} prompts")
+        return list(sources) if sources else list(own)
+
+    def with_partials(self, spec: "ConceptSpec") -> "PromptSet":
+        """This set with the prompts that name only part of the concept added to the forget side,
+        derived from the words (for prompts of your own; the shapes world builds its own from
+        attributes, trust_fast.world.concepts.world_prompts(partial=True)).
+
+        For each forget prompt: the prompt with one concept word removed (for "A+B" and "A|B", each
+        word in turn) and with every concept word removed, each training on the forget prompt's
+        images toward its anchor; and the empty prompt once per distinct anchor. An entry whose
+        prompt equals its anchor is left out: mapping a prompt onto itself erases nothing (the
+        default anchor is the prompt without A, so "a circle" of "red+circle" needs an explicit
+        anchor such as "a blue circle" to be erased)."""
+        def without(text: str, words: list[str]) -> str:
+            for w in words:
+                text = re.sub(rf"\s*\b{re.escape(w)}\b", "", text, flags=re.I)
+            return re.sub(r"\s+", " ", text).strip()
+
+        terms = spec.terms()
+        drops = [[t] for t in terms] + ([terms] if len(terms) > 1 else [])
+        seen = set(zip(self.forget, self.anchors))
+        forget, anchors, sources = list(self.forget), list(self.anchors), self.image_prompts("forget")
+        for p, q, src in zip(self.forget, self.anchors, self.image_prompts("forget")):
+            for words in drops + [None]:
+                view = "" if words is None else without(p, words)
+                if view.lower() != q.lower() and (view, q) not in seen:
+                    seen.add((view, q))
+                    forget.append(view)
+                    anchors.append(q)
+                    sources.append(src)
+        return PromptSet(forget, anchors, list(self.retain), list(self.forget_attrs), list(self.retain_attrs),
+                         sources, list(self.retain_sources))
 
     def neighbors(self, spec: "ConceptSpec") -> list[int]:
         """Indices of the retain prompts that share a term with a two-term spec ("A+B", "A|B"):

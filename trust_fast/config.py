@@ -24,6 +24,7 @@ X0_SOURCES = ("forget", "anchor", "forget+anchor")
 _HESSIAN_MODES = ("hvp", "diag", "none")
 
 # the groups of TrustConfig's fields (each field's metadata["group"]), in the order validate() checks them
+PARTIAL_MODES = ("off", "on", "auto")  # TrustConfig.partial_prompts
 GROUPS = ("method", "localization", "hessian", "optimizer", "adversary", "data-free cache", "performance")
 
 
@@ -96,6 +97,9 @@ class TrustConfig:
                                   "(negative guidance) | pseudo (SalUn: the current model on the anchor)")
     retain_objective: str = _knob("method", "distill", "distill (match the frozen model) | diffusion (the noise "
                                   "target) | none")
+    partial_prompts: str = _knob("method", "off", "the prompts that name only part of the concept (\"a red\" for "
+                                 "red+circle, the empty prompt) also learn to forget it: on | off | auto (on for A+B "
+                                 "and A|B)", choices=PARTIAL_MODES, flag={})
     eta: float = _knob("method", 1.0, "negative-guidance scale of the esd objective")
     targets: tuple[str, ...] | None = _knob(
         "localization", None, "glob patterns of the modules to edit, or the family's sets @default "

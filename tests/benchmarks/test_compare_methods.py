@@ -51,6 +51,30 @@ def test_print_without_table_is_refused(compare, monkeypatch, capsys, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_leak_scans_pool_per_description_over_seeds(compare, monkeypatch, capsys, tmp_path):
+    """leak_max of a (concept, method) is the highest rate of a description pooled over the seeds'
+    scans, with its counts and Wilson interval; the worst seed's own leak_max beside it; runs saved
+    before the scan existed count as measured with --leak-images 0."""
+    from trust_fast.evaluation.metrics import wilson
+
+    runs = [{"leak_by_description": {"red": [3, 10], "circle": [1, 10]}, "leak_max": 0.3},
+            {"leak_by_description": {"red": [0, 10], "circle": [4, 10]}, "leak_max": 0.4}]
+    out = compare.pooled_leak(runs)
+    assert (out["leak_max_description"], out["leak_max_k"], out["leak_max_n"]) == ("circle", 5, 20)
+    assert (out["leak_max_lo"], out["leak_max_hi"]) == wilson(5, 20) and out["leak_max_worst"] == 0.4
+    assert compare.pooled_leak([{"ua": 0.0}]) == {}
+    old = {"concept": "red", "method": "trust", "seed": 0, "steps_override": None, "images": 96, "attack_images": 32,
+           "attacks": [], "attack_settings": {}}
+    path = tmp_path / "runs.jsonl"
+    path.write_text(__import__("json").dumps(old) + "\n")
+    assert compare.read_runs(str(path), leak_images=0) and not compare.read_runs(str(path), leak_images=2)
+    assert compare.run_key(old) == compare.run_key({**old, "leak_images": 0})
+    monkeypatch.setattr(sys, "argv", ["compare_methods.py", "--leak-images", "-1", "--results", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        compare.main()
+    assert e.value.code == 2 and "--leak-images must be >= 0" in capsys.readouterr().err
+
+
 def test_results_block_replaces_only_the_marked_part(compare, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- COMPARE:BEGIN -->\nold table\n<!-- COMPARE:END -->\noutro\n")

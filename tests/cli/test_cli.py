@@ -56,6 +56,8 @@ def test_evaluate_reports_ua_and_retain(tmp_path, capsys):
     (["evaluate", "--concept", "red+"], "malformed concept spec"),
     (["evaluate", "--concept", "red", "--model", "/nonexistent/model"], "neither a built-in model"),
     (["generate", "--prompt", "x", "--n", "0", "--out", "/tmp/x"], "--n must be positive"),
+    (["evaluate", "--concept", "red", "--leak-prompts", "/nonexistent/prompts.txt"], "cannot read leak prompts file"),
+    (["evaluate", "--concept", "red", "--reference", "none", "--leak-prompts", "/dev/null"], "needs a --reference"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     r = run_cli(*args)
@@ -71,3 +73,25 @@ def test_corrupt_model_directory(tmp_path):
     assert r.returncode == 2 and "cannot load model" in r.stderr
     assert not (tmp_path / "o").exists()
 
+
+@pytest.mark.slow
+def test_evaluate_scans_for_leaks(tmp_path, capsys):
+    """--leak-scan adds the scan of the whole prompt space to the report and the table;
+    --leak-prompts scans the user's prompts against the reference (the model itself here: no change)."""
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--concept", "red+circle", "--n-per-prompt", "1", "--steps", "2", "--leak-scan",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "leak_max" in capsys.readouterr().out.splitlines()[0]
+    assert report["leak_n_images"] == 245 and len(report["leak_worst"]) == 5
+    assert report["leak_max"] == max(d["rate"] for d in report["leak_by_description"].values())
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na circle\n")
+    out2 = tmp_path / "r2.json"
+    assert main(["evaluate", "--concept", "red+circle", "--n-per-prompt", "2", "--steps", "2", "--leak-prompts",
+                 str(prompts), "--out", str(out2)]) == 0
+    report = json.loads(out2.read_text())
+    assert report["leak_min_change"] == 0.0 and set(report["leak_change_by_prompt"]) == {"a red circle", "a circle"}
+    assert "leak_n_images" not in report  # --leak-prompts replaces the world's scan
+    r = run_cli("evaluate", "--concept", "circle", "--forget-prompts", str(prompts), "--leak-scan")
+    assert r.returncode == 2 and "give your own with --leak-prompts" in r.stderr and len(r.stderr.splitlines()) == 1

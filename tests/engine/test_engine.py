@@ -136,6 +136,33 @@ def test_the_retain_cache_can_hold_fewer_images_per_prompt(untrained_world):
     assert u2.pools["retain"].shape[1] == 3
 
 
+@pytest.mark.parametrize("partial,concept,added", [("auto", "red+circle", True), ("auto", "red", False),
+                                                    ("on", "red", True), ("off", "red+circle", False)])
+def test_partial_prompts_train_on_the_whole_concepts_images(untrained_world, partial, concept, added):
+    """TrustConfig.partial_prompts: the world's partial prompts join the forget and retain sets (auto:
+    for A+B and A|B), and their data-free pools are sampled with the conditioning of the prompts whose
+    images they train on, not their own."""
+    from trust_fast.world.concepts import world_prompts
+
+    u = TrustUnlearner(fresh(untrained_world), concept, TrustConfig(partial_prompts=partial, **SMALL))
+    spec = parse_concept(concept)
+    expected = world_prompts(spec, every_template=True, partial=added)
+    assert (u.prompts.forget, u.prompts.retain) == (expected.forget, expected.retain)
+    wanted = u.data.wanted()
+    family = u.family
+    for kind in ("forget", "retain"):
+        sources = expected.image_prompts(kind)
+        assert torch.equal(wanted[kind], family.encode(sources))
+        if added:
+            own = getattr(u.emb, kind)
+            assert not torch.equal(wanted[kind], own)  # the partial rows differ from their own prompts
+        else:
+            assert getattr(u.emb, f"{kind}_images") is None
+    u.prepare()
+    assert u.pools["forget"].shape[0] == len(expected.forget) and u.pools["retain"].shape[0] == len(expected.retain)
+    u.step()
+
+
 def test_retain_batches_oversample_the_neighbors_of_a_pair(untrained_world):
     u = TrustUnlearner(fresh(untrained_world), "red+circle", TrustConfig(retain_neighbors=0.5, **SMALL))
     u.prepare()

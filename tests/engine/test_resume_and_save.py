@@ -143,6 +143,8 @@ RESUME_MODES = {
                                        **TINY), 1),
     # static mask computed before step 0 and restored, dense Adam over the whole UNet
     "salun": (lambda: methods.config("salun", steps=3, **TINY), 1),
+    # partial prompts derived from the words: their pool sampled from the whole prompts' conditioning
+    "partial": (lambda: TrustConfig(partial_prompts="on", min_row_updates=1, steps=3, **TINY), 1),
     # dense Adam over attn2, negative guidance, no retain term
     "esd": (lambda: methods.config("esd", steps=3, **TINY), 1),
 }

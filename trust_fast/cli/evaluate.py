@@ -37,6 +37,13 @@ def add_parser(sub) -> None:
                    help=f"Adam steps of the inversion attack (default {INVERSION_STEPS})")
     p.add_argument("--attack-lr", type=float, default=None,
                    help="learning rate of the optimized attacks (default: each attack's own: 0.01, inversion 0.05)")
+    p.add_argument("--leak-scan", action="store_true",
+                   help="sample every prompt that could show the concept (each subset of its attributes, every "
+                        "template and synonym, the empty prompt) and report per prompt P(concept) with Wilson "
+                        "intervals, leak_max and the five worst prompts (shapes world)")
+    p.add_argument("--leak-prompts", metavar="FILE",
+                   help="scan these prompts instead (outside the shapes world, against --reference): each prompt's "
+                        "change from the original; the least changed still draw what the original drew")
     p.add_argument("--grids", metavar="DIR", help="write labelled original | evaluated image grids here "
                                                   "(forget.png, retain.png)")
     add_sampling(p)
@@ -92,6 +99,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--n-per-prompt must be >= 2 for the classifier-free report, got {args.n_per_prompt}")
         retain = read_prompt_file(args.retain_prompts, "retain prompts") if args.retain_prompts else []
         prompts = user_prompts(spec, read_prompt_file(args.forget_prompts, "forget prompts"), retain)
+    if args.leak_scan and generic and not args.leak_prompts:
+        raise UserError("--leak-scan enumerates the shapes world's prompts; outside it, give your own with "
+                        "--leak-prompts FILE")
+    if args.leak_prompts and reference_name in (None, "none"):
+        raise UserError("--leak-prompts compares each prompt's images with the original model's: it needs a --reference")
+    leak_prompts = read_prompt_file(args.leak_prompts, "leak prompts") if args.leak_prompts else None
     inputs = [("model directory", model_path(args.model))]
     if reference_name not in (None, "none"):
         inputs.append(("reference model directory", model_path(reference_name)))
@@ -101,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                                                 inputs=inputs + [("--grids directory", args.grids)]))
                       if args.out else None)
         report, keys = evaluation_report(args, spec, world, generic, reference_name, prompts if generic else None,
-                                         grids)
+                                         grids, leak_prompts)
         if report_out is not None:
             write_json_atomic(report, report_out.path)
     print(format_table([(args.model, report)], keys))
@@ -116,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluation_report(args: argparse.Namespace, spec, world: bool, generic: bool, reference_name, prompts, grids):
+def evaluation_report(args: argparse.Namespace, spec, world: bool, generic: bool, reference_name, prompts, grids,
+                      leak_prompts=None):
     """The report of `trust-fast evaluate` and the keys its table shows."""
     from ..evaluation import full_report
 
@@ -125,8 +139,8 @@ def evaluation_report(args: argparse.Namespace, spec, world: bool, generic: bool
         reference = None if reference_name == "none" else load_model(args, reference_name)
         report = full_report(pipe, spec, reference, args.attack, n_per_prompt=args.n_per_prompt, seed=args.seed,
                              steps=args.steps, guidance=args.guidance, softprompt_steps=args.softprompt_steps,
-                             grids=grids, settings=attack_settings(args))
-        keys = [k for k in report if k.endswith("acc") or k in ("ua", "fd", "fd_self")
+                             grids=grids, settings=attack_settings(args), leak=args.leak_scan and not leak_prompts)
+        keys = [k for k in report if k.endswith("acc") or k in ("ua", "fd", "fd_self", "leak_max")
                 or (k.startswith("asr_") and not k.endswith(("_hits", "_n")))] + ["n_images", "seconds"]
     else:
         # no classifier judges these images (another model, or the user's own prompts): compare with the
@@ -143,5 +157,11 @@ def evaluation_report(args: argparse.Namespace, spec, world: bool, generic: bool
         keys = [k for k in ("forget_change", "retain_change", "selectivity", "fd", "fd_self") if k in report]
         keys += [k for k in report if k.endswith(("_change", "_change_original", "_recovery")) and k not in keys]
         keys += ["seconds"]
+    if leak_prompts:
+        from ..evaluation.leak import generic_leak_scan
+
+        report.update(generic_leak_scan(pipe, reference, leak_prompts, n_per_prompt=max(2, args.n_per_prompt),
+                                        seed=args.seed, steps=args.steps, guidance=args.guidance))
+        keys.insert(len(keys) - 1, "leak_min_change")
     report.update(model=args.model, reference=reference_name, written_by="trust_fast")
     return report, keys

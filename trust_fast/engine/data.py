@@ -24,11 +24,20 @@ class Batch:
 
 @dataclass
 class Embeddings:
-    """The prompts' conditioning (N, L, D) on the denoiser's device and dtype."""
+    """The prompts' conditioning (N, L, D) on the denoiser's device and dtype. `forget_images` /
+    `retain_images`: the conditioning the entries' data-free images are sampled with, where it is
+    not their own (PromptSet.forget_sources: partial prompts train on the whole concept's images)."""
     forget: Tensor
     anchor: Tensor
     retain: Tensor
     uncond: Tensor
+    forget_images: Tensor | None = None
+    retain_images: Tensor | None = None
+
+    def images_of(self, kind: str) -> Tensor:
+        """The conditioning that samples the `kind` ("forget", "retain") pool."""
+        own = getattr(self, f"{kind}_images")
+        return getattr(self, kind) if own is None else own
 
 
 def pipeline_guidance(pipe) -> float:
@@ -94,11 +103,11 @@ class DataFreeCache:
         """The prompts whose data-free images the run caches, by pool name: their embeddings."""
         cfg, wanted = self.config, {}
         if cfg.x0_from in ("forget", "forget+anchor") or self.forget_images_wanted or cfg.adv_prefix:
-            wanted["forget"] = self.emb.forget
+            wanted["forget"] = self.emb.images_of("forget")
         if cfg.x0_from in ("anchor", "forget+anchor"):
             wanted["anchor"] = self.emb.anchor
         if cfg.retain_objective != "none" and cfg.alpha > 0:
-            wanted["retain"] = self.emb.retain
+            wanted["retain"] = self.emb.images_of("retain")
         return wanted
 
     def per_prompt(self, name: str) -> int:

@@ -62,7 +62,7 @@ class TrustUnlearner(UpdateMixin, RunMixin):
         self.config = cfg = config
         self.pipe, self.unet = pipe, self.family.denoiser
         self.device, self.dtype = self.unet.device, self.unet.dtype
-        self.concept, self.prompts = self._concept_and_prompts(pipe, concept, prompts)
+        self.concept, self.prompts = self._concept_and_prompts(pipe, concept, prompts, cfg.partial_prompts)
         self._setup_targets()
         self._setup_models()
         self.precision = Precision(self.params, self._names, [self.targets[k].module for k in self._target_of],
@@ -71,8 +71,10 @@ class TrustUnlearner(UpdateMixin, RunMixin):
         # under torch.distributed each rank draws its own batches (its gradients are averaged in update)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + distributed.rank())
         with torch.no_grad():
-            self.emb = Embeddings(self.family.encode(self.prompts.forget), self.family.encode(self.prompts.anchors),
-                                  self.family.encode(self.prompts.retain), self.family.uncond())
+            self.emb = Embeddings(*(self.family.encode(p) for p in (self.prompts.forget, self.prompts.anchors,
+                                                                     self.prompts.retain)), self.family.uncond(),
+                                  *(self.family.encode(self.prompts.image_prompts(k))
+                                    if getattr(self.prompts, f"{k}_sources") else None for k in ("forget", "retain")))
         neighbors = (self.prompts.neighbors(self.concept) if self.concept is not None else [])
         self.localization = methods.base.localization(self)
         self.data = DataFreeCache(self.family, self.denoiser, self.noising, self.emb,
@@ -104,24 +106,31 @@ class TrustUnlearner(UpdateMixin, RunMixin):
         return config.replace(**{k: v for k, v in resolved.items() if v != getattr(config, k)})
 
     @staticmethod
-    def _concept_and_prompts(pipe, concept, prompts) -> tuple[ConceptSpec | None, PromptSet]:
+    def _concept_and_prompts(pipe, concept, prompts, partial: str = "off") -> tuple[ConceptSpec | None, PromptSet]:
         """A pipeline that knows its own concepts (the built-in world's ShapesPipeline) checks the
-        concept's words and builds the prompt sets; for any other, the user gives the prompts."""
+        concept's words and builds the prompt sets; for any other, the user gives the prompts.
+        `partial` (TrustConfig.partial_prompts): add the prompts that name only part of the concept,
+        the pipeline's own (concept_prompts(spec, partial=True)) or derived from the words
+        (PromptSet.with_partials) for the user's prompts, unless they already carry image sources."""
         if concept is not None and not isinstance(concept, (str, ConceptSpec)):
             raise TypeError(f"concept must be a str ('A', 'A+B' or 'A|B') or a ConceptSpec, got {concept!r} "
                             f"({type(concept).__name__})")
         own_parse, own_prompts = getattr(pipe, "parse_concept", None), getattr(pipe, "concept_prompts", None)
         if isinstance(concept, str):
             concept = own_parse(concept) if callable(own_parse) else parse_concept(concept, world=False)
+        partial = concept is not None and (partial == "on" or (partial == "auto" and concept.b is not None))
         if prompts is None:
             if concept is None or not callable(own_prompts):
                 raise ValueError("outside the shapes world, give prompts (trust_fast.concepts.user_prompts) "
                                  "as well as the concept")
-            prompts = own_prompts(concept)
+            prompts = own_prompts(concept, partial=True) if partial else own_prompts(concept)
+        elif partial and not prompts.forget_sources:
+            prompts = prompts.with_partials(concept)
         if not prompts.forget:
             raise ValueError(f"concept {str(concept)!r} has no forget prompts")
         if not prompts.retain:
-            prompts = PromptSet(prompts.forget, prompts.anchors, sorted(set(prompts.anchors)) + [""])
+            prompts = PromptSet(prompts.forget, prompts.anchors, sorted(set(prompts.anchors)) + [""],
+                                forget_sources=prompts.forget_sources)
         return concept, prompts
 
     def _setup_targets(self) -> None:

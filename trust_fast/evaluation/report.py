@@ -27,7 +27,8 @@ def full_report(pipe, spec: ConceptSpec, reference=None, attack: str = "none", c
                 n_per_prompt: int = 4, seed: int = 0, steps: int = DEFAULT_STEPS,
                 guidance: float = DEFAULT_GUIDANCE, softprompt_steps: int = 40, softprompt_k: int = 5,
                 grids: str | None = None, settings: dict | None = None,
-                attack_n_per_prompt: int | None = None, retain_n_per_prompt: int | None = None) -> dict:
+                attack_n_per_prompt: int | None = None, retain_n_per_prompt: int | None = None,
+                leak: bool = False, leak_n_per_prompt: int | None = None) -> dict:
     """evaluate() plus, with a reference (the original model), fd on the retain prompts, plus attacks.
     `attack`: 'none', 'all' or a comma-separated list of :data:`ATTACKS`; `settings`: per-attack
     keywords (see :func:`attack_settings`); `attack_n_per_prompt`: attacked images per forget prompt
@@ -35,7 +36,9 @@ def full_report(pipe, spec: ConceptSpec, reference=None, attack: str = "none", c
     fd and the retain grid (default `n_per_prompt`). The optimized attacks (softprompt, embedding, inversion)
     need the reference: they attack with the original model's images.
     `grids`: a directory for ``forget.png`` and ``retain.png``, labelled original | evaluated
-    images from the same noise (needs the reference)."""
+    images from the same noise (needs the reference).
+    `leak`: add the leak scan over the world's whole prompt space (:func:`.leak.leak_scan`), with
+    `leak_n_per_prompt` images per prompt (default `n_per_prompt`)."""
     from ..world import load_classifier
 
     attacks = parse_attacks(attack)
@@ -72,6 +75,10 @@ def full_report(pipe, spec: ConceptSpec, reference=None, attack: str = "none", c
         else:
             report.update(run_optimized(name, pipe, reference, spec, classifier, settings[name],
                                         n_per_prompt=n_attacked, seed=seed, steps=steps, guidance=guidance))
+    if leak:
+        from .leak import leak_scan
+
+        report.update(leak_scan(pipe, spec, classifier, leak_n_per_prompt or n_per_prompt, seed, steps, guidance))
     report["skipped"] = skipped
     report["seconds"] = time.perf_counter() - t0
     return report

@@ -27,7 +27,7 @@ def shows(spec: ConceptSpec, attrs: dict[str, str]) -> bool:
 
 
 def world_prompts(spec: ConceptSpec, templates: range | list[int] | None = None,
-                  synonyms: bool = False, every_template: bool = False) -> PromptSet:
+                  synonyms: bool = False, every_template: bool = False, partial: bool = False) -> PromptSet:
     """Forget/anchor/retain prompts of the shapes world for a parsed spec.
 
     Each fully described image kind (texture, color, shape) is one prompt; templates rotate over
@@ -41,12 +41,15 @@ def world_prompts(spec: ConceptSpec, templates: range | list[int] | None = None,
     alternating between the two costs red non-circles 12%.
     With `synonyms`, each prompt's concept words are written as their first synonym (paraphrases).
     With `every_template`, each description appears once per template instead (training sets).
+    With `partial`, the prompts that name only part of the concept join the set (:func:`partial_prompts`),
+    once, templates rotating.
     """
     if every_template:
         sets = [world_prompts(spec, [t], synonyms) for t in (templates if templates is not None
                                                                else range(vocab.N_UNLEARN_TEMPLATES))]
-        return PromptSet(*(sum((getattr(s, f) for s in sets), []) for f in
-                           ("forget", "anchors", "retain", "forget_attrs", "retain_attrs")))
+        out = PromptSet(*(sum((getattr(s, f) for s in sets), []) for f in
+                          ("forget", "anchors", "retain", "forget_attrs", "retain_attrs")))
+        return partial_prompts(spec, out, templates) if partial else out
     templates = list(templates if templates is not None else range(vocab.N_UNLEARN_TEMPLATES))
     forget, anchors, retain, f_attrs, r_attrs = [], [], [], [], []
     for d in vocab.descriptions():
@@ -65,7 +68,103 @@ def world_prompts(spec: ConceptSpec, templates: range | list[int] | None = None,
         else:
             retain.append(vocab.caption(d, templates[len(retain) % len(templates)]))
             r_attrs.append(d)
-    return PromptSet(forget, anchors, retain, f_attrs, r_attrs)
+    out = PromptSet(forget, anchors, retain, f_attrs, r_attrs)
+    return partial_prompts(spec, out, templates) if partial else out
 
 
-__all__ = ["canonical", "shows", "world_prompts"]
+def _views(spec: ConceptSpec, d: dict[str, str]) -> list[dict[str, str]]:
+    """The partial descriptions of `d`, an image kind showing the concept: every subset of its
+    attributes that leaves out at least one of the concept's."""
+    import itertools
+
+    named = {vocab.meaning(t).attribute for t in spec.terms()}
+    keys = [a for a in vocab.ATTRIBUTE_ORDER if a in d]
+    subsets = itertools.chain.from_iterable(itertools.combinations(keys, r) for r in range(len(keys)))
+    return [{a: d[a] for a in sub} for sub in subsets if not named <= set(sub)]
+
+
+def _phrasings(view: dict[str, str], template: int) -> list[str]:
+    """A partial description as prompts: with the noun ("a red shape") and, without a shape, as bare
+    adjectives too ("a red"); the description of nothing is "a shape" and the empty prompt."""
+    text = vocab.caption(view, template)
+    if "shape" in view:
+        return [text]
+    bare = vocab.TEMPLATES[template].format(vocab.describe(view)[:-len("shape")].strip()).strip()
+    return [text, bare if view else ""]
+
+
+def _other(d: dict[str, str], term: str, k: int) -> dict[str, str]:
+    """`d` with the attribute `term` names set to another value, the k-th alternative (rotating)."""
+    attr = vocab.meaning(term).attribute
+    others = [v for v in vocab.values(attr) if v != term]
+    return dict(d, **{attr: others[k % len(others)]})
+
+
+def partial_prompts(spec: ConceptSpec, base: PromptSet, templates=None) -> PromptSet:
+    """`base` with the prompts that name only part of the concept: what a model erased on `base`
+    alone still draws ("a red" gave red circles 62% of the time after "red+circle" was erased).
+
+    For each image kind showing the concept and each of its partial descriptions (:func:`_views`),
+    in each phrasing, templates rotating:
+    - forget: the partial prompt trains on images of the whole kind ("a red" on "a plain red
+      circle"), mapped to the kind with one named part changed: the part the prompt leaves out when
+      it names the other ("a red" -> "a plain red square": A with another B), else A ("a circle",
+      "a plain shape", "" -> "a plain blue circle");
+    - retain: the same partial prompt on images of that changed kind ("a red" on "a plain red
+      square"), distilled unchanged: what the prompt draws that is not the concept stays."""
+    templates = list(templates if templates is not None else range(vocab.N_UNLEARN_TEMPLATES))
+    forget, anchors, sources, f_attrs = [], [], [], []
+    retain, r_sources, r_attrs = [], [], []
+    named = {vocab.meaning(t).attribute: t for t in spec.terms()}
+    k = 0
+    for d in vocab.descriptions():
+        if not shows(spec, d):
+            continue
+        for view in _views(spec, d):
+            kept = [t for a, t in named.items() if a in view]
+            changed = [t for t in spec.terms() if t not in kept][0] if kept else spec.a
+            tpl = templates[k % len(templates)]
+            for text in _phrasings(view, tpl):
+                target, full = _other(d, changed, k), tpl
+                forget.append(text)
+                anchors.append(vocab.caption(target, full))
+                sources.append(vocab.caption(d, full))
+                f_attrs.append(d)
+                retain.append(text)
+                r_sources.append(vocab.caption(target, full))
+                r_attrs.append(target)
+                k += 1
+    return PromptSet(base.forget + forget, base.anchors + anchors, base.retain + retain,
+                     base.forget_attrs + f_attrs, base.retain_attrs + r_attrs,
+                     base.image_prompts("forget") + sources, base.image_prompts("retain") + r_sources)
+
+
+def leak_prompts(spec: ConceptSpec) -> list[tuple[str, dict[str, str]]]:
+    """Every prompt of the world that could show `spec`, as (prompt, the attributes it names).
+
+    A prompt could show the concept when no attribute it names contradicts it: each attribute the
+    concept names is either left out or given the concept's value; the others are left out or given
+    any value. Each such description appears in every template (held-out ones included) and with
+    every synonym of the concept's words; a description without a shape is written both with the
+    generic noun and as bare adjectives ("a red shape", "a red"). The empty prompt "" appears once
+    per template, so it gets as many images as one wording of a description. "a red" (only A of
+    "red+circle"), "a striped shape" and "" are all in it: the prompts that do not name every part
+    of the concept."""
+    import itertools
+
+    named = {vocab.meaning(t).attribute: t for t in spec.terms()}
+    choices = [[None] + ([named[a]] if a in named else vocab.values(a)) for a in vocab.ATTRIBUTE_ORDER]
+    out: list[tuple[str, dict[str, str]]] = []
+    for combo in itertools.product(*choices):
+        attrs = {a: v for a, v in zip(vocab.ATTRIBUTE_ORDER, combo) if v is not None}
+        words = [[(a, w) for w in (v, *vocab.ATTRIBUTES[a][v])] for a, v in attrs.items() if a in named]
+        for wording in itertools.product(*words):
+            phrase = vocab.describe(attrs, dict(wording))
+            # without a shape, the generic noun and the bare adjectives ("a red shape", "a red")
+            phrases = [phrase] if "shape" in attrs else [phrase, phrase[:-len("shape")].strip()]
+            out += [(t.format(p).strip(), attrs) for p in phrases for t in vocab.TEMPLATES]
+    out += [("", {})] * len(vocab.TEMPLATES)
+    return out
+
+
+__all__ = ["canonical", "leak_prompts", "partial_prompts", "shows", "world_prompts"]

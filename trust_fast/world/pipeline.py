@@ -25,12 +25,13 @@ class ShapesPipeline(DiffusionPipeline):
 
         return parse_concept(text, world=True)
 
-    def concept_prompts(self, spec):
+    def concept_prompts(self, spec, partial: bool = False):
         """The world's training prompt sets for a concept (TrustUnlearner's default prompts): every
-        description under each unlearning template."""
+        description under each unlearning template; with `partial`, the prompts that name only part
+        of the concept too (trust_fast.world.concepts.partial_prompts)."""
         from .concepts import world_prompts
 
-        return world_prompts(spec, every_template=True)
+        return world_prompts(spec, every_template=True, partial=partial)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
