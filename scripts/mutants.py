@@ -243,7 +243,26 @@ MUTANTS = [
            "**PREDATED_FIELDS, **state[\"config\"]", "**state[\"config\"]",
            ("tests/test_checkpoint.py::test_a_checkpoint_from_before_a_field_reads_as_what_the_code_did_then",),
            "a checkpoint without a later field reads it as today's default, not as what the code did then"),
-
+    # the leak scan and partial prompts (#34)
+    Mutant("partial_prompts_train_on_their_own_images", "trust_fast/engine/data.py",
+           "return getattr(self, kind) if own is None else own", "return getattr(self, kind)",
+           ("tests/engine/test_engine.py::test_partial_prompts_train_on_the_whole_concepts_images",),
+           "a partial prompt's pool is sampled from its own prompt (\"a red\" draws red circles a third of the "
+           "time), not from the whole concept's"),
+    Mutant("partial_anchor_keeps_the_concept", "trust_fast/world/concepts.py",
+           "                target, full = _other(d, changed, k), tpl",
+           "                target, full = d, tpl",
+           ("tests/world/test_world_concepts.py::test_partial_prompts_map_the_whole_concept_to_a_changed_part_and_keep_the_rest",),
+           "partial prompts are mapped onto the concept itself (their anchors change nothing)"),
+    Mutant("leak_scan_counts_the_wrong_images", "trust_fast/evaluation/leak.py",
+           "hits = [shows(spec, a) for a in", "hits = [not shows(spec, a) for a in",
+           ("tests/evaluation/test_leak.py::test_the_worst_description_is_found",),
+           "the leak scan counts the images without the concept"),
+    Mutant("leak_max_over_the_wrong_table", "trust_fast/evaluation/leak.py",
+           "worst_desc = max(desc, key=lambda key: (desc[key][\"rate\"], desc[key][\"k\"]))",
+           "worst_desc = min(desc, key=lambda key: (desc[key][\"rate\"], desc[key][\"k\"]))",
+           ("tests/evaluation/test_leak.py::test_the_worst_description_is_found",),
+           "leak_max is the least leaking description"),
 ]
 
 
