@@ -25,11 +25,15 @@ import torch
 from trust_fast.evaluation.metrics import wilson
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-PARTS = ("red", "pair", "paraphrase", "attack", "adv", "embedding", "default")
+PARTS = ("red", "pair", "paraphrase", "attack", "adv", "embedding", "default", "partial")
 
 
 def load_test_module():
-    spec = importlib.util.spec_from_file_location("test_behaviour", os.path.join(ROOT, "tests", "test_behaviour.py"))
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))  # conftest's directory: helpers the test file may import
+    spec = importlib.util.spec_from_file_location("test_behaviour", os.path.join(ROOT, "tests", "methods",
+                                                                                 "test_behaviour.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -52,10 +56,10 @@ def run(seeds: list[int], parts: list[str], out: str) -> None:
     for s in seeds:
         models = {}
 
-        def model(concept, adv=False):
-            if (concept, adv) not in models:
-                models[concept, adv] = tb.unlearn(original, concept, s, adv)
-            return models[concept, adv]
+        def model(concept, adv=False, partial=False):
+            if (concept, adv, partial) not in models:
+                models[concept, adv, partial] = tb.unlearn(original, concept, s, adv, partial)
+            return models[concept, adv, partial]
 
         for part in parts:
             if (s, part) in have:
@@ -78,6 +82,13 @@ def run(seeds: list[int], parts: list[str], out: str) -> None:
                 spec = parse_concept("red")
                 rec["before"] = tb.measure(original, clf, spec, tb.SEED)
                 rec["after"] = tb.measure(tb.unlearn_default(original, "red", s), clf, spec, tb.SEED)
+            elif part == "partial":  # held-out prompts naming one part of red+circle, without and with partial prompts
+                spec = parse_concept("red+circle")
+                rec["original"] = tb.measure_partial(original, clf, spec, s)
+                rec["without"] = tb.measure_partial(model("red+circle"), clf, spec, s)
+                rec["with"] = tb.measure_partial(model("red+circle", partial=True), clf, spec, s)
+                rec["before"] = tb.measure(original, clf, spec, s)
+                rec["after"] = tb.measure(model("red+circle", partial=True), clf, spec, s)
             elif part == "embedding":
                 spec = parse_concept(tb.ATTACK_CONCEPT)
                 rec["embedding"] = tb.embedding(model(tb.ATTACK_CONCEPT), original, clf, spec, s)
@@ -136,6 +147,16 @@ def summary(path: str) -> str:
             add("red, TrustConfig() as shipped: retain ratio", None, s, a["retain"] / b["retain"])
         elif r["part"] == "embedding":
             add("striped: embedding ASR, unprotected", r["embedding"]["n"], s, r["embedding"]["asr"])
+        elif r["part"] == "partial":
+            for k, what in (("original", "original"), ("without", "unlearned without partial prompts"),
+                            ("with", "unlearned with partial prompts")):
+                add(f"red+circle under prompts naming one part: {what}", r[k]["n"], s, r[k]["rate"])
+            add("red+circle under prompts naming one part: without minus with", None, s,
+                r["without"]["rate"] - r["with"]["rate"])
+            b, a = r["before"], r["after"]
+            add("red+circle with partial prompts: forget rate, unlearned", a["n_forget"], s, a["rate"])
+            for k in ("a", "b"):
+                add(f"red+circle with partial prompts: {k}_kept ratio", None, s, a[f"{k}_kept"] / b[f"{k}_kept"])
     seeds = sorted({r["seed"] for r in recs})
     for r in recs:  # the embedding attack's gain over the prefix (same model, prompts and images)
         if r["part"] == "embedding":

@@ -100,6 +100,8 @@ class TrustConfig:
     partial_prompts: str = _knob("method", "off", "the prompts that name only part of the concept (\"a red\" for "
                                  "red+circle, the empty prompt) also learn to forget it: on | off | auto (on for A+B "
                                  "and A|B)", choices=PARTIAL_MODES, flag={})
+    partial_fraction: float = _knob("method", 0.75, "with partial prompts: the fraction of a forget batch drawn from "
+                                    "them (the rest from the prompts that name the whole concept)", flag={})
     eta: float = _knob("method", 1.0, "negative-guidance scale of the esd objective")
     targets: tuple[str, ...] | None = _knob(
         "localization", None, "glob patterns of the modules to edit, or the family's sets @default "
@@ -238,6 +240,7 @@ def _check_method(cfg: TrustConfig) -> None:
     objectives.check(cfg.retain_objective)
     _require_at_least_one(cfg, "steps", "batch_size", "retain_batch_size")
     _require_fraction(cfg, "retain_neighbors")
+    _require_fraction(cfg, "partial_fraction")
     _require_finite_non_negative(cfg, "alpha", "eta")
     if not 0 <= cfg.seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {cfg.seed}")

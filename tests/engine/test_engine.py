@@ -160,6 +160,22 @@ def test_partial_prompts_train_on_the_whole_concepts_images(untrained_world, par
             assert getattr(u.emb, f"{kind}_images") is None
     u.prepare()
     assert u.pools["forget"].shape[0] == len(expected.forget) and u.pools["retain"].shape[0] == len(expected.retain)
+    # a forget batch draws partial_fraction of its rows from the partial prompts, the rest from the whole concept's
+    partial = set(expected.partial_forget())
+    assert bool(partial) == added
+    rows = u.data._forget_rows(16).tolist()
+    assert sum(r in partial for r in rows) == (round(u.config.partial_fraction * 16) if added else 0)
+    # a partial retain entry ("a red" on red squares) is distilled toward the frozen model on its source
+    rb = u.retain_batch(64)
+    if not added:
+        assert rb.anchor is None
+    else:
+        own, src = u.emb.retain, u.emb.retain_images
+        moved = [k for k in range(64) if not torch.equal(rb.anchor[k], rb.cond[k])]
+        assert moved
+        for k in moved:
+            assert any(torch.equal(rb.cond[k], own[j]) and torch.equal(rb.anchor[k], src[j]) and
+                       not torch.equal(own[j], src[j]) for j in range(own.shape[0]))
     u.step()
 
 

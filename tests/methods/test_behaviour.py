@@ -19,7 +19,7 @@ import pytest
 
 from trust_fast import TrustConfig, TrustUnlearner
 from trust_fast.concepts import ConceptSpec, parse_concept
-from trust_fast.world.concepts import shows, world_prompts
+from trust_fast.world.concepts import leak_prompts, shows, world_prompts
 from trust_fast.evaluation import embedding_attack, paraphrase_attack, softprompt_attack
 from trust_fast.evaluation.metrics import attribute_accuracy, predict_attrs, sample_images
 from trust_fast.world import vocab
@@ -38,6 +38,7 @@ ATTACK = dict(k=5, attack_steps=30, lr=0.01, n_images=4, n_per_prompt=8)
 EMBEDDING = dict(attack_steps=100, lr=0.01, n_images=4, n_per_prompt=8)  # the embedding attack's defaults
 ATTACK_DESCRIPTIONS = (("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "circle"))
 N_PARAPHRASE = 2                                # images per prompt of the paraphrase attack
+N_PARTIAL = 4                                   # images per held-out prompt naming one part of a pair
 HELD_OUT = range(vocab.N_UNLEARN_TEMPLATES, len(vocab.TEMPLATES))
 
 # Limits. Measured with benchmarks/behaviour_spread.py over training seeds 0-4 (same settings; the
@@ -88,6 +89,15 @@ def held_out(spec: ConceptSpec) -> dict:
             "retain": plain.retain, "retain_attrs": plain.retain_attrs}
 
 
+def partial_held_out(spec: ConceptSpec) -> list[str]:
+    """Held-out prompts that name one part of a pair and not the other: the held-out templates,
+    each part alone or with a texture, with and without the noun, as itself and as its synonym
+    ("a photo of a crimson", "a drawing of a striped disc"); from the leak scan's prompt space."""
+    named = {vocab.meaning(t).attribute for t in spec.terms()}
+    starts = tuple(vocab.TEMPLATES[t].format("").strip() + " " for t in HELD_OUT)
+    return sorted({p for p, a in leak_prompts(spec) if len(named & set(a)) == 1 and p.startswith(starts)})
+
+
 def training_prompts(spec: ConceptSpec):
     """What TrustUnlearner trains on for a world concept (its own default)."""
     return world_prompts(spec, every_template=True)
@@ -100,10 +110,11 @@ def attack_prompts(spec: ConceptSpec) -> list[str]:
             for d in ATTACK_DESCRIPTIONS]
 
 
-def unlearn(pipe, concept: str, seed: int, adv: bool = False):
-    """A copy of `pipe` unlearned with the tests' settings."""
+def unlearn(pipe, concept: str, seed: int, adv: bool = False, partial: bool = False):
+    """A copy of `pipe` unlearned with the tests' settings (`partial`: with the partial prompts)."""
     pipe = copy.deepcopy(pipe)
-    TrustUnlearner(pipe, concept, TrustConfig(seed=seed, **{**TRAIN, **(ADV if adv else {})})).run()
+    extra = {**(ADV if adv else {}), **({"partial_prompts": "on"} if partial else {})}
+    TrustUnlearner(pipe, concept, TrustConfig(seed=seed, **{**TRAIN, **extra})).run()
     return pipe
 
 
@@ -144,6 +155,14 @@ def measure(pipe, classifier, spec: ConceptSpec, seed: int, forget: bool = True)
     return out
 
 
+def measure_partial(pipe, classifier, spec: ConceptSpec, seed: int) -> dict:
+    """How often the held-out prompts naming one part of a pair (partial_held_out) draw the pair."""
+    prompts = partial_held_out(spec)
+    pred = predict_attrs(classifier, sample_images(pipe, prompts, N_PARTIAL, seed + 2, SAMPLE_STEPS))
+    hits = sum(shows(spec, p) for p in pred)
+    return {"rate": hits / len(pred), "hits": hits, "n": len(pred)}
+
+
 def attack(pipe, original, classifier, spec: ConceptSpec, seed: int, lr: float | None = None) -> dict:
     """The soft-prompt attack with the tests' settings; `lr` 0 keeps the random starting prefix."""
     cfg = dict(ATTACK, **({} if lr is None else {"lr": lr}))
@@ -178,14 +197,14 @@ def _once(store: dict, key, make):
     return store[key]
 
 
-def _model(shapes_pipe, concept: str, adv: bool = False):
+def _model(shapes_pipe, concept: str, adv: bool = False, partial: bool = False):
     """(key, unlearned model), trained once per session. Keyed by what training sees:
     "red+circle" and "red|circle" have the same prompt sets in the world (asserted by
     test_pair_concepts_train_on_the_same_prompts), so they are one training run."""
     spec = parse_concept(concept)
     p = training_prompts(spec)
-    key = (tuple(p.forget), tuple(p.anchors), tuple(p.retain), tuple(p.neighbors(spec)), adv)
-    return key, _once(_models, key, lambda: unlearn(shapes_pipe, concept, SEED, adv))
+    key = (tuple(p.forget), tuple(p.anchors), tuple(p.retain), tuple(p.neighbors(spec)), adv, partial)
+    return key, _once(_models, key, lambda: unlearn(shapes_pipe, concept, SEED, adv, partial))
 
 
 def _measure(model_key, pipe, classifier, concept: str, forget: bool = True) -> dict:
@@ -267,6 +286,29 @@ def test_pair_is_forgotten_on_held_out_prompts_and_its_parts_kept(shapes_pipe, c
     assert after["a_kept"] >= PAIR["kept_ratio"] * before["a_kept"], (before, after)
     assert after["b_kept"] >= PAIR["kept_ratio"] * before["b_kept"], (before, after)
     assert after["forget_b_kept"] >= PAIR["forget_b_kept"], after
+
+
+@pytest.mark.slow
+def test_partial_prompts_erase_the_pair_under_prompts_that_name_one_part(shapes_pipe, classifier):
+    """A run without the partial prompts leaves red circles under "a red" / "a circle" (held-out
+    templates and synonyms); with them (partial_prompts="on") those prompts draw red circles far
+    less often, and red non-circles stay red, other circles stay circles.
+    Catches: partial prompts trained on their own images (data.py Embeddings.images_of) or mapped
+    onto the concept itself (world/concepts.py partial_prompts)."""
+    spec = parse_concept("red+circle")
+    key, plain = _model(shapes_pipe, "red+circle")
+    part_key, part = _model(shapes_pipe, "red+circle", partial=True)
+    before = _once(_results, ("partial", "original"), lambda: measure_partial(shapes_pipe, classifier, spec, SEED))
+    without = _once(_results, ("partial", key), lambda: measure_partial(plain, classifier, spec, SEED))
+    with_ = _once(_results, ("partial", part_key), lambda: measure_partial(part, classifier, spec, SEED))
+    assert before["rate"] >= PARTIAL["orig_rate"], before
+    assert with_["rate"] <= PARTIAL["rate"], (before, without, with_)
+    assert without["rate"] - with_["rate"] >= PARTIAL["drop"], (without, with_)
+    orig = _measure("original", shapes_pipe, classifier, "red+circle")
+    after = _measure(part_key, part, classifier, "red+circle")
+    assert after["rate"] <= PAIR["rate"], after
+    assert after["a_kept"] >= PARTIAL["kept_ratio"] * orig["a_kept"], (orig, after)
+    assert after["b_kept"] >= PARTIAL["kept_ratio"] * orig["b_kept"], (orig, after)
 
 
 @pytest.mark.slow

@@ -60,11 +60,18 @@ class DataFreeCache:
             sampling uses unless config.x0_guidance sets one.
         forget_images: cache the forget images even when batches do not draw from them (the
             method's localization reads them, as SalUn's mask does).
+        partial: (P,) int64 forget entries that are partial prompts (PromptSet.partial_forget);
+            a forget batch draws round(config.partial_fraction * n) of its rows from them and the
+            rest from the other entries.
     """
 
     def __init__(self, family, denoiser, noising, emb: Embeddings, neighbors: Tensor, config, generator,
-                 guidance: float, forget_images: bool = False):
+                 guidance: float, forget_images: bool = False, partial: Tensor | None = None):
         self.family, self.denoiser, self.noising, self.emb = family, denoiser, noising, emb
+        self.partial = partial if partial is not None else torch.zeros(0, dtype=torch.int64)
+        whole = torch.ones(emb.forget.shape[0], dtype=torch.bool)
+        whole[self.partial.cpu()] = False
+        self.whole = whole.nonzero().flatten().to(self.partial.device)
         self.neighbors, self.config, self.generator = neighbors, config, generator
         self.default_guidance, self.forget_images_wanted = guidance, forget_images
         self.device = denoiser.device
@@ -140,7 +147,7 @@ class DataFreeCache:
         """n forget examples; the last round(fraction * n) see their prompt behind one of the
         adversary's conditionings `adversarial` (each (forget prompts, L, D))."""
         cfg = self.config
-        i = self._randint(self.emb.forget.shape[0], n)
+        i = self._forget_rows(n)
         j = self._randint(cfg.x0_per_prompt, n)
         sources = X0_POOLS[cfg.x0_from]
         x0 = self.pools[sources[0]][i, j]
@@ -159,6 +166,16 @@ class DataFreeCache:
             cond = torch.cat([cond[:n - k], behind])
         return Batch(noisy, t, cond, x0, noise, self.emb.anchor[i])
 
+    def _forget_rows(self, n: int) -> Tensor:
+        """n forget entries, uniform; with partial prompts, round(partial_fraction * n) of them from
+        the partial entries and the rest from the whole-concept ones (so that the many partial
+        prompts do not crowd out the prompts that name the whole concept)."""
+        if not self.partial.numel() or not self.whole.numel():
+            return self._randint(self.emb.forget.shape[0], n)
+        k = round(self.config.partial_fraction * n)
+        return torch.cat([self.whole[self._randint(self.whole.numel(), n - k)],
+                          self.partial[self._randint(self.partial.numel(), k)]])
+
     def retain_batch(self, n: int, adversarial: list[Tensor], fraction: float) -> Batch:
         """n retain examples, the first round(retain_neighbors * n) from the concept's neighbours
         (A without B, B without A); the last round(fraction * n) behind an adversary's prefix."""
@@ -175,7 +192,17 @@ class DataFreeCache:
         if k:
             which = self._randint(len(adversarial), k)
             cond = torch.cat([cond[:n - k], torch.stack(adversarial)[which, i[n - k:]]])
-        return Batch(noisy, t, cond, x0, noise)
+        return Batch(noisy, t, cond, x0, noise, self._retain_targets(i, cond))
+
+    def _retain_targets(self, i: Tensor, cond: Tensor) -> Tensor | None:
+        """The conditioning of the retain batch's distillation targets where it is not the batch's own:
+        an entry that trains on another prompt's images (a partial prompt, "a red" on red squares) is
+        distilled toward the frozen model on that prompt ("a plain red square"), so that the kept
+        target does not pull the partial prompt back toward the concept. None when no entry has one."""
+        if self.emb.retain_images is None:
+            return None
+        other = (self.emb.retain_images != self.emb.retain).flatten(1).any(1)[i]
+        return torch.where(other.view(-1, *[1] * (cond.dim() - 1)), self.emb.retain_images[i], cond)
 
     def forget_images(self, n: int) -> tuple[Tensor, Tensor]:
         """n images drawn from the forget pool (the adversary's training data) and their prompts' indices."""

@@ -41,10 +41,13 @@ class RunMixin:
         # one frozen forward for the anchor targets of the forget batch and the distillation
         # targets of the retain batch
         f_target = r_target = None
+        r_cond = None if rb is None else rb.cond if rb.anchor is None else rb.anchor  # partial prompts: sources
         if cfg.forget_objective == "anchor" and use_retain and cfg.retain_objective == "distill":
             both = self.frozen_pred(torch.cat([fb.noisy, rb.noisy]), torch.cat([fb.t, rb.t]),
-                                    torch.cat([fb.anchor, rb.cond]))
+                                    torch.cat([fb.anchor, r_cond]))
             f_target, r_target = both.split([fb.noisy.shape[0], rb.noisy.shape[0]])
+        elif use_retain and cfg.retain_objective == "distill" and rb.anchor is not None:
+            r_target = self.frozen_pred(rb.noisy, rb.t, r_cond)
         loss_f = self.forget_loss(fb.noisy, fb.t, fb.cond, fb.anchor, target=f_target)
         # the retain pass runs once the forget gradient is taken and its graph freed; on steps that
         # differentiate it twice, a micro-batch at a time

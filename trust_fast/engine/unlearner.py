@@ -79,7 +79,8 @@ class TrustUnlearner(UpdateMixin, RunMixin):
         self.localization = methods.base.localization(self)
         self.data = DataFreeCache(self.family, self.denoiser, self.noising, self.emb,
                                   torch.tensor(neighbors, dtype=torch.int64, device=self.device), cfg, self.generator,
-                                  pipeline_guidance(pipe), self.localization.needs_forget_images)
+                                  pipeline_guidance(pipe), self.localization.needs_forget_images,
+                                  torch.tensor(self.prompts.partial_forget(), dtype=torch.int64, device=self.device))
         self.optimizer = self.localization.optimizer
         self.hessian = HessianTerm(self)
         self.adversary = Adversary(self.family, self.prompts, cfg, self.generator, self.device)

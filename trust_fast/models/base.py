@@ -256,6 +256,16 @@ class JointTransformer(PackedPooled, Family):
     denoiser_name = "transformer"
     prediction_type = "flow"
     transformer_class = "?"
+    t5_tokens = 256
+
+    def __init_subclass__(cls, transformer: str | None = None, t5_tokens: int | None = None, **kwargs):
+        """A joint-transformer family names its denoiser's class and its T5 sequence length where it
+        is declared: ``class Flux(JointTransformer, transformer="FluxTransformer2DModel", t5_tokens=512)``."""
+        super().__init_subclass__(**kwargs)
+        if transformer is not None:
+            cls.transformer_class = transformer
+        if t5_tokens is not None:
+            cls.t5_tokens = t5_tokens
 
     def __init__(self, pipe):
         super().__init__(pipe)

@@ -61,13 +61,11 @@ def calculate_shift(seq_len: int, config) -> float:
 
 
 @register_family
-class Flux(JointTransformer):
+class Flux(JointTransformer, transformer="FluxTransformer2DModel", t5_tokens=512):  # FluxPipeline's T5 length
     """FLUX.1 dev / schnell: T5 states + CLIP pooled, packed latents, distilled guidance, flow matching."""
 
     name = "flux"
-    transformer_class = "FluxTransformer2DModel"
     pipeline_classes = ("FluxPipeline",)
-    t5_tokens = 512  # FluxPipeline's default max_sequence_length
 
     def __init__(self, pipe):
         super().__init__(pipe)

@@ -13,13 +13,11 @@ from .registry import register_family
 
 
 @register_family
-class StableDiffusion3(JointTransformer):
+class StableDiffusion3(JointTransformer, transformer="SD3Transformer2DModel", t5_tokens=256):  # pipeline T5 length
     """SD3 / SD3.5 (MMDiT): CLIP-L, CLIP-G and optional T5 states, pooled projections, flow matching."""
 
     name = "sd3"
-    transformer_class = "SD3Transformer2DModel"
     pipeline_classes = ("StableDiffusion3Pipeline",)
-    t5_tokens = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
     def prompt_encoders(self) -> list[tuple]:
         p = self.pipe

@@ -111,7 +111,12 @@ def partial_prompts(spec: ConceptSpec, base: PromptSet, templates=None) -> Promp
       it names the other ("a red" -> "a plain red square": A with another B), else A ("a circle",
       "a plain shape", "" -> "a plain blue circle");
     - retain: the same partial prompt on images of that changed kind ("a red" on "a plain red
-      square"), distilled unchanged: what the prompt draws that is not the concept stays."""
+      square"), distilled toward the frozen model on that kind's prompt (the engine does so for every
+      entry with an image source), so that "a red" keeps drawing red squares and triangles without
+      its target pulling it back toward circles.
+    The empty prompt is only kept, never erased: it is the unconditional half of classifier-free
+    guidance, and moving it away from the concept moves every guided prediction toward it
+    (measured on red+circle, seed 0: UA 0.010 -> 0.698 with "" among the forget prompts)."""
     templates = list(templates if templates is not None else range(vocab.N_UNLEARN_TEMPLATES))
     forget, anchors, sources, f_attrs = [], [], [], []
     retain, r_sources, r_attrs = [], [], []
@@ -126,10 +131,11 @@ def partial_prompts(spec: ConceptSpec, base: PromptSet, templates=None) -> Promp
             tpl = templates[k % len(templates)]
             for text in _phrasings(view, tpl):
                 target, full = _other(d, changed, k), tpl
-                forget.append(text)
-                anchors.append(vocab.caption(target, full))
-                sources.append(vocab.caption(d, full))
-                f_attrs.append(d)
+                if text:  # the empty prompt is the guidance's unconditional: kept only (below)
+                    forget.append(text)
+                    anchors.append(vocab.caption(target, full))
+                    sources.append(vocab.caption(d, full))
+                    f_attrs.append(d)
                 retain.append(text)
                 r_sources.append(vocab.caption(target, full))
                 r_attrs.append(target)
