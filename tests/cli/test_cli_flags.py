@@ -15,7 +15,8 @@ from helpers import REPO
 
 ROOT = REPO
 FIELDS = {f.name: f for f in fields(TrustConfig)}
-# `trust-fast unlearn`'s TrustConfig flags before they were made from the fields (the 0.1 parser):
+# `trust-fast unlearn`'s TrustConfig flags before they were made from the fields (the 0.1 parser, and those
+# added since):
 # field -> (argparse type or action, choices, metavar, extra options); every one defaults to None
 UNLEARN_FLAGS = {
     "steps": (int, None, None, {}), "hessian": (None, ("hvp", "diag", "none"), None, {}), "lr": (float, None, None, {}),
@@ -28,6 +29,8 @@ UNLEARN_FLAGS = {
     "compile_unet": (None, None, "BACKEND", {"nargs": "?", "const": "aot_eager"}),
     "channels_last": ("store_true", None, None, {}), "grad_checkpointing": ("store_true", None, None, {}),
     "hessian_micro_batch": (int, None, "N", {}), "amp": (None, ("auto", "bf16", "fp16", "off"), None, {}),
+    # added since (#34)
+    "partial_prompts": (None, ("off", "on", "auto"), None, {}), "partial_fraction": (float, None, None, {}),
 }
 # a command line setting every one of them, and the value each field must get
 GIVEN = {"steps": ("7", 7), "hessian": ("hvp", "hvp"), "lr": ("0.5", 0.5), "xi": ("1.5", 1.5),
@@ -36,7 +39,8 @@ GIVEN = {"steps": ("7", 7), "hessian": ("hvp", "hvp"), "lr": ("0.5", 0.5), "xi":
          "min_row_updates": ("1", 1), "adv_prefix": ("3", 3), "adv_mode": ("tokens", "tokens"),
          "batch_size": ("4", 4), "x0_per_prompt": ("2", 2), "x0_retain_per_prompt": ("1", 1), "x0_steps": ("3", 3),
          "compile_unet": (None, "aot_eager"), "channels_last": (None, True), "grad_checkpointing": (None, True),
-         "hessian_micro_batch": ("2", 2), "amp": ("off", "off")}
+         "hessian_micro_batch": ("2", 2), "amp": ("off", "off"), "partial_prompts": ("auto", "auto"),
+         "partial_fraction": ("0.5", 0.5)}
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:
