@@ -88,10 +88,6 @@ class PromptSet:
             raise ValueError(f"{len(sources)} {kind} sources for {len(own)} {kind} prompts")
         return list(sources) if sources else list(own)
 
-    def partial_forget(self) -> list[int]:
-        """Indices of the forget entries that train on another prompt's images (the partial prompts)."""
-        return [i for i, (p, src) in enumerate(zip(self.forget, self.image_prompts("forget"))) if p != src]
-
     def with_partials(self, spec: "ConceptSpec") -> "PromptSet":
         """This set with the prompts that name only part of the concept added to the forget side,
         derived from the words (for prompts of your own; the shapes world builds its own from

@@ -39,6 +39,11 @@ class Embeddings:
         own = getattr(self, f"{kind}_images")
         return getattr(self, kind) if own is None else own
 
+    def sourced(self, kind: str) -> Tensor:
+        """(N,) bool: the `kind` entries whose images are another prompt's (the partial prompts; the
+        other rows of `<kind>_images` are copies of their own conditioning)."""
+        return (self.images_of(kind) != getattr(self, kind)).flatten(1).any(1)
+
 
 def pipeline_guidance(pipe) -> float:
     """The classifier-free guidance scale a pipeline samples with by default (7.5 when it names none)."""
@@ -60,18 +65,18 @@ class DataFreeCache:
             sampling uses unless config.x0_guidance sets one.
         forget_images: cache the forget images even when batches do not draw from them (the
             method's localization reads them, as SalUn's mask does).
-        partial: (P,) int64 forget entries that are partial prompts (PromptSet.partial_forget);
-            a forget batch draws round(config.partial_fraction * n) of its rows from them and the
-            rest from the other entries.
+
+    Forget entries whose images are another prompt's (partial prompts, `Embeddings.sourced`) fill
+    round(config.partial_fraction * n) rows of a forget batch, the other entries the rest; retain
+    entries of that kind are distilled toward the frozen model on their source (`_retain_targets`).
     """
 
     def __init__(self, family, denoiser, noising, emb: Embeddings, neighbors: Tensor, config, generator,
-                 guidance: float, forget_images: bool = False, partial: Tensor | None = None):
+                 guidance: float, forget_images: bool = False):
         self.family, self.denoiser, self.noising, self.emb = family, denoiser, noising, emb
-        self.partial = partial if partial is not None else torch.zeros(0, dtype=torch.int64)
-        whole = torch.ones(emb.forget.shape[0], dtype=torch.bool)
-        whole[self.partial.cpu()] = False
-        self.whole = whole.nonzero().flatten().to(self.partial.device)
+        sourced = emb.sourced("forget")
+        self.partial, self.whole = sourced.nonzero().flatten(), (~sourced).nonzero().flatten()
+        self.retain_sourced = emb.sourced("retain")
         self.neighbors, self.config, self.generator = neighbors, config, generator
         self.default_guidance, self.forget_images_wanted = guidance, forget_images
         self.device = denoiser.device
@@ -201,8 +206,8 @@ class DataFreeCache:
         target does not pull the partial prompt back toward the concept. None when no entry has one."""
         if self.emb.retain_images is None:
             return None
-        other = (self.emb.retain_images != self.emb.retain).flatten(1).any(1)[i]
-        return torch.where(other.view(-1, *[1] * (cond.dim() - 1)), self.emb.retain_images[i], cond)
+        other = self.retain_sourced[i].view(-1, *[1] * (cond.dim() - 1))
+        return torch.where(other, self.emb.retain_images[i], cond)
 
     def forget_images(self, n: int) -> tuple[Tensor, Tensor]:
         """n images drawn from the forget pool (the adversary's training data) and their prompts' indices."""

@@ -41,7 +41,8 @@ class RunMixin:
         # one frozen forward for the anchor targets of the forget batch and the distillation
         # targets of the retain batch
         f_target = r_target = None
-        r_cond = None if rb is None else rb.cond if rb.anchor is None else rb.anchor  # partial prompts: sources
+        # a retain entry with an image source (a partial prompt) is distilled toward the frozen model on it
+        r_cond = None if rb is None else (rb.cond if rb.anchor is None else rb.anchor)
         if cfg.forget_objective == "anchor" and use_retain and cfg.retain_objective == "distill":
             both = self.frozen_pred(torch.cat([fb.noisy, rb.noisy]), torch.cat([fb.t, rb.t]),
                                     torch.cat([fb.anchor, r_cond]))

@@ -70,17 +70,12 @@ class TrustUnlearner(UpdateMixin, RunMixin):
         self.noising = objectives.Noising(pipe.scheduler, self.family.prediction_type, self.device)
         # under torch.distributed each rank draws its own batches (its gradients are averaged in update)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + distributed.rank())
-        with torch.no_grad():
-            self.emb = Embeddings(*(self.family.encode(p) for p in (self.prompts.forget, self.prompts.anchors,
-                                                                     self.prompts.retain)), self.family.uncond(),
-                                  *(self.family.encode(self.prompts.image_prompts(k))
-                                    if getattr(self.prompts, f"{k}_sources") else None for k in ("forget", "retain")))
+        self.emb = self._encode_prompts()
         neighbors = (self.prompts.neighbors(self.concept) if self.concept is not None else [])
         self.localization = methods.base.localization(self)
         self.data = DataFreeCache(self.family, self.denoiser, self.noising, self.emb,
                                   torch.tensor(neighbors, dtype=torch.int64, device=self.device), cfg, self.generator,
-                                  pipeline_guidance(pipe), self.localization.needs_forget_images,
-                                  torch.tensor(self.prompts.partial_forget(), dtype=torch.int64, device=self.device))
+                                  pipeline_guidance(pipe), self.localization.needs_forget_images)
         self.optimizer = self.localization.optimizer
         self.hessian = HessianTerm(self)
         self.adversary = Adversary(self.family, self.prompts, cfg, self.generator, self.device)
@@ -90,6 +85,22 @@ class TrustUnlearner(UpdateMixin, RunMixin):
         self.resumed_from: str | None = None     # real path of the checkpoint directory it resumed from
         self._acc = None                         # micro-batches of the step being accumulated (accumulate.py)
         self.unsharded = False                   # FSDP2: the run ended with unshard()
+
+    @torch.no_grad()
+    def _encode_prompts(self) -> Embeddings:
+        """The prompts' conditioning; an entry whose images are another prompt's (PromptSet's
+        sources: the partial prompts) gets that prompt's in Embeddings.forget_images /
+        retain_images, every other row a copy of its own (so Embeddings.sourced tells them apart)."""
+        encode, p = self.family.encode, self.prompts
+        emb = Embeddings(encode(p.forget), encode(p.anchors), encode(p.retain), self.family.uncond())
+        for kind in ("forget", "retain"):
+            own, sources = getattr(p, kind), p.image_prompts(kind)
+            rows = [i for i, (text, src) in enumerate(zip(own, sources)) if text != src]
+            if rows:
+                images = getattr(emb, kind).clone()
+                images[rows] = encode([sources[i] for i in rows])
+                setattr(emb, f"{kind}_images", images)
+        return emb
 
     @staticmethod
     def _checked_config(config, prompts) -> TrustConfig:

@@ -5,6 +5,8 @@ only the world knows (its vocabulary, templates and attributes).
 """
 from __future__ import annotations
 
+import itertools
+
 from ..concepts import ConceptSpec, PromptSet
 from . import vocab
 
@@ -75,8 +77,6 @@ def world_prompts(spec: ConceptSpec, templates: range | list[int] | None = None,
 def _views(spec: ConceptSpec, d: dict[str, str]) -> list[dict[str, str]]:
     """The partial descriptions of `d`, an image kind showing the concept: every subset of its
     attributes that leaves out at least one of the concept's."""
-    import itertools
-
     named = {vocab.meaning(t).attribute for t in spec.terms()}
     keys = [a for a in vocab.ATTRIBUTE_ORDER if a in d]
     subsets = itertools.chain.from_iterable(itertools.combinations(keys, r) for r in range(len(keys)))
@@ -84,13 +84,10 @@ def _views(spec: ConceptSpec, d: dict[str, str]) -> list[dict[str, str]]:
 
 
 def _phrasings(view: dict[str, str], template: int) -> list[str]:
-    """A partial description as prompts: with the noun ("a red shape") and, without a shape, as bare
-    adjectives too ("a red"); the description of nothing is "a shape" and the empty prompt."""
-    text = vocab.caption(view, template)
-    if "shape" in view:
-        return [text]
-    bare = vocab.TEMPLATES[template].format(vocab.describe(view)[:-len("shape")].strip()).strip()
-    return [text, bare if view else ""]
+    """A partial description as prompts (vocab.phrases in `template`: "a red shape", "a red"); the
+    description of nothing is "a shape" and the empty prompt."""
+    texts = [vocab.TEMPLATES[template].format(p).strip() for p in vocab.phrases(view)]
+    return texts if view else texts[:1] + [""]
 
 
 def _other(d: dict[str, str], term: str, k: int) -> dict[str, str]:
@@ -130,14 +127,14 @@ def partial_prompts(spec: ConceptSpec, base: PromptSet, templates=None) -> Promp
             changed = [t for t in spec.terms() if t not in kept][0] if kept else spec.a
             tpl = templates[k % len(templates)]
             for text in _phrasings(view, tpl):
-                target, full = _other(d, changed, k), tpl
+                target = _other(d, changed, k)
                 if text:  # the empty prompt is the guidance's unconditional: kept only (below)
                     forget.append(text)
-                    anchors.append(vocab.caption(target, full))
-                    sources.append(vocab.caption(d, full))
+                    anchors.append(vocab.caption(target, tpl))
+                    sources.append(vocab.caption(d, tpl))
                     f_attrs.append(d)
                 retain.append(text)
-                r_sources.append(vocab.caption(target, full))
+                r_sources.append(vocab.caption(target, tpl))
                 r_attrs.append(target)
                 k += 1
     return PromptSet(base.forget + forget, base.anchors + anchors, base.retain + retain,
@@ -156,8 +153,6 @@ def leak_prompts(spec: ConceptSpec) -> list[tuple[str, dict[str, str]]]:
     per template, so it gets as many images as one wording of a description. "a red" (only A of
     "red+circle"), "a striped shape" and "" are all in it: the prompts that do not name every part
     of the concept."""
-    import itertools
-
     named = {vocab.meaning(t).attribute: t for t in spec.terms()}
     choices = [[None] + ([named[a]] if a in named else vocab.values(a)) for a in vocab.ATTRIBUTE_ORDER]
     out: list[tuple[str, dict[str, str]]] = []
@@ -165,10 +160,8 @@ def leak_prompts(spec: ConceptSpec) -> list[tuple[str, dict[str, str]]]:
         attrs = {a: v for a, v in zip(vocab.ATTRIBUTE_ORDER, combo) if v is not None}
         words = [[(a, w) for w in (v, *vocab.ATTRIBUTES[a][v])] for a, v in attrs.items() if a in named]
         for wording in itertools.product(*words):
-            phrase = vocab.describe(attrs, dict(wording))
             # without a shape, the generic noun and the bare adjectives ("a red shape", "a red")
-            phrases = [phrase] if "shape" in attrs else [phrase, phrase[:-len("shape")].strip()]
-            out += [(t.format(p).strip(), attrs) for p in phrases for t in vocab.TEMPLATES]
+            out += [(t.format(p).strip(), attrs) for p in vocab.phrases(attrs, dict(wording)) for t in vocab.TEMPLATES]
     out += [("", {})] * len(vocab.TEMPLATES)
     return out
 

@@ -90,6 +90,13 @@ def describe(attrs: dict[str, str], synonyms: dict[str, str] | None = None) -> s
     return " ".join(words)
 
 
+def phrases(attrs: dict[str, str], synonyms: dict[str, str] | None = None) -> list[str]:
+    """The noun phrases a prompt may use for `attrs`: describe()'s, and without a shape also the bare
+    adjectives ({"color": "red"} -> ["red shape", "red"]; {} -> ["shape", ""])."""
+    phrase = describe(attrs, synonyms)
+    return [phrase] if "shape" in attrs else [phrase, phrase[:-len("shape")].strip()]
+
+
 def descriptions() -> list[dict[str, str]]:
     """Every fully described image kind: one dict attribute -> value per combination, fixed order."""
     import itertools
